@@ -1,0 +1,163 @@
+"""Step 2 of the method: capture self-attention probabilities from a diffusers UNet.
+
+A diffusers attention processor, installed on the self-attention layers (`attn1` of each transformer block) only,
+computes each head's softmax(QKᵀ/√d) explicitly, adds its mean over heads into a store and uses the same
+probabilities for the layer's output, so the UNet computes what it always does. Heads are processed a few at a
+time: all heads' 4096×4096 probabilities are never held at once.
+
+Reference: KerasCV's `SpatialTransformer` returns each layer's weights (batch, heads, r², r²), and the UNet sums
+them `/5` per resolution; `DiffSeg.aggregate_weights` then takes the mean over heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+# Probabilities held at once per layer (elements); 2**26 float32 = 256 MiB.
+_PROBS_PER_CHUNK = 1 << 26
+
+
+class AttentionStore:
+    """Running sums of head-averaged self-attention, per spatial resolution.
+
+    Results live here, not on the model or the pipeline, so concurrent encodes never share state.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[int, torch.Tensor] = {}  # r -> (B, r², r²) float32, sum over layers of head means
+        self.layers: dict[int, int] = {}  # r -> number of layers added
+
+    def add(self, head_mean: torch.Tensor) -> None:
+        """Add one layer's head-averaged probabilities, (B, N, N) with N = r²."""
+        n = head_mean.shape[-1]
+        r = math.isqrt(n)
+        if r * r != n:
+            raise ValueError(f"Self-attention over {n} tokens is not a square latent; only square inputs are supported.")
+        if r in self._sums:
+            self._sums[r] += head_mean
+        else:
+            self._sums[r] = head_mean.float().clone()
+        self.layers[r] = self.layers.get(r, 0) + 1
+
+    def maps(self) -> dict[int, torch.Tensor]:
+        """r -> (B, r², r²) float32: mean over heads and over the layers of that resolution."""
+        return {r: self._sums[r] / self.layers[r] for r in sorted(self._sums, reverse=True)}
+
+
+class SelfAttentionCaptureProcessor:
+    """A diffusers attention processor that records softmax(QKᵀ/√d), averaged over heads, into a store.
+
+    It follows `AttnProcessor2_0` step for step, but computes attention explicitly, a chunk of heads at a time, and
+    reuses those probabilities for the output. Softmax runs in float32 whatever the model's dtype.
+    """
+
+    def __init__(self, store: AttentionStore) -> None:
+        self.store = store
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # (B, h, Nq, d)
+        key = key.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # (B, h, Nk, d)
+        value = value.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # (B, h, Nk, d)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if attn.upcast_attention:
+            query, key = query.float(), key.float()
+
+        n_q, n_k = query.shape[2], key.shape[2]
+        chunk = max(1, _PROBS_PER_CHUNK // (batch_size * n_q * n_k))  # heads per chunk
+        head_sum = torch.zeros(batch_size, n_q, n_k, dtype=torch.float32, device=query.device)  # (B, Nq, Nk)
+        outputs = []
+        for h in range(0, heads, chunk):
+            scores = (query[:, h : h + chunk] @ key[:, h : h + chunk].transpose(-1, -2)) * attn.scale  # (B, c, Nq, Nk)
+            if attention_mask is not None:
+                scores = scores + attention_mask[:, h : h + chunk]
+            probs = scores.softmax(dim=-1, dtype=torch.float32)  # (B, c, Nq, Nk)
+            del scores
+            head_sum += probs.sum(dim=1)
+            outputs.append(probs.to(value.dtype) @ value[:, h : h + chunk])  # (B, c, Nq, d)
+            del probs
+        self.store.add(head_sum.div_(heads))
+
+        hidden_states = torch.cat(outputs, dim=1).transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
+        hidden_states = hidden_states.to(value.dtype)
+        hidden_states = attn.to_out[0](hidden_states)  # linear projection
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def self_attention_layers(unet: torch.nn.Module) -> list[str]:
+    """Processor names of the UNet's self-attention layers: `attn1` of every transformer block."""
+    names = [name for name in unet.attn_processors if name.endswith("attn1.processor")]
+    if not names:
+        raise ValueError(
+            f"{type(unet).__name__} has no self-attention layers named '*.attn1'; DiffSeg needs a Stable Diffusion "
+            "UNet (diffusers UNet2DConditionModel)."
+        )
+    return names
+
+
+@contextmanager
+def capture_self_attention(unet: torch.nn.Module) -> Iterator[AttentionStore]:
+    """Install capturing processors on the self-attention layers for the duration of the block.
+
+    The original processors are restored on exit, also when the forward raises.
+
+        with capture_self_attention(unet) as store:
+            unet(latents, timestep, encoder_hidden_states=text)
+        maps = store.maps()  # r -> (B, r², r²)
+    """
+    store = AttentionStore()
+    original = unet.attn_processors  # name -> processor, every layer
+    targets = set(self_attention_layers(unet))
+    capture = SelfAttentionCaptureProcessor(store)
+    # `set_attn_processor` with a dict wants a processor for every layer: keep the others as they are.
+    unet.set_attn_processor({name: capture if name in targets else proc for name, proc in original.items()})
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(original)

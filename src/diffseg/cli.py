@@ -1,0 +1,227 @@
+"""`diffseg` command line: segment images, evaluate on benchmarks, serve the demo, process datasets on Ray.
+
+Known errors become a one-line message and exit status 2; set DIFFSEG_TRACEBACK=1 for the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+
+from .config import DEFAULT_MODEL, RESOLUTION_PRESETS, EncodeConfig, SegmentConfig
+
+_ENCODE = EncodeConfig()
+_SEGMENT = SegmentConfig()
+
+
+# ---------------------------------------------------------------------------------------------- shared options
+
+
+def _thresholds(text: str) -> float | tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _weights(text: str) -> dict[int, float]:
+    try:
+        pairs = (item.split(":") for item in text.split(","))
+        return {int(r): float(w) for r, w in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected R:W pairs such as '64:0.5,32:0.5', got {text!r}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or SIDE, got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or SIDE, got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder (default: {DEFAULT_MODEL})")
+    group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="UNet and text encoder precision; auto is float16 on GPU, float32 on CPU (VAE: float32)")
+
+
+def add_encode_arguments(parser: argparse.ArgumentParser, crop: str | None = _ENCODE.crop) -> None:
+    group = parser.add_argument_group("encoding (the UNet step)")
+    group.add_argument("--timestep", type=int, default=_ENCODE.timestep, help="UNet timestep (default: %(default)s, the paper's)")
+    group.add_argument("--crop", choices=["none", "center"], default=crop or "none",
+                       help="center: take the central square first, as the benchmarks do (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=1, help="images per UNet batch (default: %(default)s)")
+
+
+def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT.kl_threshold) -> None:
+    group = parser.add_argument_group("segmentation (aggregation, merging, labelling)")
+    group.add_argument("--kl-threshold", type=_thresholds, default=kl_threshold,
+                       help="merge threshold τ, one value or one per iteration (default: %(default)s)")
+    group.add_argument("--iterations", type=int, default=_SEGMENT.iterations, help="merge iterations (default: %(default)s)")
+    group.add_argument("--num-points", type=int, default=_SEGMENT.num_points, help="anchor grid side M (default: %(default)s)")
+    group.add_argument("--refine", action="store_true", help="K-means refinement (needs scikit-learn: diffseg[refine])")
+    weights = group.add_mutually_exclusive_group()
+    weights.add_argument("--resolution-weights", type=_weights, default=None, metavar="R:W,...",
+                         help="weight per attention resolution, e.g. 64:1,32:0 (default: proportional to R)")
+    weights.add_argument("--resolution-preset", choices=sorted(RESOLUTION_PRESETS), default=None,
+                         help="a named weighting of the resolutions")
+
+
+def segment_kwargs(args: argparse.Namespace) -> dict:
+    """The `segment_attention` keyword arguments given on the command line."""
+    weights = args.resolution_weights
+    if args.resolution_preset is not None:
+        weights = RESOLUTION_PRESETS[args.resolution_preset]
+    return {
+        "kl_threshold": args.kl_threshold,
+        "iterations": args.iterations,
+        "num_points": args.num_points,
+        "refine": args.refine,
+        "resolution_weights": weights,
+    }
+
+
+def check_batch_size(value: int) -> int:
+    if value < 1:
+        raise ValueError(f"`--batch-size` must be at least 1 but is {value}.")
+    return value
+
+
+def load_pipeline(args: argparse.Namespace):
+    from .pipeline import DiffSegPipeline
+
+    return DiffSegPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- diffseg segment
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .images import find_images, load_image
+    from .outputs import OutputPaths, label_image, save_array, save_image
+
+    # 1. Check inputs.
+    batch_size = check_batch_size(args.batch_size)
+    kwargs = segment_kwargs(args)
+    SegmentConfig(**{k: v for k, v in kwargs.items()}).thresholds()  # fail before loading the model
+    found, missing = find_images(args.paths)
+    failures = [(item, reason) for item, reason in missing]
+    for item, reason in missing:
+        print(f"diffseg: skipped {item}: {reason}", file=sys.stderr)
+    outputs = {name: OutputPaths.for_name(args.output, name) for _, name in found}
+    todo = [(p, n) for p, n in found if not (args.resume and outputs[n].done(overlay=not args.no_overlay, array=args.npy))]
+    skipped = len(found) - len(todo)
+    if not todo:
+        print(f"Nothing to do: {len(found)} images found, {skipped} already done.", file=sys.stderr)
+        return 1 if failures else 0
+
+    # 2. Load the model.
+    pipe = load_pipeline(args)
+    crop = None if args.crop == "none" else args.crop
+
+    # 3. Decode, encode in batches, segment, write.
+    start = time.perf_counter()
+    done = 0
+    with tqdm(total=len(todo), unit="img", desc="segment", dynamic_ncols=True) as progress:
+        for first in range(0, len(todo), batch_size):
+            batch = []
+            for path, name in todo[first : first + batch_size]:
+                try:
+                    batch.append((load_image(path), name, path))
+                except (OSError, ValueError) as error:
+                    failures.append((str(path), str(error)))
+                    progress.write(f"diffseg: skipped {path}: {error}")
+                    progress.update(1)
+            if not batch:
+                continue
+            try:
+                bundles = pipe.encode([image for image, _, _ in batch], timestep=args.timestep, crop=crop)
+            except (RuntimeError, ValueError) as error:  # e.g. out of memory: report the batch, carry on
+                for _, _, path in batch:
+                    failures.append((str(path), f"encoding failed: {error}"))
+                    progress.write(f"diffseg: failed {path}: {error}")
+                progress.update(len(batch))
+                continue
+            for bundle, (_, name, path) in zip(bundles, batch):
+                result = pipe.segment(bundle, output_size=args.output_size, **kwargs)
+                out = outputs[name]
+                save_image(label_image(result.labels), out.labels)
+                if not args.no_overlay:
+                    save_image(result.overlay, out.overlay)
+                if args.npy:
+                    save_array(result.labels, out.array)
+                done += 1
+                progress.set_postfix(segments=result.num_segments)
+                progress.update(1)
+
+    seconds = time.perf_counter() - start
+    print(
+        f"Segmented {done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} img/s); "
+        f"{skipped} already done, {len(failures)} failed. Outputs in {args.output}",
+        file=sys.stderr,
+    )
+    if failures:
+        print("Failed:", file=sys.stderr)
+        for item, reason in failures:
+            print(f"  {item}: {reason}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def add_segment_command(commands) -> None:
+    p = commands.add_parser("segment", help="segment images, folders or globs into label maps and overlays",
+                            description="Segment images with DiffSeg. Writes OUTPUT/labels/NAME.png (integer ids), "
+                            "OUTPUT/overlays/NAME.png and, with --npy, OUTPUT/arrays/NAME.npy.")
+    p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--npy", action="store_true", help="also write the label map as a .npy array")
+    p.add_argument("--no-overlay", action="store_true", help="do not write colour overlays")
+    p.add_argument("--output-size", type=_size, default=None, metavar="HxW",
+                   help="label map size (default: the image's own size, after any crop)")
+    p.add_argument("--resume", action="store_true", help="skip images whose outputs already exist")
+    add_model_arguments(p)
+    add_encode_arguments(p)
+    add_segment_arguments(p)
+    p.set_defaults(run=run_segment)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffseg", description="Unsupervised zero-shot segmentation with Stable Diffusion (DiffSeg).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_segment_command(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # diffusers passes a deprecated argument to the hub client on every load; the warning is not the user's to act on.
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("diffseg: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError) as error:  # FileNotFoundError is an OSError
+        if os.environ.get("DIFFSEG_TRACEBACK"):
+            raise
+        print(f"diffseg: error: {error}", file=sys.stderr)
+        print("(set DIFFSEG_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

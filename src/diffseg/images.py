@@ -1,0 +1,143 @@
+"""Reading images and turning them into the UNet's input, as the reference does.
+
+Reference data loaders (`data/coco/coco_data.py`): decode to 3-channel RGB, optional central square crop
+(side = shorter side, offset `(side_len - c) // 2`), `tf.image.resize` to 512×512 (bilinear, half-pixel centres, no
+antialiasing, float result), then `Rescaling(1 / 127.5, offset=-1)` to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+CROPS = (None, "center")
+
+
+def load_image(path: str | os.PathLike, *, exif_transpose: bool = True) -> Image.Image:
+    """Open an image file as RGB.
+
+    Alpha is composited over white; grayscale and palette images become RGB. With `exif_transpose`, the camera's
+    orientation tag is applied (benchmarks turn it off: their labels follow the stored pixels).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is empty or not an image Pillow can decode; the message names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image `{path}` does not exist (or is not a file).")
+    if path.stat().st_size == 0:
+        raise ValueError(f"Image `{path}` is empty (0 bytes); re-download or remove it.")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if exif_transpose:
+                image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"Image `{path}` could not be decoded ({error}); check that it is a valid image file.") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of a Pillow image, compositing any transparency over white."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def as_array(image: Image.Image | np.ndarray | str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a Pillow image, an array (H×W, H×W×1/3/4; uint8, or float in [0, 1]) or a path."""
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(to_rgb(image))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
+        raise ValueError(f"An image array must be shaped (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) but is {array.shape}.")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"An image array must be uint8 in [0, 255] or float in [0, 1] but is {array.dtype}.")
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[2]]
+    return np.asarray(to_rgb(Image.fromarray(array[:, :, 0] if mode == "L" else array, mode)))
+
+
+def center_crop(array: np.ndarray) -> np.ndarray:
+    """Central square of an (H, W, ...) array: side = min(H, W), offsets `(H - side) // 2`, `(W - side) // 2`."""
+    side = min(array.shape[:2])
+    top, left = (array.shape[0] - side) // 2, (array.shape[1] - side) // 2
+    return array[top : top + side, left : left + side]
+
+
+def crop(array: np.ndarray, mode: str | None) -> np.ndarray:
+    """Apply a crop mode: None (whole image) or "center"."""
+    if mode not in CROPS:
+        raise ValueError(f"`crop` must be one of {CROPS} but is {mode!r}.")
+    return center_crop(array) if mode == "center" else array
+
+
+def to_model_input(arrays: list[np.ndarray], resolution: int) -> torch.Tensor:
+    """Stack (H, W, 3) uint8 images into a (B, 3, resolution, resolution) float32 batch in [-1, 1].
+
+    Resizing is TensorFlow's `tf.image.resize` (bilinear, half-pixel centres, no antialiasing, float result), i.e.
+    torch's `align_corners=False, antialias=False`, as in the reference's data loaders.
+    """
+    batch = []
+    for array in arrays:
+        x = torch.tensor(array, dtype=torch.float32).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=False)
+        batch.append(x)
+    return torch.cat(batch) / 127.5 - 1.0  # reference `Rescaling(scale=1 / 127.5, offset=-1)`
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """Expand files, folders (searched recursively) and glob patterns into images to process.
+
+    Returns:
+        (found, missing): found is (path, name) pairs in input order, name being the path relative to the folder it
+        was found in (or the file's stem) without suffix, used to name outputs; missing is (input, reason) pairs for
+        inputs that matched nothing.
+
+    Raises:
+        ValueError: two inputs would share a name (and so overwrite each other's outputs).
+    """
+    found, missing = [], []
+    for item in inputs:
+        item = str(item)
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += [(p, p.relative_to(path).with_suffix("").as_posix()) for p in files]
+            if not files:
+                missing.append((item, f"folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+        elif path.exists():
+            found.append((path, path.stem))
+        elif glob.has_magic(item):
+            files = sorted(Path(p) for p in glob.glob(os.path.expanduser(item), recursive=True) if os.path.isfile(p))
+            found += [(p, p.stem) for p in files]
+            if not files:
+                missing.append((item, "pattern matched no files"))
+        else:
+            missing.append((item, "no such file or folder"))
+    owners: dict[str, Path] = {}
+    for path, name in found:
+        if name in owners and owners[name] != path:
+            raise ValueError(
+                f"Inputs `{owners[name]}` and `{path}` would both be written as `{name}`; pass them in separate runs "
+                "or as one folder."
+            )
+        owners[name] = path
+    unique = list(dict.fromkeys(found))  # the same file named twice is processed once
+    return unique, missing

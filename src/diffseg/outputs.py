@@ -1,0 +1,75 @@
+"""Writing results: every file appears whole or not at all (written to a temporary file, then renamed)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def label_image(labels: np.ndarray) -> Image.Image:
+    """A PNG-ready image of integer ids: 8-bit when ids fit, else 16-bit."""
+    labels = np.asarray(labels)
+    if labels.min(initial=0) < 0 or labels.max(initial=0) > 65535:
+        raise ValueError(f"Label ids must lie in [0, 65535] to be stored as PNG but span [{labels.min()}, {labels.max()}].")
+    if labels.max(initial=0) < 256:
+        return Image.fromarray(labels.astype(np.uint8), mode="L")
+    return Image.fromarray(labels.astype(np.uint16))
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) int64 ids from a label PNG (8- or 16-bit; for RGB files, the first channel)."""
+    with Image.open(path) as image:
+        array = np.asarray(image)
+    return (array[..., 0] if array.ndim == 3 else array).astype(np.int64)
+
+
+def save_image(image: Image.Image, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def save_array(array: np.ndarray, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Where one image's results go: `labels/NAME.png`, `overlays/NAME.png`, `arrays/NAME.npy` under the output
+    folder, NAME being the image's path relative to the folder it was found in, without its suffix."""
+
+    labels: Path
+    overlay: Path
+    array: Path
+
+    @classmethod
+    def for_name(cls, out_dir: str | os.PathLike, name: str) -> OutputPaths:
+        out_dir = Path(out_dir)
+        return cls(out_dir / "labels" / f"{name}.png", out_dir / "overlays" / f"{name}.png", out_dir / "arrays" / f"{name}.npy")
+
+    def done(self, *, overlay: bool = True, array: bool = False) -> bool:
+        """Whether every requested output already exists (for `--resume`)."""
+        wanted = [self.labels] + ([self.overlay] if overlay else []) + ([self.array] if array else [])
+        return all(p.is_file() for p in wanted)

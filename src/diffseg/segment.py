@@ -1,0 +1,59 @@
+"""The method's steps 3-5 as one function on attention tensors: aggregate, merge, label.
+
+Everything that segments (the pipeline, the CLI, the demo, the evaluation) goes through `segment_attention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .aggregation import aggregate, as_attention_maps
+from .config import SegmentConfig, merge_thresholds
+from .labelling import label_map
+from .merging import anchor_grid, merge, refine_kmeans
+
+_DEFAULTS = SegmentConfig()
+
+
+@torch.inference_mode()
+def segment_attention(
+    attn: Mapping[int, object],
+    *,
+    kl_threshold: float | Sequence[float] = _DEFAULTS.kl_threshold,
+    iterations: int = _DEFAULTS.iterations,
+    num_points: int = _DEFAULTS.num_points,
+    refine: bool = _DEFAULTS.refine,
+    resolution_weights: Mapping[int, float] | None = _DEFAULTS.resolution_weights,
+    output_size: tuple[int, int] = (512, 512),
+) -> np.ndarray:
+    """Segment one image from its self-attention (reference `DiffSeg.segment`, for one image).
+
+    Args:
+        attn: side length r -> array or tensor shaped (heads, r², r²) or (r², r²), query × key, rows summing to 1.
+            SD 1.x at 512² gives r in {64, 32, 16, 8}. Computed on the tensors' device (numpy: CPU).
+        kl_threshold: merge threshold τ, one float or one per iteration (paper: 1.1 COCO-Stuff, 0.9 Cityscapes).
+        iterations: number of merge iterations.
+        num_points: anchors per side of the first iteration's M×M grid.
+        refine: K-means refinement of the proposals (needs scikit-learn).
+        resolution_weights: r -> weight; None for the paper's weights proportional to r.
+        output_size: (height, width) of the label map; the reference's is (512, 512).
+
+    Returns:
+        (height, width) int32 label map, ids 0..K-1, each present.
+    """
+    thresholds = merge_thresholds(kl_threshold, iterations)
+    maps = as_attention_maps(attn)
+    side = max(maps)
+    # 1. Aggregate all resolutions at the largest: (S², S²) query × key.
+    aggregated = aggregate(maps, resolution_weights)
+    # 2. Merge: anchors on the reference's grid, then greedy iterations.
+    grid = anchor_grid(num_points, side)
+    anchors = (grid[:, 0] * side + grid[:, 1]).to(aggregated.device)  # (M²,) row-major query indices
+    proposals = merge(aggregated, anchors, thresholds)  # (K, S²)
+    if refine:
+        proposals = refine_kmeans(aggregated, proposals)
+    # 3. Label: upsample, argmax, relabel.
+    return label_map(proposals.reshape(-1, side, side), output_size)
