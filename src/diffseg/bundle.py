@@ -48,7 +48,7 @@ class AttentionBundle:
         from safetensors.torch import save_file
 
         tensors = {f"attention.{r}": t.detach().float().cpu().contiguous() for r, t in self.attention.items()}
-        tensors["image"] = torch.from_numpy(np.ascontiguousarray(self.image))
+        tensors["image"] = torch.tensor(np.asarray(self.image, dtype=np.uint8))
         metadata = {
             "format": FORMAT,
             "timestep": str(self.timestep),
@@ -63,7 +63,7 @@ class AttentionBundle:
     @classmethod
     def load(cls, path: str | os.PathLike) -> AttentionBundle:
         """Read a bundle written by `save`."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
@@ -77,7 +77,7 @@ class AttentionBundle:
                     int(key.split(".", 1)[1]): f.get_tensor(key) for key in f.keys() if key.startswith("attention.")
                 }
                 image = f.get_tensor("image").numpy()
-        except (OSError, RuntimeError) as error:  # safetensors raises these on truncated or foreign files
+        except (OSError, RuntimeError, SafetensorError) as error:  # truncated or foreign files
             raise ValueError(f"`{path}` could not be read as an attention bundle ({error}).") from error
         return cls(
             attention=dict(sorted(attention.items(), reverse=True)),

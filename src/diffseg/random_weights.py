@@ -74,6 +74,12 @@ def build_components(architecture: str = "tiny", seed: int = 0) -> dict[str, tor
             attention_head_dim=2,  # diffusers' name for the number of heads in SD 1.x UNets
             norm_num_groups=8,
         )
+        # Random queries and keys give near-uniform attention and so one segment at any threshold; scaled up, the
+        # attention is peaked as a trained model's is, and segment counts react to the threshold as they would.
+        for name, module in unet.named_modules():
+            if name.endswith("attn1"):
+                module.to_q.weight.data.mul_(4.0)
+                module.to_k.weight.data.mul_(4.0)
         vae = AutoencoderKL(
             block_out_channels=(8, 8, 8, 8),
             down_block_types=("DownEncoderBlock2D",) * 4,

@@ -1,0 +1,77 @@
+"""Time one 512² encode with the Stable Diffusion 1.5 architecture at random weights: capture on vs plain UNet.
+
+    python benchmarks/encode.py [--repeat 3] [--device cpu] [--dtype float32]
+
+Same shapes and cost as the real weights; no download. Rows: the plain UNet forward (diffusers' default attention
+processors), the same forward with self-attention captured, and the whole `encode` (VAE + capture). Targets on
+2 CPU cores: capture adds <= 25 % to the plain forward; peak memory <= 8 GiB in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import numpy as np
+import torch
+
+from common import peak_rss_gib, report, timeit
+from diffseg import DiffSegPipeline
+from diffseg.capture import capture_self_attention
+from diffseg.random_weights import build_components, write_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+
+    components = build_components("sd15", seed=0)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = write_tokenizer(folder)
+    pipe = DiffSegPipeline(
+        components["unet"], components["vae"], components["text_encoder"], tokenizer, components["scheduler"],
+        model="random sd15", device=args.device, dtype=args.dtype,
+    )
+    sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
+    image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(pipe.device, pipe.dtype)
+    t = torch.tensor([300], device=pipe.device)
+    text = pipe.prompt_embedding()
+
+    @torch.inference_mode()
+    def plain():
+        pipe.unet(latents, t, encoder_hidden_states=text)
+        sync()
+
+    @torch.inference_mode()
+    def captured():
+        with capture_self_attention(pipe.unet):
+            pipe.unet(latents, t, encoder_hidden_states=text)
+        sync()
+
+    def encode():
+        pipe.encode(image)
+        sync()
+
+    rows = []
+    base = None
+    for name, fn in [("UNet forward, plain", plain), ("UNet forward, capture", captured), ("encode (VAE + capture)", encode)]:
+        timing = timeit(fn, repeat=args.repeat)
+        base = base or timing["median_s"]
+        rows.append({
+            "step": name, "median_s": timing["median_s"], "min_s": timing["min_s"],
+            "vs_plain": timing["median_s"] / base, "peak_rss_gib": peak_rss_gib(),
+        })
+    if pipe.device.type == "cuda":
+        for row in rows:
+            row["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(f"SD 1.5 architecture, random weights, 512², {pipe.device} {pipe.dtype}, {torch.get_num_threads()} threads\n")
+    columns = ["step", "median_s", "min_s", "vs_plain", "peak_rss_gib"] + (["peak_cuda_gib"] if pipe.device.type == "cuda" else [])
+    report(f"encode-{pipe.device.type}-{args.dtype}", rows, columns)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Shared fixtures: one tiny random Stable Diffusion checkpoint per test run, saved and loaded the users' way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffseg import DiffSegPipeline
+from diffseg.random_weights import save_random_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) of the tiny random architecture."""
+    return save_random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny-sd", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_checkpoint):
+    return DiffSegPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
+
+
+def quadrants_image(height: int = 256, width: int = 320) -> np.ndarray:
+    """(H, W, 3) uint8: four flat colours, a little texture."""
+    rng = np.random.default_rng(0)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2, : width // 2] = (220, 40, 40)
+    image[: height // 2, width // 2 :] = (40, 200, 60)
+    image[height // 2 :, : width // 2] = (40, 60, 220)
+    image[height // 2 :, width // 2 :] = (230, 220, 60)
+    return np.clip(image + rng.integers(-10, 10, image.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A folder of good and bad inputs: JPEG, PNG with alpha, grayscale (in a subfolder), corrupt, empty."""
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(quadrants_image(240, 320)).save(folder / "photo.jpg", quality=95)
+    rgba = np.dstack([quadrants_image(200, 200), np.full((200, 200), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    Image.fromarray(quadrants_image(128, 96)[:, :, 0], "L").save(folder / "sub" / "gray.png")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff this is not really a JPEG")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image, and not named like one")
+    return folder

@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from diffseg.capture import AttentionStore, capture_self_attention, self_attention_layers
+
+
+@pytest.fixture(scope="module")
+def unet_inputs(tiny_pipeline):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 64, 64, generator=g)
+    text = tiny_pipeline.prompt_embedding().expand(2, -1, -1)
+    return tiny_pipeline.unet, latents, torch.tensor([300, 300]), text
+
+
+def test_capture_leaves_unet_output_unchanged(unet_inputs):
+    unet, latents, t, text = unet_inputs
+    with torch.inference_mode():
+        plain = unet(latents, t, encoder_hidden_states=text).sample
+        with capture_self_attention(unet):
+            captured = unet(latents, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(captured, plain, atol=2e-5, rtol=1e-4)
+
+
+def test_captured_maps_equal_an_independent_softmax_per_layer(unet_inputs):
+    unet, latents, t, text = unet_inputs
+    inputs = {}
+    modules = {name[: -len(".processor")]: None for name in self_attention_layers(unet)}
+    hooks = []
+    for name, module in unet.named_modules():
+        if name in modules:
+            hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0])))
+    try:
+        with torch.inference_mode(), capture_self_attention(unet) as store:
+            unet(latents, t, encoder_hidden_states=text)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    expected, counts = {}, {}
+    named = dict(unet.named_modules())
+    for name, hidden in inputs.items():
+        attn = named[name]
+        q, k = attn.to_q(hidden), attn.to_k(hidden)  # (B, N, h·d)
+        b, n, inner = q.shape
+        d = inner // attn.heads
+        q = q.view(b, n, attn.heads, d).transpose(1, 2)
+        k = k.view(b, n, attn.heads, d).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1).mean(1)  # (B, N, N)
+        r = math.isqrt(n)
+        expected[r] = expected.get(r, 0) + probs
+        counts[r] = counts.get(r, 0) + 1
+    maps = store.maps()
+    assert store.layers == counts == {64: 3, 32: 3, 16: 3, 8: 1}  # tiny UNet: 1 down + 2 up layers per level, 1 mid
+    for r, m in maps.items():
+        assert m.shape == (2, r * r, r * r)
+        torch.testing.assert_close(m, expected[r] / counts[r], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(m.sum(-1), torch.ones(2, r * r), atol=1e-5, rtol=0)
+
+
+def test_processors_are_restored_also_when_the_forward_raises(unet_inputs):
+    unet, latents, t, text = unet_inputs
+    before = unet.attn_processors
+    with pytest.raises(RuntimeError):
+        with capture_self_attention(unet):
+            unet(latents[:, :3], t, encoder_hidden_states=text)  # wrong channel count
+    after = unet.attn_processors
+    assert after.keys() == before.keys()
+    assert all(after[name] is before[name] for name in before)
+
+
+def test_only_self_attention_layers_are_replaced(unet_inputs):
+    unet = unet_inputs[0]
+    before = unet.attn_processors
+    with capture_self_attention(unet):
+        during = unet.attn_processors
+    changed = {name for name in before if during[name] is not before[name]}
+    assert changed == set(self_attention_layers(unet))
+    assert all(name.endswith("attn1.processor") for name in changed) and len(changed) == 10
+
+
+def test_store_rejects_non_square_token_counts():
+    with pytest.raises(ValueError, match="square"):
+        AttentionStore().add(torch.ones(1, 12, 12))

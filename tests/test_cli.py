@@ -1,0 +1,73 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffseg import segment_attention
+from diffseg.cli import main
+from diffseg.outputs import read_labels
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_segment_writes_outputs_for_good_images_and_reports_bad_ones(tiny_checkpoint, tiny_pipeline, image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run("segment", image_folder, "-o", out, "--model", tiny_checkpoint, "--device", "cpu", "--batch-size", "2",
+               "--npy", "--kl-threshold", "0.5")
+    err = capsys.readouterr().err
+    assert code == 1  # bad files make the run fail at the end, after the good ones are written
+    assert "corrupt.jpg" in err and "empty.png" in err and "Segmented 3 images" in err
+    sizes = {"photo": (240, 320), "alpha": (200, 200), "sub/gray": (128, 96)}
+    for name, size in sizes.items():
+        labels = read_labels(out / "labels" / f"{name}.png")
+        assert labels.shape == size
+        np.testing.assert_array_equal(labels, np.load(out / "arrays" / f"{name}.npy"))
+        with Image.open(out / "overlays" / f"{name}.png") as overlay:
+            assert overlay.size == (size[1], size[0]) and overlay.mode == "RGB"
+    # The CLI's labels are the library's labels for the same image and parameters.
+    bundle = tiny_pipeline.encode(str(image_folder / "photo.jpg"))
+    expected = segment_attention(bundle.attention, kl_threshold=0.5, output_size=(240, 320))
+    np.testing.assert_array_equal(read_labels(out / "labels" / "photo.png"), expected)
+    assert not list(out.rglob("*.tmp")) and not (out / "labels" / "corrupt.png").exists()
+
+
+def test_resume_skips_images_whose_outputs_exist(tiny_checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    (image_folder / "corrupt.jpg").unlink()
+    (image_folder / "empty.png").unlink()
+    assert run("segment", image_folder, "-o", out, "--model", tiny_checkpoint, "--device", "cpu") == 0
+    kept = [out / "labels" / "photo.png", out / "overlays" / "sub" / "gray.png"]
+    mtimes = [p.stat().st_mtime_ns for p in kept]
+    (out / "labels" / "alpha.png").unlink()
+    capsys.readouterr()
+    assert run("segment", image_folder, "-o", out, "--model", tiny_checkpoint, "--device", "cpu", "--resume") == 0
+    err = capsys.readouterr().err
+    assert "Segmented 1 images" in err and "2 already done" in err
+    assert [p.stat().st_mtime_ns for p in kept] == mtimes
+    assert (out / "labels" / "alpha.png").is_file()
+
+
+def test_files_and_globs_are_accepted_and_missing_inputs_reported(tiny_checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run("segment", image_folder / "photo.jpg", str(image_folder / "sub" / "*.png"), tmp_path / "missing.jpg",
+               "-o", out, "--model", tiny_checkpoint, "--device", "cpu", "--no-overlay")
+    assert code == 1 and "missing.jpg: no such file or folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["gray.png", "photo.png"]
+    assert not (out / "overlays").exists()
+
+
+def test_known_errors_are_one_line_messages(tmp_path, image_folder, capsys):
+    assert run("segment", image_folder, "-o", tmp_path / "o", "--model", tmp_path / "no-model") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffseg: error: Model folder") and "Traceback" not in err
+    assert run("segment", image_folder, "-o", tmp_path / "o", "--kl-threshold", "1,1") == 2
+    assert "`kl_threshold` has 2 values" in capsys.readouterr().err
+
+
+def test_traceback_on_request(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setenv("DIFFSEG_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        run("segment", image_folder, "-o", tmp_path / "o", "--model", tmp_path / "no-model")

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffseg.images import as_array, center_crop, find_images, load_image, to_model_input
+
+from naive import tf_bilinear
+
+
+def test_alpha_is_composited_over_white_and_gray_becomes_rgb(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    image = np.asarray(load_image(tmp_path / "a.png"))
+    assert image[0, 0].tolist() == [255, 0, 0] and image[3, 0].tolist() == [255, 255, 255]
+    Image.fromarray(np.full((3, 5), 77, np.uint8), "L").save(tmp_path / "g.png")
+    assert np.asarray(load_image(tmp_path / "g.png")).shape == (3, 5, 3)
+    assert as_array(np.full((3, 5), 0.5)).shape == (3, 5, 3)
+
+
+@pytest.mark.parametrize(
+    "content, message", [(b"", "is empty"), (b"GIF89a-broken", "could not be decoded")], ids=["empty", "corrupt"]
+)
+def test_bad_files_name_themselves(tmp_path, content, message):
+    path = tmp_path / "bad.gif"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"bad.gif.*{message}|{message}.*bad.gif|`.*bad.gif` {message}"):
+        load_image(path)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_center_crop_uses_the_reference_offsets():
+    image = np.arange(5 * 8).reshape(5, 8)
+    np.testing.assert_array_equal(center_crop(image), image[:, 1:6])  # (8 - 5) // 2 = 1
+    np.testing.assert_array_equal(center_crop(image.T), image.T[1:6])
+
+
+def test_model_input_is_tensorflow_bilinear_in_minus_one_to_one():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    x = to_model_input([image], 64)
+    assert x.shape == (1, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    expected = tf_bilinear(image[:, :, 1].astype(np.float64), 64, 64) / 127.5 - 1
+    np.testing.assert_allclose(x[0, 1].numpy(), expected, atol=1e-5)
+    big = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)  # downsampling: no antialiasing, as tf.image.resize
+    np.testing.assert_allclose(
+        to_model_input([big], 64)[0, 0].numpy(), tf_bilinear(big[:, :, 0].astype(np.float64), 64, 64) / 127.5 - 1, atol=1e-5
+    )
+
+
+def test_find_images_walks_folders_globs_and_files(image_folder, tmp_path):
+    found, missing = find_images([image_folder, tmp_path / "nothing-*.jpg", tmp_path / "absent.png"])
+    names = [name for _, name in found]
+    assert names == ["alpha", "corrupt", "empty", "photo", "sub/gray"]  # sorted; notes.txt is not an image
+    assert [item for item, _ in missing] == [str(tmp_path / "nothing-*.jpg"), str(tmp_path / "absent.png")]
+    Image.new("RGB", (4, 4)).save(tmp_path / "photo.png")
+    with pytest.raises(ValueError, match="would both be written as `photo`"):
+        find_images([image_folder / "photo.jpg", tmp_path / "photo.png"])
