@@ -2,8 +2,8 @@
 
 A diffusers attention processor, installed on the self-attention layers (`attn1` of each transformer block) only,
 computes each head's softmax(QKᵀ/√d) explicitly, adds its mean over heads into a store and uses the same
-probabilities for the layer's output, so the UNet computes what it always does. Heads are processed a few at a
-time: all heads' 4096×4096 probabilities are never held at once.
+probabilities for the layer's output, so the UNet computes what it always does. Query rows are processed a block
+at a time: all heads' 4096×4096 probabilities are never held at once.
 
 Reference: KerasCV's `SpatialTransformer` returns each layer's weights (batch, heads, r², r²), and the UNet sums
 them `/5` per resolution; `DiffSeg.aggregate_weights` then takes the mean over heads.
@@ -17,8 +17,9 @@ from contextlib import contextmanager
 
 import torch
 
-# Probabilities held at once per layer (elements); 2**26 float32 = 256 MiB.
-_PROBS_PER_CHUNK = 1 << 26
+# Attention scores computed at once (elements): 2**21 float32 = 8 MiB, a block of query rows over all heads.
+_SCORES_PER_BLOCK = 1 << 21
+_SCORES_PER_BLOCK_GPU = 1 << 26  # 256 MiB: on a GPU, fewer and larger kernels win
 
 
 class AttentionStore:
@@ -32,7 +33,7 @@ class AttentionStore:
         self.layers: dict[int, int] = {}  # r -> number of layers added
 
     def add(self, head_mean: torch.Tensor) -> None:
-        """Add one layer's head-averaged probabilities, (B, N, N) with N = r²."""
+        """Add one layer's head-averaged probabilities, (B, N, N) float32 with N = r² (the store may keep it)."""
         n = head_mean.shape[-1]
         r = math.isqrt(n)
         if r * r != n:
@@ -40,7 +41,7 @@ class AttentionStore:
         if r in self._sums:
             self._sums[r] += head_mean
         else:
-            self._sums[r] = head_mean.float().clone()
+            self._sums[r] = head_mean
         self.layers[r] = self.layers.get(r, 0) + 1
 
     def maps(self) -> dict[int, torch.Tensor]:
@@ -51,8 +52,8 @@ class AttentionStore:
 class SelfAttentionCaptureProcessor:
     """A diffusers attention processor that records softmax(QKᵀ/√d), averaged over heads, into a store.
 
-    It follows `AttnProcessor2_0` step for step, but computes attention explicitly, a chunk of heads at a time, and
-    reuses those probabilities for the output. Softmax runs in float32 whatever the model's dtype.
+    It follows `AttnProcessor2_0` step for step, but computes attention explicitly, a block of query rows at a time,
+    and reuses those probabilities for the output. Softmax runs in float32 whatever the model's dtype.
     """
 
     def __init__(self, store: AttentionStore) -> None:
@@ -105,21 +106,24 @@ class SelfAttentionCaptureProcessor:
             query, key = query.float(), key.float()
 
         n_q, n_k = query.shape[2], key.shape[2]
-        chunk = max(1, _PROBS_PER_CHUNK // (batch_size * n_q * n_k))  # heads per chunk
-        head_sum = torch.zeros(batch_size, n_q, n_k, dtype=torch.float32, device=query.device)  # (B, Nq, Nk)
-        outputs = []
-        for h in range(0, heads, chunk):
-            scores = (query[:, h : h + chunk] @ key[:, h : h + chunk].transpose(-1, -2)) * attn.scale  # (B, c, Nq, Nk)
+        # Query rows per block: all heads' scores for a block stay small enough to live in cache, like a fused
+        # attention kernel's tiles; the only full-size tensor written is the (B, Nq, Nk) head mean itself.
+        block = _SCORES_PER_BLOCK if query.device.type == "cpu" else _SCORES_PER_BLOCK_GPU
+        rows = max(1, block // (batch_size * heads * n_k))
+        query = query * attn.scale
+        key_t = key.transpose(-1, -2).contiguous()  # (B, h, d, Nk)
+        head_mean = torch.empty(batch_size, n_q, n_k, dtype=torch.float32, device=query.device)  # (B, Nq, Nk)
+        out = torch.empty(batch_size, heads, n_q, head_dim, dtype=value.dtype, device=query.device)  # (B, h, Nq, d)
+        for r in range(0, n_q, rows):
+            scores = query[:, :, r : r + rows] @ key_t  # (B, h, rows, Nk)
             if attention_mask is not None:
-                scores = scores + attention_mask[:, h : h + chunk]
-            probs = scores.softmax(dim=-1, dtype=torch.float32)  # (B, c, Nq, Nk)
-            del scores
-            head_sum += probs.sum(dim=1)
-            outputs.append(probs.to(value.dtype) @ value[:, h : h + chunk])  # (B, c, Nq, d)
-            del probs
-        self.store.add(head_sum.div_(heads))
+                scores = scores + attention_mask[:, :, r : r + rows]
+            probs = scores.softmax(dim=-1, dtype=torch.float32)  # (B, h, rows, Nk)
+            head_mean[:, r : r + rows] = probs.sum(dim=1)
+            out[:, :, r : r + rows] = probs.to(value.dtype) @ value  # (B, h, rows, d)
+        self.store.add(head_mean.div_(heads))
 
-        hidden_states = torch.cat(outputs, dim=1).transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
+        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
         hidden_states = hidden_states.to(value.dtype)
         hidden_states = attn.to_out[0](hidden_states)  # linear projection
         hidden_states = attn.to_out[1](hidden_states)  # dropout

@@ -55,18 +55,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="UNet and text encoder precision; auto is float16 on GPU, float32 on CPU (VAE: float32)")
 
 
-def add_encode_arguments(parser: argparse.ArgumentParser, crop: str | None = _ENCODE.crop) -> None:
+def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> None:
     group = parser.add_argument_group("encoding (the UNet step)")
     group.add_argument("--timestep", type=int, default=_ENCODE.timestep, help="UNet timestep (default: %(default)s, the paper's)")
-    group.add_argument("--crop", choices=["none", "center"], default=crop or "none",
-                       help="center: take the central square first, as the benchmarks do (default: %(default)s)")
+    if crop:  # benchmarks always take the central square: the protocol fixes it
+        group.add_argument("--crop", choices=["none", "center"], default=_ENCODE.crop or "none",
+                           help="center: take the central square first, as the benchmarks do (default: %(default)s)")
     group.add_argument("--batch-size", type=int, default=1, help="images per UNet batch (default: %(default)s)")
 
 
 def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT.kl_threshold) -> None:
     group = parser.add_argument_group("segmentation (aggregation, merging, labelling)")
     group.add_argument("--kl-threshold", type=_thresholds, default=kl_threshold,
-                       help="merge threshold τ, one value or one per iteration (default: %(default)s)")
+                       help="merge threshold τ, one value or one per iteration (default: "
+                       + ("the paper's for the dataset" if kl_threshold is None else "%(default)s") + ")")
     group.add_argument("--iterations", type=int, default=_SEGMENT.iterations, help="merge iterations (default: %(default)s)")
     group.add_argument("--num-points", type=int, default=_SEGMENT.num_points, help="anchor grid side M (default: %(default)s)")
     group.add_argument("--refine", action="store_true", help="K-means refinement (needs scikit-learn: diffseg[refine])")
@@ -142,7 +144,7 @@ def run_segment(args: argparse.Namespace) -> int:
                     batch.append((load_image(path), name, path))
                 except (OSError, ValueError) as error:
                     failures.append((str(path), str(error)))
-                    progress.write(f"diffseg: skipped {path}: {error}")
+                    progress.write(f"diffseg: skipped {path}: {error}", file=sys.stderr)
                     progress.update(1)
             if not batch:
                 continue
@@ -151,7 +153,7 @@ def run_segment(args: argparse.Namespace) -> int:
             except (RuntimeError, ValueError) as error:  # e.g. out of memory: report the batch, carry on
                 for _, _, path in batch:
                     failures.append((str(path), f"encoding failed: {error}"))
-                    progress.write(f"diffseg: failed {path}: {error}")
+                    progress.write(f"diffseg: failed {path}: {error}", file=sys.stderr)
                 progress.update(len(batch))
                 continue
             for bundle, (_, name, path) in zip(bundles, batch):
@@ -196,6 +198,52 @@ def add_segment_command(commands) -> None:
     p.set_defaults(run=run_segment)
 
 
+# ---------------------------------------------------------------------------------------------- diffseg evaluate
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .datasets import BENCHMARKS
+    from .evaluate import evaluate, format_summary
+
+    bench = BENCHMARKS[args.dataset]
+    if args.kl_threshold is None:
+        args.kl_threshold = bench.kl_threshold  # the paper's setting for this dataset
+    kwargs = segment_kwargs(args)
+    SegmentConfig(**kwargs).thresholds()
+    output = args.output or f"eval-{args.dataset}"
+    pipeline = None if args.predictions else load_pipeline(args)
+    summary = evaluate(
+        bench, args.root, output, pipeline=pipeline, predictions=args.predictions,
+        segment_kwargs=None if args.predictions else kwargs, timestep=args.timestep,
+        batch_size=check_batch_size(args.batch_size), limit=args.limit,
+    )
+    print(format_summary(summary))
+    print(f"\nPer-image results: {output}/results.jsonl; summary: {output}/summary.json")
+    if args.json:
+        print(json.dumps({"pixel_accuracy": summary.pixel_accuracy, "miou": summary.miou, "images": summary.images}))
+    return 1 if summary.skipped else 0
+
+
+def add_evaluate_command(commands) -> None:
+    p = commands.add_parser("evaluate", help="score on COCO-Stuff-27 or Cityscapes under the paper's protocol",
+                            description="Evaluate unsupervised segmentation (Hungarian matching, 27 classes) with the "
+                            "reference protocol. Defaults are the paper's per dataset. Re-running with the same "
+                            "--output resumes.")
+    p.add_argument("dataset", choices=["cocostuff27", "cityscapes"])
+    p.add_argument("--root", required=True, help="dataset folder (see README: Reproducing the paper)")
+    p.add_argument("-o", "--output", default=None, help="run folder (default: eval-DATASET); re-use it to resume")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    p.add_argument("--predictions", default=None, metavar="DIR",
+                   help="score precomputed label PNGs DIR/ID.png (any method) instead of running DiffSeg")
+    p.add_argument("--json", action="store_true", help="also print the headline numbers as JSON")
+    add_model_arguments(p)
+    add_encode_arguments(p, crop=False)
+    add_segment_arguments(p, kl_threshold=None)
+    p.set_defaults(run=run_evaluate)
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 
 
@@ -203,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffseg", description="Unsupervised zero-shot segmentation with Stable Diffusion (DiffSeg).")
     commands = parser.add_subparsers(dest="command", required=True)
     add_segment_command(commands)
+    add_evaluate_command(commands)
     return parser
 
 

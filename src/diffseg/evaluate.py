@@ -1,0 +1,270 @@
+"""The evaluation harness: score DiffSeg (or any method's label PNGs) on a benchmark under the paper's protocol.
+
+An evaluation run lives in one folder:
+    settings.json    what was run (dataset, parameters); a resumed run must match it
+    results.jsonl    one line per scored image, appended and flushed as each is scored
+    summary.json     the accumulated metrics, rewritten (atomically) as the run goes and at its end
+Re-running into the same folder resumes: scored images are read back, not recomputed. A run killed at any moment
+leaves a valid results file (a torn last line is dropped on resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import BENCHMARKS, NUM_CLASSES, RESOLUTION, Benchmark, Sample, protocol_label
+from .images import center_crop, load_image
+from .metrics import Scores, hungarian_scores
+from .outputs import atomic_path, read_labels
+
+
+@dataclass
+class Summary:
+    dataset: str
+    images: int
+    pixel_accuracy: float
+    miou: float
+    iou: list[float]
+    seconds_per_image: float
+    skipped: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    paper: dict = field(default_factory=dict)
+
+
+class ResultsFile:
+    """Append-only JSON lines of per-image scores, safe to kill at any moment."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if path.exists():
+            valid = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                    self.records[record["id"]] = record
+                    valid.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line torn by a kill: the image is simply scored again
+            with atomic_path(path) as tmp:  # rewrite without torn lines before appending
+                tmp.write_text("".join(f"{line}\n" for line in valid), encoding="utf-8")
+        self._file = open(path, "a", encoding="utf-8")
+
+    def append(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.records[record["id"]] = record
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def record_scores(records: list[dict]) -> Scores:
+    total = Scores.zeros(NUM_CLASSES)
+    for r in records:
+        total += Scores(np.array(r["tp"]), np.array(r["fp"]), np.array(r["fn"]), r["all"], 1)
+    return total
+
+
+def score_image(sample: Sample, prediction: np.ndarray, label: np.ndarray, seconds: float) -> dict:
+    """Per-image record: Hungarian-matched TP/FP/FN vectors over the 27 classes."""
+    scores = hungarian_scores(label, prediction, NUM_CLASSES)
+    return {
+        "id": sample.id,
+        "tp": scores.tp.tolist(),
+        "fp": scores.fp.tolist(),
+        "fn": scores.fn.tolist(),
+        "all": scores.all,
+        "segments": int(len(np.unique(prediction))),
+        "seconds": round(seconds, 4),
+    }
+
+
+def prediction_at_protocol_size(prediction: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """Bring a precomputed label map to the protocol's 512×512 square.
+
+    Accepted: already 512×512; the central square at its own size; or the whole image (cropped here).
+    """
+    h, w = image_size
+    side = min(h, w)
+    if prediction.shape == (RESOLUTION, RESOLUTION):
+        return prediction
+    if prediction.shape == (h, w):
+        prediction = center_crop(prediction)
+    if prediction.shape == (side, side):
+        return protocol_label(prediction)  # nearest-neighbour, as labels are resized
+    raise ValueError(
+        f"prediction is {prediction.shape[0]}×{prediction.shape[1]}; expected 512×512, the central square "
+        f"{side}×{side}, or the whole image {h}×{w}"
+    )
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for first in range(0, len(items), size):
+        yield items[first : first + size]
+
+
+def evaluate(
+    benchmark: str | Benchmark,
+    root: str | Path,
+    output: str | Path,
+    *,
+    pipeline=None,
+    predictions: str | Path | None = None,
+    segment_kwargs: dict | None = None,
+    timestep: int = 300,
+    batch_size: int = 1,
+    limit: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+) -> Summary:
+    """Score a benchmark, resuming from `output` if it holds an earlier run of the same settings.
+
+    Exactly one of `pipeline` (segment with DiffSeg) and `predictions` (a folder of label PNGs named `ID.png`, any
+    method) is given.
+    """
+    from tqdm import tqdm
+
+    # 1. Check inputs and settings.
+    bench = BENCHMARKS[benchmark] if isinstance(benchmark, str) else benchmark
+    if (pipeline is None) == (predictions is None):
+        raise ValueError("Pass exactly one of `pipeline` and `predictions`.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be at least 1 but is {batch_size}.")
+    segment_kwargs = dict(segment_kwargs or {})
+    if predictions is not None and not Path(predictions).is_dir():
+        raise FileNotFoundError(f"Predictions folder `{predictions}` does not exist.")
+    samples = bench.samples(root)
+    if limit is not None:
+        samples = samples[:limit]
+    settings = {
+        "dataset": bench.name,
+        "method": f"predictions:{Path(predictions).resolve()}" if predictions is not None else f"diffseg:{pipeline.model}",
+        "timestep": timestep if predictions is None else None,
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in segment_kwargs.items()},
+    }
+    settings = json.loads(json.dumps(settings))  # as it will read back
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    settings_path = output / "settings.json"
+    if settings_path.exists():
+        previous = json.loads(settings_path.read_text())
+        if previous != settings:
+            raise ValueError(
+                f"`{output}` holds a run with other settings ({previous}); resume with the same settings or choose "
+                "another output folder."
+            )
+    else:
+        with atomic_path(settings_path) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2))
+
+    # 2. Read back what is already scored.
+    results = ResultsFile(output / "results.jsonl")
+    todo = [s for s in samples if s.id not in results.records]
+    skipped: list[dict] = []
+    if len(todo) < len(samples):
+        log(f"Resuming: {len(samples) - len(todo)} of {len(samples)} images already scored in {output}.")
+
+    def summary() -> Summary:
+        scored = [results.records[s.id] for s in samples if s.id in results.records]
+        total = record_scores(scored)
+        return Summary(
+            dataset=bench.name,
+            images=total.images,
+            pixel_accuracy=total.pixel_accuracy,
+            miou=total.miou,
+            iou=[None if np.isnan(v) else float(v) for v in total.iou],
+            seconds_per_image=float(np.mean([r["seconds"] for r in scored])) if scored else float("nan"),
+            skipped=skipped,
+            settings=settings,
+            paper={"pixel_accuracy": bench.paper_pixel_accuracy, "miou": bench.paper_miou},
+        )
+
+    def skip(sample: Sample, reason: str) -> None:
+        skipped.append({"id": sample.id, "reason": reason})
+        bar.write(f"diffseg: skipped {sample.id}: {reason}", file=sys.stderr)
+
+    # 3. Score: segment (or read) each image, match, append.
+    running = record_scores(list(results.records.values()))
+    bar = tqdm(total=len(todo), unit="img", desc=f"evaluate {bench.name}", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in _batches(todo, batch_size):
+            loaded = []
+            for sample in batch:
+                if not sample.label.is_file():
+                    skip(sample, f"label `{sample.label}` not found")
+                    continue
+                try:
+                    # Benchmarks use the stored pixel order (no EXIF rotation), as the labels do.
+                    image = np.asarray(load_image(sample.image, exif_transpose=False))
+                    label = bench.read_label(sample.label)
+                except (OSError, ValueError) as error:
+                    skip(sample, str(error))
+                    continue
+                if label.shape != image.shape[:2]:
+                    skip(sample, f"label is {label.shape} but image is {image.shape[:2]}")
+                    continue
+                loaded.append((sample, image, protocol_label(label)))
+            if not loaded:
+                bar.update(len(batch))
+                continue
+            start = time.perf_counter()
+            if pipeline is not None:
+                bundles = pipeline.encode([image for _, image, _ in loaded], timestep=timestep, crop="center")
+                preds = [
+                    pipeline.segment(b, output_size=(RESOLUTION, RESOLUTION), **segment_kwargs).labels for b in bundles
+                ]
+            else:
+                preds = []
+                for sample, image, _ in loaded:
+                    path = Path(predictions) / f"{sample.id}.png"
+                    try:
+                        preds.append(prediction_at_protocol_size(read_labels(path), image.shape[:2]))
+                    except (OSError, ValueError) as error:
+                        preds.append(None)
+                        skip(sample, f"prediction `{path}`: {error}")
+            seconds = (time.perf_counter() - start) / len(loaded)
+            for (sample, _, label), pred in zip(loaded, preds):
+                if pred is None:
+                    continue
+                record = score_image(sample, pred, label, seconds)
+                results.append(record)
+                running += Scores(np.array(record["tp"]), np.array(record["fp"]), np.array(record["fn"]), record["all"], 1)
+            bar.set_postfix(acc=f"{100 * running.pixel_accuracy:.1f}", miou=f"{100 * running.miou:.1f}")
+            bar.update(len(batch))
+            _write_summary(output, summary())
+    finally:
+        bar.close()
+        results.close()
+    final = summary()
+    _write_summary(output, final)
+    return final
+
+
+def _write_summary(output: Path, summary: Summary) -> None:
+    with atomic_path(output / "summary.json") as tmp:
+        tmp.write_text(json.dumps(asdict(summary), indent=2))
+
+
+def format_summary(summary: Summary) -> str:
+    """The printed table: the paper's row beside this run's."""
+    rows = [
+        ("paper (Tian et al. 2024)", summary.paper["pixel_accuracy"], summary.paper["miou"], ""),
+        ("this run", 100 * summary.pixel_accuracy, 100 * summary.miou, str(summary.images)),
+    ]
+    lines = [f"{summary.dataset}: unsupervised, Hungarian matching, {NUM_CLASSES} classes", ""]
+    lines.append(f"{'':26}{'pixel acc':>10}{'mIoU':>8}{'images':>8}")
+    for name, acc, miou, n in rows:
+        lines.append(f"{name:26}{acc:>10.1f}{miou:>8.1f}{n:>8}")
+    if summary.skipped:
+        lines.append(f"\n{len(summary.skipped)} images skipped (see summary.json).")
+    return "\n".join(lines)
