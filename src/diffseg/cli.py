@@ -244,6 +244,35 @@ def add_evaluate_command(commands) -> None:
     p.set_defaults(run=run_evaluate)
 
 
+# ---------------------------------------------------------------------------------------------- diffseg app
+
+
+def run_app(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError as error:
+        raise ImportError("`diffseg app` needs Gradio: pip install 'diffseg[app]' (or gradio).") from error
+    from .app import launch
+
+    launch(load_pipeline(args), host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+           cache_size=args.cache_size)
+    return 0
+
+
+def add_app_command(commands) -> None:
+    from .app import CACHE_SIZE, MAX_UPLOAD_MB
+
+    p = commands.add_parser("app", help="serve the interactive demo (Gradio)",
+                            description="Serve a Gradio page: upload an image, then move the sliders to re-segment "
+                            "the cached attention instantly. Needs the app extra: pip install 'diffseg[app]'.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="refuse larger uploads (default: %(default)s)")
+    p.add_argument("--cache-size", type=int, default=CACHE_SIZE, help="attention bundles kept in memory (default: %(default)s)")
+    add_model_arguments(p)
+    p.set_defaults(run=run_app)
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 
 
@@ -252,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_segment_command(commands)
     add_evaluate_command(commands)
+    add_app_command(commands)
     return parser
 
 

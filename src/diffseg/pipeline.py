@@ -55,6 +55,33 @@ class Segmentation:
         return Image.fromarray(overlay(self.image, self.labels))
 
 
+def segment_bundle(
+    bundle: AttentionBundle,
+    *,
+    kl_threshold: float | Sequence[float] = _SEGMENT.kl_threshold,
+    iterations: int = _SEGMENT.iterations,
+    num_points: int = _SEGMENT.num_points,
+    refine: bool = _SEGMENT.refine,
+    resolution_weights: Mapping[int, float] | None = _SEGMENT.resolution_weights,
+    output_size: tuple[int, int] | None = None,
+) -> Segmentation:
+    """Segment a bundle (see `segment_attention`); labels at the image's size unless `output_size` is given."""
+    size = tuple(output_size) if output_size is not None else bundle.image_size
+    labels = segment_attention(
+        bundle.attention,
+        kl_threshold=kl_threshold,
+        iterations=iterations,
+        num_points=num_points,
+        refine=refine,
+        resolution_weights=resolution_weights,
+        output_size=size,
+    )
+    image = bundle.image
+    if image.shape[:2] != size:
+        image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+    return Segmentation(labels=labels, num_segments=int(labels.max()) + 1, image=image)
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto" picks CUDA, then Apple's MPS, then the CPU."""
     if str(device) != "auto":
@@ -291,32 +318,9 @@ class DiffSegPipeline:
 
     # ------------------------------------------------------------------ segment: the cheap step
 
-    def segment(
-        self,
-        bundle: AttentionBundle,
-        *,
-        kl_threshold: float | Sequence[float] = _SEGMENT.kl_threshold,
-        iterations: int = _SEGMENT.iterations,
-        num_points: int = _SEGMENT.num_points,
-        refine: bool = _SEGMENT.refine,
-        resolution_weights: Mapping[int, float] | None = _SEGMENT.resolution_weights,
-        output_size: tuple[int, int] | None = None,
-    ) -> Segmentation:
-        """Segment a bundle (see `segment_attention`); labels at the image's size unless `output_size` is given."""
-        size = tuple(output_size) if output_size is not None else bundle.image_size
-        labels = segment_attention(
-            bundle.attention,
-            kl_threshold=kl_threshold,
-            iterations=iterations,
-            num_points=num_points,
-            refine=refine,
-            resolution_weights=resolution_weights,
-            output_size=size,
-        )
-        image = bundle.image
-        if image.shape[:2] != size:
-            image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-        return Segmentation(labels=labels, num_segments=int(labels.max()) + 1, image=image)
+    def segment(self, bundle: AttentionBundle, **kwargs) -> Segmentation:
+        """Segment a bundle; see `segment_bundle`. Needs no model: a loaded bundle works as well."""
+        return segment_bundle(bundle, **kwargs)
 
     def __call__(
         self,

@@ -1,0 +1,157 @@
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffseg.app import BundleCache, preset_weights, read_upload, segment_table, slider_weights
+from diffseg.outputs import read_labels
+
+from conftest import quadrants_image
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_cache_encodes_once_per_image_and_timestep_and_stays_bounded(tiny_pipeline, tmp_path):
+    cache = BundleCache(tiny_pipeline, capacity=2, folder=tmp_path)
+    a, b, c = quadrants_image(), quadrants_image()[::-1].copy(), quadrants_image()[:, ::-1].copy()
+    first, encoded = cache.get(a, 300)
+    assert encoded and cache.encodes == 1
+    again, encoded = cache.get(a.copy(), 300)  # same content, another array: a hit
+    assert not encoded and again is first and cache.encodes == 1
+    _, encoded = cache.get(a, 150)  # new timestep: encodes
+    assert encoded and cache.encodes == 2 and len(cache) == 2
+    cache.get(b, 300)
+    assert len(cache) == 2 and cache.encodes == 3
+    assert not first.file.exists()  # (a, 300) was least recently used: evicted with its file
+    cache.get(c, 300)
+    _, encoded = cache.get(a, 300)
+    assert encoded and cache.encodes == 5 and len(cache) == 2
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_presets_and_sliders_give_normalised_weights(tiny_pipeline):
+    bundle = tiny_pipeline.encode(quadrants_image())
+    assert preset_weights("proportional") == pytest.approx([64 / 120, 32 / 120, 16 / 120, 8 / 120])
+    assert preset_weights("16+8") == pytest.approx([0, 0, 2 / 3, 1 / 3])
+    assert slider_weights(bundle, [1, 1, 0, 0]) == {64: 0.5, 32: 0.5, 16: 0.0, 8: 0.0}
+    with pytest.raises(ValueError, match="All resolution weights are 0"):
+        slider_weights(bundle, [0, 0, 0, 0])
+
+
+def test_upload_errors_are_readable(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="No image"):
+        read_upload(None)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="could not be read as an image"):
+        read_upload(str(tmp_path / "bad.png"))
+    Image.fromarray(quadrants_image(100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr("diffseg.app.MAX_PIXELS", 5000)
+    with pytest.raises(ValueError, match="100×100 pixels; the limit"):
+        read_upload(str(tmp_path / "big.png"))
+
+
+def test_segment_table_lists_every_segment_with_its_area():
+    labels = np.array([[0, 0, 1, 2]])
+    html = segment_table(labels)
+    assert html.count("<tr>") == 4 and "50.0" in html and "25.0" in html
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app_server(tiny_checkpoint, tmp_path):
+    port = _free_port()
+    log = tmp_path / "app.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "diffseg.cli", "app", "--model", str(tiny_checkpoint), "--device", "cpu",
+             "--port", str(port)],
+            stdout=stderr, stderr=subprocess.STDOUT,
+        )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"diffseg app exited: {log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.3)
+    yield f"http://127.0.0.1:{port}/", log
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _status(page) -> str:
+    return page.inner_text("#status")
+
+
+def _wait_status(page, previous: str | None = None, timeout: float = 120_000) -> str:
+    page.wait_for_function(
+        "([prev]) => { const t = document.querySelector('#status').innerText;"
+        " return /\\d+ segments/.test(t) && !/processing|queue/.test(t) && t !== prev; }",
+        arg=[previous], timeout=timeout,
+    )
+    return _status(page)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package `chromium`); .ci/run installs it")
+def test_demo_in_a_real_browser(app_server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    url, log = app_server
+    image_path = tmp_path / "upload.png"
+    Image.fromarray(quadrants_image(240, 320)).save(image_path)
+    external = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("request", lambda r: external.append(r.url) if not r.url.startswith((url, "data:", "blob:")) else None)
+        page.goto(url)
+        # 1. Upload and segment: one encode.
+        page.set_input_files("#input-image input[type=file]", str(image_path))
+        first = _wait_status(page)
+        assert "encoded in" in first
+        encodes = lambda: len(re.findall(r"encode #\d+", log.read_text()))
+        assert encodes() == 1
+        count = lambda text: int(re.search(r"(\d+) segments", text).group(1))
+        # 2. Move the KL slider: the segmentation changes, the model does not run.
+        box = page.locator("#kl-threshold input[type=number]")
+        box.fill("0.3")
+        box.press("Enter")
+        moved = _wait_status(page, first)
+        assert "attention from cache" in moved and count(moved) != count(first)
+        assert encodes() == 1
+        # 3. Switch the resolution preset: the weight sliders follow and it re-segments from the cache.
+        page.locator("#preset input").click()
+        page.get_by_role("option", name="16+8").click()
+        page.wait_for_function("document.querySelector('#weight-64 input[type=number]').value === '0'")
+        preset = _wait_status(page, moved)
+        assert "attention from cache" in preset and encodes() == 1
+        assert page.locator("#weight-16 input[type=number]").input_value().startswith("0.6")
+        # 4. Download the label map: ids at the image's size.
+        with page.expect_download() as download:
+            page.locator("#label-download a").first.click()
+        saved = tmp_path / "labels.png"
+        download.value.save_as(saved)
+        labels = read_labels(saved)
+        assert labels.shape == (240, 320) and labels.max() + 1 == count(preset)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app.png"))
+        browser.close()
+    assert external == []  # nothing fetched from outside the server: works offline
