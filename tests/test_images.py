@@ -21,12 +21,12 @@ def test_alpha_is_composited_over_white_and_gray_becomes_rgb(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content, message", [(b"", "is empty"), (b"GIF89a-broken", "could not be decoded")], ids=["empty", "corrupt"]
+    "content, message", [(b"", "is empty"), (b"GIF89a-broken", "not in an image format")], ids=["empty", "corrupt"]
 )
 def test_bad_files_name_themselves(tmp_path, content, message):
     path = tmp_path / "bad.gif"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=f"bad.gif.*{message}|{message}.*bad.gif|`.*bad.gif` {message}"):
+    with pytest.raises(ValueError, match=f"bad.gif.*{message}"):
         load_image(path)
     with pytest.raises(FileNotFoundError, match="nope.png"):
         load_image(tmp_path / "nope.png")

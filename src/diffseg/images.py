@@ -8,8 +8,10 @@ antialiasing, float result), then `Rescaling(1 / 127.5, offset=-1)` to [-1, 1].
 from __future__ import annotations
 
 import glob
+import io
 import os
 from collections.abc import Sequence
+from typing import BinaryIO
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +36,27 @@ def load_image(path: str | os.PathLike, *, exif_transpose: bool = True) -> Image
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Image `{path}` does not exist (or is not a file).")
-    if path.stat().st_size == 0:
-        raise ValueError(f"Image `{path}` is empty (0 bytes); re-download or remove it.")
+    with open(path, "rb") as f:
+        return decode_image(f, str(path), exif_transpose=exif_transpose)
+
+
+def decode_image(data: bytes | BinaryIO, name: str, *, exif_transpose: bool = True) -> Image.Image:
+    """Decode image bytes (or a binary file) as RGB, as `load_image` does; `name` is used in error messages."""
+    if isinstance(data, bytes):
+        data = io.BytesIO(data)
+    if data.seek(0, io.SEEK_END) == 0:
+        raise ValueError(f"Image `{name}` is empty (0 bytes); re-download or remove it.")
+    data.seek(0)
     try:
-        with Image.open(path) as image:
+        with Image.open(data) as image:
             image.load()
             if exif_transpose:
                 image = ImageOps.exif_transpose(image)
             return to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Image `{path}` could not be decoded ({error}); check that it is a valid image file.") from error
+    except UnidentifiedImageError as error:
+        raise ValueError(f"Image `{name}` is not in an image format Pillow can read; check the file.") from error
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"Image `{name}` could not be decoded ({error}); check that it is a valid image file.") from error
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -289,20 +289,9 @@ class DiffSegPipeline:
         # 1. Decode and crop: the region encoded is also what the labels will cover.
         arrays = [crop_image(as_array(image), crop) for image in batch]
         # 2. Resize and scale to [-1, 1], as the reference's data loaders.
-        pixels = to_model_input(arrays, resolution).to(self.device, memory_format=torch.channels_last)
-        # 3. VAE: posterior mean × scaling factor (reference: the encoder's last layer, no sampling).
-        latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
-        latents = latents.to(self.dtype)
-        t = torch.full((len(batch),), timestep, device=self.device, dtype=torch.long)
-        if noise_seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(noise_seed)
-            noise = torch.randn(latents.shape, generator=generator).to(self.device, self.dtype)
-            latents = self._noise_schedule().add_noise(latents, noise, t)
-        # 4. One UNet step, conditioned on the empty prompt, with self-attention captured.
-        text = self.prompt_embedding().expand(len(batch), -1, -1)
-        with self._lock, capture_self_attention(self.unet) as store:
-            self.unet(latents, t, encoder_hidden_states=text)
-        maps = store.maps()  # r -> (B, r², r²)
+        pixels = to_model_input(arrays, resolution)
+        # 3-4. VAE and one UNet step with self-attention captured.
+        maps, layers = self.attend(pixels, timestep=timestep, noise_seed=noise_seed)
 
         bundles = [
             AttentionBundle(
@@ -310,11 +299,39 @@ class DiffSegPipeline:
                 image=arrays[i],
                 timestep=timestep,
                 model=self.model,
-                layers=dict(store.layers),
+                layers=layers,
             )
             for i in range(len(batch))
         ]
         return bundles[0] if single else bundles
+
+    @torch.inference_mode()
+    def attend(
+        self, pixels: torch.Tensor, *, timestep: int = _ENCODE.timestep, noise_seed: int | None = _ENCODE.noise_seed
+    ) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+        """VAE and one UNet step on a prepared batch (see `images.to_model_input`), self-attention captured.
+
+        Args:
+            pixels: (B, 3, R, R) float32 in [-1, 1].
+
+        Returns:
+            (maps, layers): r -> (B, r², r²) head- and layer-averaged attention on the pipeline's device, and
+            r -> number of layers averaged.
+        """
+        pixels = pixels.to(self.device, torch.float32, memory_format=torch.channels_last)
+        # VAE: posterior mean × scaling factor (reference: the encoder's last layer, no sampling).
+        latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        latents = latents.to(self.dtype)
+        t = torch.full((len(pixels),), timestep, device=self.device, dtype=torch.long)
+        if noise_seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(noise_seed)
+            noise = torch.randn(latents.shape, generator=generator).to(self.device, self.dtype)
+            latents = self._noise_schedule().add_noise(latents, noise, t)
+        # One UNet step, conditioned on the empty prompt, with self-attention captured.
+        text = self.prompt_embedding().expand(len(pixels), -1, -1)
+        with self._lock, capture_self_attention(self.unet) as store:
+            self.unet(latents, t, encoder_hidden_states=text)
+        return store.maps(), dict(store.layers)
 
     # ------------------------------------------------------------------ segment: the cheap step
 

@@ -1,0 +1,315 @@
+"""Dataset scale: segment millions of images on a Ray cluster, resumable, with nothing lost.
+
+Ray Data streams the work: CPU tasks read and decode images (local paths or any URI pyarrow or fsspec resolves)
+and prepare the UNet's input; a pool of actors, each holding one pipeline, runs the model and writes label PNGs
+(atomically, named as `diffseg segment` names them). The driver records every image in `OUTPUT/manifest.parquet`
+(path, output, size, segments, status, error), rewritten atomically as results stream in, so a re-run skips what is
+done and retries only what failed or was never reached. Ray restarts a killed actor and retries its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import DEFAULT_MODEL, EncodeConfig
+from .images import IMAGE_SUFFIXES, crop as crop_image, decode_image, find_images, to_model_input
+from .outputs import OutputPaths, atomic_path, label_image, read_labels, save_image
+
+_ENCODE = EncodeConfig()
+MANIFEST = "manifest.parquet"
+COLUMNS = ("path", "name", "output", "height", "width", "num_segments", "status", "error")
+LIST_SUFFIXES = (".txt", ".lst", ".parquet")
+
+
+@dataclass
+class JobSummary:
+    done: int = 0
+    skipped: int = 0
+    failed: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _names(paths: list[str]) -> list[str]:
+    """Output names: each path relative to the deepest folder all share, without suffix (as for a folder input)."""
+    parts = [p.replace(os.sep, "/").split("/") for p in paths]
+    folders = [p[:-1] for p in parts]
+    shared = 0
+    while all(len(f) > shared for f in folders) and len({f[shared] for f in folders}) == 1:
+        shared += 1
+    return [posixpath.splitext("/".join(p[shared:]))[0] for p in parts]
+
+
+def list_inputs(source: str | os.PathLike) -> list[tuple[str, str]]:
+    """(path or URI, output name) pairs from a folder, a glob, or a .txt/.lst/.parquet list of paths or URIs."""
+    source = str(source)
+    if source.endswith(LIST_SUFFIXES) and not _is_uri(source):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"Input list `{source}` does not exist.")
+        if source.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(source)
+            column = next((c for c in ("path", "uri", "image", "url") if c in table.column_names), None)
+            if column is None:
+                raise ValueError(f"`{source}` needs a column named path, uri, image or url; it has {table.column_names}.")
+            paths = [str(p) for p in table.column(column).to_pylist() if p]
+        else:
+            paths = [line.strip() for line in Path(source).read_text().splitlines() if line.strip() and not line.startswith("#")]
+        if not paths:
+            raise ValueError(f"Input list `{source}` names no images.")
+        pairs = list(zip(paths, _names(paths)))
+    else:
+        found, missing = find_images([source])
+        if not found:
+            raise FileNotFoundError(f"No images found at `{source}` ({missing[0][1] if missing else 'nothing matched'}).")
+        pairs = [(str(path), name) for path, name in found]
+    seen: dict[str, str] = {}
+    for path, name in pairs:
+        if name in seen and seen[name] != path:
+            raise ValueError(f"Inputs `{seen[name]}` and `{path}` would both be written as `{name}`.")
+        seen[name] = path
+    return list(dict.fromkeys(pairs))
+
+
+def read_bytes(path: str) -> bytes:
+    """Bytes of a local path or of a URI (pyarrow's filesystems: s3://, gs://, hdfs://...; fsspec for the rest)."""
+    if not _is_uri(path):
+        with open(path.removeprefix("file://"), "rb") as f:
+            return f.read()
+    try:
+        from pyarrow import fs
+
+        filesystem, inner = fs.FileSystem.from_uri(path)
+        with filesystem.open_input_stream(inner) as stream:
+            return stream.read()
+    except Exception as pyarrow_error:  # noqa: BLE001 - fall back to fsspec for schemes pyarrow lacks
+        try:
+            import fsspec
+        except ImportError:
+            raise pyarrow_error from None
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+def read_manifest(output: Path) -> dict[str, dict]:
+    path = output / MANIFEST
+    if not path.exists():
+        return {}
+    import pyarrow.parquet as pq
+
+    return {row["name"]: row for row in pq.read_table(path).to_pylist()}
+
+
+def write_manifest(output: Path, rows: dict[str, dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(
+        [{c: row.get(c) for c in COLUMNS} for row in rows.values()],
+        schema=pa.schema([("path", pa.string()), ("name", pa.string()), ("output", pa.string()), ("height", pa.int64()),
+                          ("width", pa.int64()), ("num_segments", pa.int64()), ("status", pa.string()), ("error", pa.string())]),
+    )
+    with atomic_path(output / MANIFEST) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _failed(path: str, name: str, output: Path, error: str) -> dict:
+    return {"path": path, "name": name, "output": str(OutputPaths.for_name(output, name).labels), "height": None,
+            "width": None, "num_segments": None, "status": "failed", "error": error}
+
+
+# ------------------------------------------------------------------------------------------------ Ray stages
+
+
+class Decode:
+    """CPU stage: read, decode, crop and resize one image into the UNet's input (float32, as `diffseg segment`)."""
+
+    def __init__(self, crop: str | None, resolution: int, output: str) -> None:
+        self.crop, self.resolution, self.output = crop, resolution, Path(output)
+
+    def __call__(self, row: dict) -> dict:
+        pixels = np.zeros((3, self.resolution, self.resolution), np.float32)
+        try:
+            image = np.asarray(decode_image(read_bytes(row["path"]), row["path"]))
+            image = crop_image(image, self.crop)
+            pixels = to_model_input([image], self.resolution)[0].numpy()
+            return {**row, "pixels": pixels, "height": image.shape[0], "width": image.shape[1], "error": ""}
+        except (OSError, ValueError) as error:
+            return {**row, "pixels": pixels, "height": 0, "width": 0, "error": str(error)}
+
+
+class SegmentWorker:
+    """GPU (or CPU) stage: one pipeline per actor; encodes a batch, segments each image, writes its label PNG."""
+
+    def __init__(self, model: str, device: str, dtype: str, timestep: int, segment_kwargs: dict, output: str) -> None:
+        from .pipeline import DiffSegPipeline
+
+        self.pipe = DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype)
+        self.timestep, self.kwargs, self.output = timestep, segment_kwargs, Path(output)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        import torch
+
+        from .segment import segment_attention
+
+        n = len(batch["path"])
+        rows = [_failed(batch["path"][i], batch["name"][i], self.output, str(batch["error"][i])) for i in range(n)]
+        good = [i for i in range(n) if not batch["error"][i]]
+        if good:
+            try:
+                maps, _ = self.pipe.attend(torch.from_numpy(np.stack([batch["pixels"][i] for i in good])), timestep=self.timestep)
+            except (RuntimeError, ValueError) as error:  # e.g. out of memory: the batch fails, the job goes on
+                for i in good:
+                    rows[i]["error"] = f"encoding failed: {error}"
+                good = []
+            for j, i in enumerate(good):
+                size = (int(batch["height"][i]), int(batch["width"][i]))
+                try:
+                    labels = segment_attention({r: m[j] for r, m in maps.items()}, output_size=size, **self.kwargs)
+                    save_image(label_image(labels), rows[i]["output"])
+                    rows[i].update(height=size[0], width=size[1], num_segments=int(labels.max()) + 1, status="done", error="")
+                except (OSError, ValueError) as error:
+                    rows[i]["error"] = str(error)
+        return {c: [row[c] for row in rows] for c in COLUMNS}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _connect(address: str):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if address == "local":
+        ray.init(include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    return ray
+
+
+def segment_dataset(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    ray_address: str = "local",
+    batch_size: int = 4,
+    num_gpus_per_worker: float | None = None,
+    concurrency: int = 1,
+    model: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    timestep: int = _ENCODE.timestep,
+    crop: str | None = _ENCODE.crop,
+    resolution: int = _ENCODE.resolution,
+    segment_kwargs: dict | None = None,
+    progress: bool = True,
+) -> JobSummary:
+    """Segment every image of `source` into `output` with Ray Data; see the module docstring.
+
+    Args:
+        source: a folder, a glob, or a .txt/.lst/.parquet file listing image paths or URIs.
+        output: folder for `labels/NAME.png` and `manifest.parquet`; re-use it to resume.
+        ray_address: "local" starts Ray on this machine (unless it is already initialised), "auto" joins the
+            cluster this machine belongs to, "ray://host:10001" a remote one.
+        batch_size: images per UNet batch on each worker.
+        num_gpus_per_worker: GPUs per actor (fractions share a GPU); None: 1 if the cluster has GPUs, else 0.
+        concurrency: number of actors.
+    """
+    from tqdm import tqdm
+
+    # 1. Check inputs; read back what is done.
+    if batch_size < 1 or concurrency < 1:
+        raise ValueError(f"`batch_size` and `concurrency` must be at least 1 but are {batch_size} and {concurrency}.")
+    segment_kwargs = dict(segment_kwargs or {})
+    output = Path(output)
+    items = list_inputs(source)
+    output.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(output)
+    summary = JobSummary()
+    todo = []
+    for path, name in items:
+        target = OutputPaths.for_name(output, name).labels
+        row = manifest.get(name)
+        if target.is_file() and row is not None and row["status"] == "done":
+            summary.skipped += 1
+        elif target.is_file() and row is None:  # written by a run that died before its manifest update
+            labels = read_labels(target)
+            manifest[name] = {"path": path, "name": name, "output": str(target), "height": labels.shape[0],
+                              "width": labels.shape[1], "num_segments": int(labels.max()) + 1, "status": "done", "error": ""}
+            summary.skipped += 1
+        else:
+            todo.append({"path": path, "name": name})
+    if not todo:
+        write_manifest(output, manifest)
+        return summary
+
+    # 2. Connect to Ray and describe the stream: decode on CPUs, segment on the actors.
+    ray = _connect(ray_address)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # our bar counts images; Ray's would interleave with it
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if num_gpus_per_worker is None:
+        num_gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    data = ray.data.from_items(todo)
+    data = data.map(Decode, fn_constructor_kwargs={"crop": crop, "resolution": resolution, "output": str(output)},
+                    concurrency=max(1, concurrency), num_cpus=1)
+    data = data.map_batches(
+        SegmentWorker,
+        fn_constructor_kwargs={"model": str(model), "device": device, "dtype": dtype, "timestep": timestep,
+                               "segment_kwargs": segment_kwargs, "output": str(output)},
+        batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus_per_worker, batch_format="numpy",
+    )
+
+    # 3. Stream results into the manifest.
+    start = time.perf_counter()
+    pending = {row["name"]: row for row in todo}
+    last_write = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="img", desc="segment-dataset", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in data.iter_batches(batch_size=None, batch_format="pandas"):
+            for row in batch.to_dict("records"):
+                row = {c: (None if isinstance(row[c], float) and np.isnan(row[c]) else row[c]) for c in COLUMNS}
+                manifest[row["name"]] = row
+                pending.pop(row["name"], None)
+                if row["status"] == "done":
+                    summary.done += 1
+                else:
+                    summary.failed.append({"path": row["path"], "error": row["error"]})
+                    bar.write(f"diffseg: failed {row['path']}: {row['error']}", file=sys.stderr)
+                bar.update(1)
+            bar.set_postfix(done=summary.done, failed=len(summary.failed))
+            if time.perf_counter() - last_write > 10:
+                write_manifest(output, manifest)
+                last_write = time.perf_counter()
+    except Exception as error:  # noqa: BLE001 - the job stopped: record what was not reached, then re-raise
+        for row in pending.values():
+            manifest[row["name"]] = _failed(row["path"], row["name"], output, f"job stopped before this image: {error}")
+        raise
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - start
+        write_manifest(output, manifest)
+    return summary

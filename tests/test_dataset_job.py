@@ -1,0 +1,128 @@
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffseg.cli import main
+from diffseg.dataset_job import list_inputs, read_manifest
+from diffseg.outputs import read_labels
+
+from conftest import quadrants_image
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (the ray extra)")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run_job(source, output, checkpoint, *extra):
+    return main(["segment-dataset", str(source), "-o", str(output), "--model", str(checkpoint), "--device", "cpu",
+                 "--batch-size", "1", "--kl-threshold", "0.5", *map(str, extra)])
+
+
+def test_inputs_from_lists_are_named_relative_to_their_common_folder(tmp_path):
+    (tmp_path / "list.txt").write_text("/data/a/x.jpg\n# a comment\n/data/a/b/y.png\n\n/data/a/z.jpeg\n")
+    assert list_inputs(tmp_path / "list.txt") == [("/data/a/x.jpg", "x"), ("/data/a/b/y.png", "b/y"), ("/data/a/z.jpeg", "z")]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"uri": ["s3://bucket/set/1.jpg", "s3://bucket/set/2.jpg"]}), tmp_path / "list.parquet")
+    assert [n for _, n in list_inputs(tmp_path / "list.parquet")] == ["1", "2"]
+    pq.write_table(pa.table({"other": ["a"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="column named path"):
+        list_inputs(tmp_path / "bad.parquet")
+    (tmp_path / "dupes.txt").write_text("/a/x.jpg\n/a/x.png\n")
+    with pytest.raises(ValueError, match="both be written as `x`"):
+        list_inputs(tmp_path / "dupes.txt")
+
+
+def test_segment_dataset_matches_segment_records_failures_and_resumes(local_ray, tiny_checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "job"
+    # 1. First run: good images done, bad ones failed with the reason; the job still finishes.
+    assert run_job(image_folder, out, tiny_checkpoint) == 1
+    # Ray's workers run torch on one thread; float reductions depend on the thread count, so compare like with like.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["segment", str(image_folder), "-o", str(tmp_path / "cli"), "--model", str(tiny_checkpoint),
+                     "--device", "cpu", "--kl-threshold", "0.5", "--no-overlay"]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    manifest = read_manifest(out)
+    assert set(manifest) == {"photo", "alpha", "sub/gray", "corrupt", "empty"}
+    for name, size in {"photo": (240, 320), "alpha": (200, 200), "sub/gray": (128, 96)}.items():
+        row = manifest[name]
+        labels = read_labels(out / "labels" / f"{name}.png")
+        assert row["status"] == "done" and row["error"] == "" and (row["height"], row["width"]) == size
+        assert row["num_segments"] == labels.max() + 1 and Path(row["output"]) == out / "labels" / f"{name}.png"
+        np.testing.assert_array_equal(labels, read_labels(tmp_path / "cli" / "labels" / f"{name}.png"))
+    assert manifest["corrupt"]["status"] == "failed" and "corrupt.jpg" in manifest["corrupt"]["error"]
+    assert manifest["empty"]["status"] == "failed" and "empty (0 bytes)" in manifest["empty"]["error"]
+    assert not list(out.rglob("*.tmp"))
+    # 2. Second run: nothing new is processed; only the failures are retried (and fail again).
+    mtime = (out / "labels" / "photo.png").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_job(image_folder, out, tiny_checkpoint) == 1
+    assert "Done 0, skipped 3 (already done), failed 2" in capsys.readouterr().err
+    assert (out / "labels" / "photo.png").stat().st_mtime_ns == mtime
+    # 3. Deleted outputs are redone, and only those.
+    (out / "labels" / "alpha.png").unlink()
+    (image_folder / "corrupt.jpg").unlink()
+    (image_folder / "empty.png").unlink()
+    assert run_job(image_folder, out, tiny_checkpoint) == 0
+    assert "Done 1, skipped 2 (already done), failed 0" in capsys.readouterr().err
+    assert (out / "labels" / "alpha.png").is_file() and (out / "labels" / "photo.png").stat().st_mtime_ns == mtime
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "SegmentWorker" in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_a_killed_worker_loses_at_most_its_batch(local_ray, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for k in range(8):
+        Image.fromarray(np.roll(quadrants_image(96, 128), 8 * k, axis=1)).save(folder / f"img{k}.png")
+    out = tmp_path / "job"
+    killed = []
+
+    def kill_a_worker_mid_way():
+        deadline = time.time() + 180
+        while time.time() < deadline and not killed:
+            if len(list((out / "labels").glob("*.png"))) >= 2:
+                for pid in _worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_a_worker_mid_way, daemon=True)
+    watcher.start()
+    code = run_job(folder, out, tiny_checkpoint)
+    watcher.join(timeout=1)
+    assert killed, "the worker was never seen running"
+    manifest = read_manifest(out)
+    assert set(manifest) == {f"img{k}" for k in range(8)}
+    for name, row in manifest.items():
+        assert row["status"] == "done" or (row["status"] == "failed" and row["error"]), row
+        if row["status"] == "done":
+            assert (out / "labels" / f"{name}.png").is_file()
+    assert code == (0 if all(r["status"] == "done" for r in manifest.values()) else 1)
