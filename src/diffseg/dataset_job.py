@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT_MODEL, EncodeConfig
-from .images import IMAGE_SUFFIXES, crop as crop_image, decode_image, find_images, to_model_input
+from .images import crop as crop_image, decode_image, find_images, to_model_input
 from .outputs import OutputPaths, atomic_path, label_image, read_labels, save_image
 
 _ENCODE = EncodeConfig()
@@ -143,21 +143,16 @@ def _failed(path: str, name: str, output: Path, error: str) -> dict:
 # ------------------------------------------------------------------------------------------------ Ray stages
 
 
-class Decode:
-    """CPU stage: read, decode, crop and resize one image into the UNet's input (float32, as `diffseg segment`)."""
-
-    def __init__(self, crop: str | None, resolution: int, output: str) -> None:
-        self.crop, self.resolution, self.output = crop, resolution, Path(output)
-
-    def __call__(self, row: dict) -> dict:
-        pixels = np.zeros((3, self.resolution, self.resolution), np.float32)
-        try:
-            image = np.asarray(decode_image(read_bytes(row["path"]), row["path"]))
-            image = crop_image(image, self.crop)
-            pixels = to_model_input([image], self.resolution)[0].numpy()
-            return {**row, "pixels": pixels, "height": image.shape[0], "width": image.shape[1], "error": ""}
-        except (OSError, ValueError) as error:
-            return {**row, "pixels": pixels, "height": 0, "width": 0, "error": str(error)}
+def decode_row(row: dict, crop: str | None, resolution: int) -> dict:
+    """CPU stage (a Ray task per row): read, decode, crop and resize one image into the UNet's input, float32, as
+    `diffseg segment` prepares it. A failure is carried as the row's error, never raised."""
+    pixels = np.zeros((3, resolution, resolution), np.float32)
+    try:
+        image = crop_image(np.asarray(decode_image(read_bytes(row["path"]), row["path"])), crop)
+        pixels = to_model_input([image], resolution)[0].numpy()
+        return {**row, "pixels": pixels, "height": image.shape[0], "width": image.shape[1], "error": ""}
+    except (OSError, ValueError) as error:
+        return {**row, "pixels": pixels, "height": 0, "width": 0, "error": str(error)}
 
 
 class SegmentWorker:
@@ -274,8 +269,7 @@ def segment_dataset(
     if num_gpus_per_worker is None:
         num_gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     data = ray.data.from_items(todo)
-    data = data.map(Decode, fn_constructor_kwargs={"crop": crop, "resolution": resolution, "output": str(output)},
-                    concurrency=max(1, concurrency), num_cpus=1)
+    data = data.map(decode_row, fn_kwargs={"crop": crop, "resolution": resolution}, num_cpus=1)
     data = data.map_batches(
         SegmentWorker,
         fn_constructor_kwargs={"model": str(model), "device": device, "dtype": dtype, "timestep": timestep,
