@@ -94,15 +94,21 @@ def app_server(tiny_checkpoint, tmp_path):
     process.wait(timeout=30)
 
 
+_STATUS_LINE = r"\d+ segments · segmented in [\d.]+ s · [^\n]+"
+
+
 def _status(page) -> str:
-    return page.inner_text("#status")
+    """The status line alone (the element also holds Gradio's progress text while an event runs)."""
+    match = re.search(_STATUS_LINE, page.inner_text("#status"))
+    return match.group(0) if match else ""
 
 
 def _wait_status(page, previous: str | None = None, timeout: float = 120_000) -> str:
+    """Wait until the page shows a finished status line different from `previous`; return it."""
     page.wait_for_function(
-        "([prev]) => { const t = document.querySelector('#status').innerText;"
-        " return /\\d+ segments/.test(t) && !/processing|queue/.test(t) && t !== prev; }",
-        arg=[previous], timeout=timeout,
+        "([pattern, prev]) => { const t = document.querySelector('#status').innerText;"
+        " const m = t.match(new RegExp(pattern)); return !/processing|queue/.test(t) && m !== null && m[0] !== prev; }",
+        arg=[_STATUS_LINE, previous], timeout=timeout,
     )
     return _status(page)
 

@@ -83,3 +83,5 @@ def test_only_self_attention_layers_are_replaced(unet_inputs):
 def test_store_rejects_non_square_token_counts():
     with pytest.raises(ValueError, match="square"):
         AttentionStore().add(torch.ones(1, 12, 12))
+    with pytest.raises(ValueError, match="square"):
+        AttentionStore().add(torch.ones(1, 12, 77), "cross")

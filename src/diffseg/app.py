@@ -57,19 +57,20 @@ class BundleCache:
         self._folder = Path(folder or tempfile.mkdtemp(prefix="diffseg-app-"))
 
     @staticmethod
-    def key(image: np.ndarray, model: str, timestep: int) -> tuple:
+    def key(image: np.ndarray, model: str, timestep: int, words: tuple[str, ...] = ()) -> tuple:
         digest = hashlib.sha256(str(image.shape).encode() + np.ascontiguousarray(image).tobytes()).hexdigest()
-        return digest, model, int(timestep)
+        return digest, model, int(timestep), words
 
-    def get(self, image: np.ndarray, timestep: int) -> tuple[_Entry, bool]:
-        """The bundle for `image` at `timestep`, and whether it had to be encoded now."""
-        key = self.key(image, self.pipeline.model, timestep)
+    def get(self, image: np.ndarray, timestep: int, words: tuple[str, ...] = ()) -> tuple[_Entry, bool]:
+        """The bundle for `image` at `timestep` (with cross-attention for `words`, if any), and whether it had to be
+        encoded now."""
+        key = self.key(image, self.pipeline.model, timestep, words)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key], False
         # Encode outside the lock: cached bundles stay available while a new image is encoded.
-        bundle = self.pipeline.encode(image, timestep=timestep)
+        bundle = self.pipeline.encode(image, timestep=timestep, labels=list(words) or None)
         file = bundle.save(self._folder / f"{key[0][:16]}-t{timestep}.safetensors")
         entry = _Entry(bundle, file)
         with self._lock:
@@ -105,17 +106,30 @@ def slider_weights(bundle: AttentionBundle, values: list[float]) -> dict[int, fl
     return {r: w / total for r, w in weights.items()}
 
 
-def segment_table(labels: np.ndarray) -> str:
-    """HTML table of segments: id, colour swatch, area %."""
+def parse_words(text: str | None) -> tuple[str, ...]:
+    """The demo's vocabulary box: comma-separated words, blanks and repeats dropped."""
+    return tuple(dict.fromkeys(w.strip() for w in (text or "").split(",") if w.strip()))
+
+
+def segment_table(labels: np.ndarray, names=None) -> str:
+    """HTML table of segments: id, colour swatch, area % (and label and score when segments are named)."""
     counts = np.bincount(labels.ravel())
     colours = palette(len(counts))
-    rows = "".join(
-        f"<tr><td>{i}</td><td><span style='display:inline-block;width:1.2em;height:1.2em;"
-        f"background:#{c[0]:02x}{c[1]:02x}{c[2]:02x};border:1px solid #888'></span> #{c[0]:02x}{c[1]:02x}{c[2]:02x}</td>"
-        f"<td>{100 * n / labels.size:.1f}</td></tr>"
-        for i, (c, n) in enumerate(zip(colours, counts))
+    named = {n.id: n for n in names or []}
+    rows = []
+    for i, (c, n) in enumerate(zip(colours, counts)):
+        hex_colour = f"#{c[0]:02x}{c[1]:02x}{c[2]:02x}"
+        cells = [str(i), f"<span style='display:inline-block;width:1.2em;height:1.2em;background:{hex_colour};"
+                 f"border:1px solid #888'></span> {hex_colour}", f"{100 * n / labels.size:.1f}"]
+        if names is not None:
+            name = named.get(i)
+            cells += [html.escape(name.label or "unlabelled") if name else "", f"{name.score:.2f}" if name else ""]
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    head = ["id", "colour", "area %"] + (["label", "score"] if names is not None else [])
+    return (
+        "<div style='max-height:22em;overflow-y:auto'><table id='segment-table'><thead><tr>"
+        + "".join(f"<th>{h}</th>" for h in head) + f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
     )
-    return f"<div style='max-height:22em;overflow-y:auto'><table id='segment-table'><thead><tr><th>id</th><th>colour</th><th>area %</th></tr></thead><tbody>{rows}</tbody></table></div>"
 
 
 def read_upload(path: str | None) -> np.ndarray:
@@ -157,8 +171,8 @@ def render(entry: _Entry, out_dir: Path, kl_threshold, iterations, num_points, r
     )
     label_file = Path(out_dir) / f"{entry.file.stem}-labels.png"
     save_image(label_image(result.labels), label_file)
-    view = View(result.overlay, Image.fromarray(colourise(result.labels)), label_file, segment_table(result.labels),
-                result.num_segments, 0.0)
+    view = View(result.overlay, Image.fromarray(colourise(result.labels)), label_file,
+                segment_table(result.labels, result.names), result.num_segments, 0.0)
     view.seconds = time.perf_counter() - start
     return view
 
@@ -172,11 +186,11 @@ def build_app(pipeline, *, cache_size: int = CACHE_SIZE):
     out_dir = Path(tempfile.mkdtemp(prefix="diffseg-app-labels-"))
     examples = sorted(str(p) for p in resources.files("diffseg").joinpath("examples").iterdir() if str(p).endswith(".jpg"))
 
-    def run(path, timestep, kl_threshold, iterations, num_points, refine, *weights):
+    def run(path, timestep, words, kl_threshold, iterations, num_points, refine, *weights):
         try:
             start = time.perf_counter()
             image = read_upload(path)
-            entry, encoded = cache.get(image, int(timestep))
+            entry, encoded = cache.get(image, int(timestep), parse_words(words))
             encode_seconds = time.perf_counter() - start
             view = render(entry, out_dir, kl_threshold, iterations, num_points, refine, weights)
         except (ValueError, ImportError, OSError) as error:
@@ -192,7 +206,7 @@ def build_app(pipeline, *, cache_size: int = CACHE_SIZE):
 
     def apply_preset(name, *settings):
         weights = preset_weights(name)
-        return (*weights, *run(*settings[:6], *weights))
+        return (*weights, *run(*settings[:7], *weights))
 
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
@@ -208,6 +222,8 @@ def build_app(pipeline, *, cache_size: int = CACHE_SIZE):
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id="input-image")
                 gr.Examples(examples=examples, inputs=image)
                 timestep = gr.Slider(0, 999, value=_ENCODE.timestep, step=1, label="Timestep (re-encodes)", elem_id="timestep")
+                words = gr.Textbox(label="Name segments with (comma-separated words, optional; re-encodes)",
+                                   placeholder="road, car, person, sky", elem_id="labels")
                 kl = gr.Slider(0.05, 3.0, value=_SEGMENT.kl_threshold, step=0.05, label="KL threshold τ", elem_id="kl-threshold")
                 iterations = gr.Slider(1, 6, value=_SEGMENT.iterations, step=1, label="Merge iterations", elem_id="iterations")
                 points = gr.Slider(2, 32, value=_SEGMENT.num_points, step=1, label="Anchor grid (M×M)", elem_id="num-points")
@@ -227,12 +243,14 @@ def build_app(pipeline, *, cache_size: int = CACHE_SIZE):
                     bundle_file = gr.File(label="Attention bundle (safetensors)", elem_id="bundle-download")
                 table = gr.HTML(elem_id="segments")
 
-        settings = [image, timestep, kl, iterations, points, refine, *sliders]
+        settings = [image, timestep, words, kl, iterations, points, refine, *sliders]
         outputs = [overlay, label_view, status, label_file, bundle_file, table]
         # Only the image and the timestep can trigger the model; the rest re-use the cached bundle. "always_last":
         # while one segmentation runs, further moves collapse into one run with the latest values.
         image.change(on_image, settings, outputs, trigger_mode="always_last")  # upload, example, clear
         timestep.release(run, settings, outputs, trigger_mode="always_last")
+        words.submit(run, settings, outputs, trigger_mode="always_last")
+        words.blur(run, settings, outputs, trigger_mode="always_last")
         for control in (kl, iterations, points, *sliders):
             control.input(run, settings, outputs, trigger_mode="always_last", show_progress="minimal")
         refine.input(run, settings, outputs, trigger_mode="always_last")

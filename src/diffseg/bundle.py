@@ -6,6 +6,7 @@ A bundle saves to and loads from one safetensors file, so segmentation can be re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from .outputs import atomic_path
+from .semantic import Vocabulary
 
 FORMAT = "diffseg-attention-bundle/1"
 
@@ -30,6 +32,8 @@ class AttentionBundle:
         timestep: the UNet timestep the attention was taken at.
         model: the checkpoint (hub id or folder) that produced it.
         layers: r -> number of self-attention layers averaged at that resolution.
+        cross_attention: r -> (r², T) cross-attention over the vocabulary prompt's T tokens, when encoded with labels.
+        vocabulary: the words (and their token positions) the cross-attention belongs to.
     """
 
     attention: dict[int, torch.Tensor]
@@ -37,6 +41,8 @@ class AttentionBundle:
     timestep: int
     model: str = ""
     layers: dict[int, int] = field(default_factory=dict)
+    cross_attention: dict[int, torch.Tensor] | None = None
+    vocabulary: Vocabulary | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -49,12 +55,16 @@ class AttentionBundle:
 
         tensors = {f"attention.{r}": t.detach().float().cpu().contiguous() for r, t in self.attention.items()}
         tensors["image"] = torch.tensor(np.asarray(self.image, dtype=np.uint8))
+        for r, t in (self.cross_attention or {}).items():
+            tensors[f"cross.{r}"] = t.detach().float().cpu().contiguous()
         metadata = {
             "format": FORMAT,
             "timestep": str(self.timestep),
             "model": self.model,
             "layers": json.dumps({str(r): n for r, n in self.layers.items()}),
         }
+        if self.vocabulary is not None:
+            metadata["vocabulary"] = json.dumps(dataclasses.asdict(self.vocabulary))
         path = Path(path)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -77,6 +87,7 @@ class AttentionBundle:
                     int(key.split(".", 1)[1]): f.get_tensor(key) for key in f.keys() if key.startswith("attention.")
                 }
                 image = f.get_tensor("image").numpy()
+                cross = {int(key.split(".", 1)[1]): f.get_tensor(key) for key in f.keys() if key.startswith("cross.")}
         except (OSError, RuntimeError, SafetensorError) as error:  # truncated or foreign files
             raise ValueError(f"`{path}` could not be read as an attention bundle ({error}).") from error
         return cls(
@@ -85,4 +96,13 @@ class AttentionBundle:
             timestep=int(metadata["timestep"]),
             model=metadata.get("model", ""),
             layers={int(r): n for r, n in json.loads(metadata.get("layers", "{}")).items()},
+            cross_attention=dict(sorted(cross.items(), reverse=True)) or None,
+            vocabulary=_vocabulary(metadata.get("vocabulary")),
         )
+
+
+def _vocabulary(text: str | None) -> Vocabulary | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    return Vocabulary(tuple(data["words"]), tuple(data["input_ids"]), tuple(tuple(i) for i in data["token_indices"]))

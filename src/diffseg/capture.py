@@ -23,41 +23,50 @@ _SCORES_PER_BLOCK_GPU = 1 << 26  # 256 MiB: on a GPU, fewer and larger kernels w
 
 
 class AttentionStore:
-    """Running sums of head-averaged self-attention, per spatial resolution.
+    """Running sums of head-averaged attention probabilities, per spatial resolution, self and cross separately.
 
     Results live here, not on the model or the pipeline, so concurrent encodes never share state.
     """
 
     def __init__(self) -> None:
-        self._sums: dict[int, torch.Tensor] = {}  # r -> (B, r², r²) float32, sum over layers of head means
-        self.layers: dict[int, int] = {}  # r -> number of layers added
+        self._sums: dict[str, dict[int, torch.Tensor]] = {"self": {}, "cross": {}}  # r -> (B, r², keys)
+        self._layers: dict[str, dict[int, int]] = {"self": {}, "cross": {}}
 
-    def add(self, head_mean: torch.Tensor) -> None:
-        """Add one layer's head-averaged probabilities, (B, N, N) float32 with N = r² (the store may keep it)."""
-        n = head_mean.shape[-1]
+    @property
+    def layers(self) -> dict[int, int]:
+        """r -> number of self-attention layers added."""
+        return dict(self._layers["self"])
+
+    def add(self, head_mean: torch.Tensor, kind: str = "self") -> None:
+        """Add one layer's head-averaged probabilities, (B, N, keys) float32 with N = r² queries (the store may keep
+        the tensor). `kind` is "self" or "cross"."""
+        n = head_mean.shape[-2]
         r = math.isqrt(n)
         if r * r != n:
-            raise ValueError(f"Self-attention over {n} tokens is not a square latent; only square inputs are supported.")
-        if r in self._sums:
-            self._sums[r] += head_mean
+            raise ValueError(f"Attention over {n} query tokens is not a square latent; only square inputs are supported.")
+        sums, layers = self._sums[kind], self._layers[kind]
+        if r in sums:
+            sums[r] += head_mean
         else:
-            self._sums[r] = head_mean
-        self.layers[r] = self.layers.get(r, 0) + 1
+            sums[r] = head_mean
+        layers[r] = layers.get(r, 0) + 1
 
-    def maps(self) -> dict[int, torch.Tensor]:
-        """r -> (B, r², r²) float32: mean over heads and over the layers of that resolution."""
-        return {r: self._sums[r] / self.layers[r] for r in sorted(self._sums, reverse=True)}
+    def maps(self, kind: str = "self") -> dict[int, torch.Tensor]:
+        """r -> (B, r², keys) float32: mean over heads and over the layers of that resolution, finest first."""
+        sums, layers = self._sums[kind], self._layers[kind]
+        return {r: sums[r] / layers[r] for r in sorted(sums, reverse=True)}
 
 
-class SelfAttentionCaptureProcessor:
+class AttentionCaptureProcessor:
     """A diffusers attention processor that records softmax(QKᵀ/√d), averaged over heads, into a store.
 
     It follows `AttnProcessor2_0` step for step, but computes attention explicitly, a block of query rows at a time,
     and reuses those probabilities for the output. Softmax runs in float32 whatever the model's dtype.
     """
 
-    def __init__(self, store: AttentionStore) -> None:
+    def __init__(self, store: AttentionStore, kind: str = "self") -> None:
         self.store = store
+        self.kind = kind  # "self" (attn1) or "cross" (attn2: queries over the prompt's tokens)
 
     def __call__(
         self,
@@ -121,7 +130,7 @@ class SelfAttentionCaptureProcessor:
             probs = scores.softmax(dim=-1, dtype=torch.float32)  # (B, h, rows, Nk)
             head_mean[:, r : r + rows] = probs.sum(dim=1)
             out[:, :, r : r + rows] = probs.to(value.dtype) @ value  # (B, h, rows, d)
-        self.store.add(head_mean.div_(heads))
+        self.store.add(head_mean.div_(heads), self.kind)
 
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
         hidden_states = hidden_states.to(value.dtype)
@@ -134,34 +143,45 @@ class SelfAttentionCaptureProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def self_attention_layers(unet: torch.nn.Module) -> list[str]:
-    """Processor names of the UNet's self-attention layers: `attn1` of every transformer block."""
-    names = [name for name in unet.attn_processors if name.endswith("attn1.processor")]
+def attention_layers(unet: torch.nn.Module, kind: str = "self") -> list[str]:
+    """Processor names of the UNet's self-attention (`attn1`) or cross-attention (`attn2`) layers."""
+    suffix = "attn1.processor" if kind == "self" else "attn2.processor"
+    names = [name for name in unet.attn_processors if name.endswith(suffix)]
     if not names:
         raise ValueError(
-            f"{type(unet).__name__} has no self-attention layers named '*.attn1'; DiffSeg needs a Stable Diffusion "
+            f"{type(unet).__name__} has no attention layers named '*.{suffix[:5]}'; DiffSeg needs a Stable Diffusion "
             "UNet (diffusers UNet2DConditionModel)."
         )
     return names
 
 
+def self_attention_layers(unet: torch.nn.Module) -> list[str]:
+    """Processor names of the UNet's self-attention layers: `attn1` of every transformer block."""
+    return attention_layers(unet, "self")
+
+
 @contextmanager
-def capture_self_attention(unet: torch.nn.Module) -> Iterator[AttentionStore]:
-    """Install capturing processors on the self-attention layers for the duration of the block.
+def capture_attention(unet: torch.nn.Module, *, cross: bool = False) -> Iterator[AttentionStore]:
+    """Install capturing processors on the self-attention layers (and, with `cross`, the cross-attention layers) for
+    the duration of the block. The original processors are restored on exit, also when the forward raises.
 
-    The original processors are restored on exit, also when the forward raises.
-
-        with capture_self_attention(unet) as store:
+        with capture_attention(unet) as store:
             unet(latents, timestep, encoder_hidden_states=text)
         maps = store.maps()  # r -> (B, r², r²)
     """
     store = AttentionStore()
     original = unet.attn_processors  # name -> processor, every layer
-    targets = set(self_attention_layers(unet))
-    capture = SelfAttentionCaptureProcessor(store)
+    replace = {name: AttentionCaptureProcessor(store, "self") for name in attention_layers(unet, "self")}
+    if cross:
+        replace.update({name: AttentionCaptureProcessor(store, "cross") for name in attention_layers(unet, "cross")})
     # `set_attn_processor` with a dict wants a processor for every layer: keep the others as they are.
-    unet.set_attn_processor({name: capture if name in targets else proc for name, proc in original.items()})
+    unet.set_attn_processor({name: replace.get(name, proc) for name, proc in original.items()})
     try:
         yield store
     finally:
         unet.set_attn_processor(original)
+
+
+def capture_self_attention(unet: torch.nn.Module):
+    """`capture_attention` for self-attention only (the method's capture step)."""
+    return capture_attention(unet)

@@ -79,6 +79,27 @@ def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT
                          help="a named weighting of the resolutions")
 
 
+def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) -> None:
+    group = parser.add_argument_group("semantic labels (name each segment)")
+    group.add_argument("--labels", default=None, metavar="WORDS",
+                       help="comma-separated words to name segments with, e.g. 'road,car,person,sky' (offline)")
+    if captions:
+        group.add_argument("--caption", action="store_true",
+                           help="name segments with the nouns of an automatic BLIP caption (needs diffseg[caption])")
+        group.add_argument("--caption-model", default=None, help="BLIP captioning checkpoint (hub id or folder)")
+    group.add_argument("--voting", choices=["majority", "mean"], default="majority",
+                       help="majority vote of per-pixel best words, or highest mean score (default: %(default)s)")
+    group.add_argument("--min-confidence", type=float, default=0.0,
+                       help="leave segments scoring below this unlabelled (default: %(default)s)")
+    if captions:
+        group.add_argument("--segment-from", choices=["unconditional", "conditional"], default="unconditional",
+                           help="which pass the segments come from when labelling (default: %(default)s, as without labels)")
+
+
+def label_kwargs(args: argparse.Namespace) -> dict:
+    return {"voting": args.voting, "min_confidence": args.min_confidence}
+
+
 def segment_kwargs(args: argparse.Namespace) -> dict:
     """The `segment_attention` keyword arguments given on the command line."""
     weights = args.resolution_weights
@@ -109,10 +130,11 @@ def load_pipeline(args: argparse.Namespace):
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    import numpy as np
     from tqdm import tqdm
 
-    from .images import find_images, load_image
-    from .outputs import OutputPaths, label_image, save_array, save_image
+    from .images import crop as crop_array, find_images, load_image
+    from .outputs import OutputPaths, label_image, save_array, save_image, save_json
 
     # 1. Check inputs.
     batch_size = check_batch_size(args.batch_size)
@@ -123,7 +145,11 @@ def run_segment(args: argparse.Namespace) -> int:
     for item, reason in missing:
         print(f"diffseg: skipped {item}: {reason}", file=sys.stderr)
     outputs = {name: OutputPaths.for_name(args.output, name) for _, name in found}
-    todo = [(p, n) for p, n in found if not (args.resume and outputs[n].done(overlay=not args.no_overlay, array=args.npy))]
+    naming = args.labels is not None or args.caption
+    if args.labels is not None and args.caption:
+        raise ValueError("Pass either --labels or --caption, not both.")
+    wanted = {"overlay": not args.no_overlay, "array": args.npy, "semantics": naming}
+    todo = [(p, n) for p, n in found if not (args.resume and outputs[n].done(**wanted))]
     skipped = len(found) - len(todo)
     if not todo:
         print(f"Nothing to do: {len(found)} images found, {skipped} already done.", file=sys.stderr)
@@ -132,6 +158,9 @@ def run_segment(args: argparse.Namespace) -> int:
     # 2. Load the model.
     pipe = load_pipeline(args)
     crop = None if args.crop == "none" else args.crop
+    if args.labels is not None:
+        pipe.vocabulary(args.labels)  # fail before any image: empty, too long
+    captioner = load_captioner(args, pipe.device) if args.caption else None
 
     # 3. Decode, encode in batches, segment, write.
     start = time.perf_counter()
@@ -148,22 +177,33 @@ def run_segment(args: argparse.Namespace) -> int:
                     progress.update(1)
             if not batch:
                 continue
+            captions = [None] * len(batch)
             try:
-                bundles = pipe.encode([image for image, _, _ in batch], timestep=args.timestep, crop=crop)
+                if captioner is None:
+                    bundles = pipe.encode([image for image, _, _ in batch], timestep=args.timestep, crop=crop,
+                                          labels=args.labels, segment_from=args.segment_from)
+                else:  # each image has its own words: one encode each
+                    bundles = []
+                    for k, (image, _, _) in enumerate(batch):
+                        captions[k], words = captioner.vocabulary(crop_array(np.asarray(image), crop))
+                        bundles.append(pipe.encode(image, timestep=args.timestep, crop=crop, labels=words or None,
+                                                   segment_from=args.segment_from))
             except (RuntimeError, ValueError) as error:  # e.g. out of memory: report the batch, carry on
                 for _, _, path in batch:
                     failures.append((str(path), f"encoding failed: {error}"))
                     progress.write(f"diffseg: failed {path}: {error}", file=sys.stderr)
                 progress.update(len(batch))
                 continue
-            for bundle, (_, name, path) in zip(bundles, batch):
-                result = pipe.segment(bundle, output_size=args.output_size, **kwargs)
+            for bundle, caption, (_, name, path) in zip(bundles, captions, batch):
+                result = pipe.segment(bundle, output_size=args.output_size, **kwargs, **label_kwargs(args))
                 out = outputs[name]
                 save_image(label_image(result.labels), out.labels)
                 if not args.no_overlay:
                     save_image(result.overlay, out.overlay)
                 if args.npy:
                     save_array(result.labels, out.array)
+                if naming:
+                    save_json(semantics_record(path, bundle, result, caption, args.voting), out.semantics)
                 done += 1
                 progress.set_postfix(segments=result.num_segments)
                 progress.update(1)
@@ -181,6 +221,24 @@ def run_segment(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def semantics_record(path, bundle, result, caption: str | None, voting: str) -> dict:
+    """The per-image JSON of segment names: id -> label (None: unlabelled), score, area (fraction of the image)."""
+    names = result.names or []
+    return {
+        "image": str(path),
+        "caption": caption,
+        "vocabulary": list(bundle.vocabulary.words) if bundle.vocabulary else [],
+        "voting": voting,
+        "segments": {str(n.id): {"label": n.label, "score": n.score, "area": n.area} for n in names},
+    }
+
+
+def load_captioner(args: argparse.Namespace, device):
+    from .captioning import DEFAULT_CAPTION_MODEL, Captioner, default_tagger
+
+    return Captioner(args.caption_model or DEFAULT_CAPTION_MODEL, device=device, tagger=default_tagger())
+
+
 def add_segment_command(commands) -> None:
     p = commands.add_parser("segment", help="segment images, folders or globs into label maps and overlays",
                             description="Segment images with DiffSeg. Writes OUTPUT/labels/NAME.png (integer ids), "
@@ -195,6 +253,7 @@ def add_segment_command(commands) -> None:
     add_model_arguments(p)
     add_encode_arguments(p)
     add_segment_arguments(p)
+    add_label_arguments(p)
     p.set_defaults(run=run_segment)
 
 
@@ -289,7 +348,7 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
         args.input, args.output, ray_address=args.ray_address, batch_size=check_batch_size(args.batch_size),
         num_gpus_per_worker=args.num_gpus_per_worker, concurrency=args.concurrency, model=args.model,
         device=args.device, dtype=args.dtype, timestep=args.timestep, crop=None if args.crop == "none" else args.crop,
-        segment_kwargs=kwargs,
+        segment_kwargs=kwargs, labels=args.labels, label_kwargs=label_kwargs(args),
     )
     print(
         f"Done {summary.done}, skipped {summary.skipped} (already done), failed {len(summary.failed)} in "
@@ -317,6 +376,7 @@ def add_segment_dataset_command(commands) -> None:
     add_encode_arguments(p)
     p.set_defaults(batch_size=4)
     add_segment_arguments(p)
+    add_label_arguments(p, captions=False)
     p.set_defaults(run=run_segment_dataset)
 
 

@@ -9,6 +9,7 @@ done and retries only what failed or was never reached. Ray restarts a killed ac
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
@@ -25,7 +26,7 @@ from .outputs import OutputPaths, atomic_path, label_image, read_labels, save_im
 
 _ENCODE = EncodeConfig()
 MANIFEST = "manifest.parquet"
-COLUMNS = ("path", "name", "output", "height", "width", "num_segments", "status", "error")
+COLUMNS = ("path", "name", "output", "height", "width", "num_segments", "labels", "status", "error")
 LIST_SUFFIXES = (".txt", ".lst", ".parquet")
 
 
@@ -129,7 +130,8 @@ def write_manifest(output: Path, rows: dict[str, dict]) -> None:
     table = pa.Table.from_pylist(
         [{c: row.get(c) for c in COLUMNS} for row in rows.values()],
         schema=pa.schema([("path", pa.string()), ("name", pa.string()), ("output", pa.string()), ("height", pa.int64()),
-                          ("width", pa.int64()), ("num_segments", pa.int64()), ("status", pa.string()), ("error", pa.string())]),
+                          ("width", pa.int64()), ("num_segments", pa.int64()), ("labels", pa.string()),
+                          ("status", pa.string()), ("error", pa.string())]),
     )
     with atomic_path(output / MANIFEST) as tmp:
         pq.write_table(table, tmp)
@@ -137,7 +139,7 @@ def write_manifest(output: Path, rows: dict[str, dict]) -> None:
 
 def _failed(path: str, name: str, output: Path, error: str) -> dict:
     return {"path": path, "name": name, "output": str(OutputPaths.for_name(output, name).labels), "height": None,
-            "width": None, "num_segments": None, "status": "failed", "error": error}
+            "width": None, "num_segments": None, "labels": None, "status": "failed", "error": error}
 
 
 # ------------------------------------------------------------------------------------------------ Ray stages
@@ -158,23 +160,28 @@ def decode_row(row: dict, crop: str | None, resolution: int) -> dict:
 class SegmentWorker:
     """GPU (or CPU) stage: one pipeline per actor; encodes a batch, segments each image, writes its label PNG."""
 
-    def __init__(self, model: str, device: str, dtype: str, timestep: int, segment_kwargs: dict, output: str) -> None:
+    def __init__(self, model: str, device: str, dtype: str, timestep: int, segment_kwargs: dict, output: str,
+                 labels: str | None = None, label_kwargs: dict | None = None) -> None:
         from .pipeline import DiffSegPipeline
 
         self.pipe = DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype)
         self.timestep, self.kwargs, self.output = timestep, segment_kwargs, Path(output)
+        self.vocabulary = self.pipe.vocabulary(labels) if labels is not None else None
+        self.label_kwargs = label_kwargs or {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         import torch
 
         from .segment import segment_attention
+        from .semantic import assign_labels, word_scores
 
         n = len(batch["path"])
         rows = [_failed(batch["path"][i], batch["name"][i], self.output, str(batch["error"][i])) for i in range(n)]
         good = [i for i in range(n) if not batch["error"][i]]
         if good:
             try:
-                maps, _ = self.pipe.attend(torch.from_numpy(np.stack([batch["pixels"][i] for i in good])), timestep=self.timestep)
+                pixels = torch.from_numpy(np.stack([batch["pixels"][i] for i in good]))
+                maps, _, cross = self.pipe.attend(pixels, timestep=self.timestep, vocabulary=self.vocabulary)
             except (RuntimeError, ValueError) as error:  # e.g. out of memory: the batch fails, the job goes on
                 for i in good:
                     rows[i]["error"] = f"encoding failed: {error}"
@@ -184,6 +191,10 @@ class SegmentWorker:
                 try:
                     labels = segment_attention({r: m[j] for r, m in maps.items()}, output_size=size, **self.kwargs)
                     save_image(label_image(labels), rows[i]["output"])
+                    if cross is not None:
+                        scores = word_scores({r: m[j] for r, m in cross.items()}, self.vocabulary)
+                        names = assign_labels(labels, scores, self.vocabulary.words, **self.label_kwargs)
+                        rows[i]["labels"] = json.dumps({str(n.id): n.label for n in names})
                     rows[i].update(height=size[0], width=size[1], num_segments=int(labels.max()) + 1, status="done", error="")
                 except (OSError, ValueError) as error:
                     rows[i]["error"] = str(error)
@@ -220,6 +231,8 @@ def segment_dataset(
     crop: str | None = _ENCODE.crop,
     resolution: int = _ENCODE.resolution,
     segment_kwargs: dict | None = None,
+    labels: str | None = None,
+    label_kwargs: dict | None = None,
     progress: bool = True,
 ) -> JobSummary:
     """Segment every image of `source` into `output` with Ray Data; see the module docstring.
@@ -232,6 +245,8 @@ def segment_dataset(
         batch_size: images per UNet batch on each worker.
         num_gpus_per_worker: GPUs per actor (fractions share a GPU); None: 1 if the cluster has GPUs, else 0.
         concurrency: number of actors.
+        labels: comma-separated words to name segments with; the manifest's `labels` column then holds each
+            image's segment id -> word as JSON.
     """
     from tqdm import tqdm
 
@@ -253,7 +268,8 @@ def segment_dataset(
         elif target.is_file() and row is None:  # written by a run that died before its manifest update
             labels = read_labels(target)
             manifest[name] = {"path": path, "name": name, "output": str(target), "height": labels.shape[0],
-                              "width": labels.shape[1], "num_segments": int(labels.max()) + 1, "status": "done", "error": ""}
+                              "width": labels.shape[1], "num_segments": int(labels.max()) + 1, "labels": None,
+                              "status": "done", "error": ""}
             summary.skipped += 1
         else:
             todo.append({"path": path, "name": name})
@@ -269,12 +285,15 @@ def segment_dataset(
     if num_gpus_per_worker is None:
         num_gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     data = ray.data.from_items(todo)
-    data = data.map(decode_row, fn_kwargs={"crop": crop, "resolution": resolution}, num_cpus=1)
+    # Half a CPU per decode task: more decodes run beside the workers, and (unlike the workers' one CPU) it keeps
+    # Ray from fusing decoding into the model actors, so the accelerator is not kept waiting on JPEG decoding.
+    data = data.map(decode_row, fn_kwargs={"crop": crop, "resolution": resolution}, num_cpus=0.5)
     data = data.map_batches(
         SegmentWorker,
         fn_constructor_kwargs={"model": str(model), "device": device, "dtype": dtype, "timestep": timestep,
-                               "segment_kwargs": segment_kwargs, "output": str(output)},
-        batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus_per_worker, batch_format="numpy",
+                               "segment_kwargs": segment_kwargs, "output": str(output), "labels": labels,
+                               "label_kwargs": label_kwargs},
+        batch_size=batch_size, concurrency=concurrency, num_cpus=1, num_gpus=num_gpus_per_worker, batch_format="numpy",
     )
 
     # 3. Stream results into the manifest.

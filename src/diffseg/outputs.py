@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -50,6 +51,11 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> None:
         image.save(tmp, format="PNG")
 
 
+def save_json(data, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
 def save_array(array: np.ndarray, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
@@ -57,19 +63,23 @@ def save_array(array: np.ndarray, path: str | os.PathLike) -> None:
 
 @dataclass(frozen=True)
 class OutputPaths:
-    """Where one image's results go: `labels/NAME.png`, `overlays/NAME.png`, `arrays/NAME.npy` under the output
-    folder, NAME being the image's path relative to the folder it was found in, without its suffix."""
+    """Where one image's results go: `labels/NAME.png`, `overlays/NAME.png`, `arrays/NAME.npy` and
+    `semantics/NAME.json` under the output folder, NAME being the image's path relative to the folder it was found
+    in, without its suffix."""
 
     labels: Path
     overlay: Path
     array: Path
+    semantics: Path
 
     @classmethod
     def for_name(cls, out_dir: str | os.PathLike, name: str) -> OutputPaths:
         out_dir = Path(out_dir)
-        return cls(out_dir / "labels" / f"{name}.png", out_dir / "overlays" / f"{name}.png", out_dir / "arrays" / f"{name}.npy")
+        return cls(out_dir / "labels" / f"{name}.png", out_dir / "overlays" / f"{name}.png",
+                   out_dir / "arrays" / f"{name}.npy", out_dir / "semantics" / f"{name}.json")
 
-    def done(self, *, overlay: bool = True, array: bool = False) -> bool:
+    def done(self, *, overlay: bool = True, array: bool = False, semantics: bool = False) -> bool:
         """Whether every requested output already exists (for `--resume`)."""
         wanted = [self.labels] + ([self.overlay] if overlay else []) + ([self.array] if array else [])
+        wanted += [self.semantics] if semantics else []
         return all(p.is_file() for p in wanted)

@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 from .bundle import AttentionBundle
-from .capture import capture_self_attention
+from .capture import capture_attention
 from .config import DEFAULT_MODEL, EncodeConfig, SegmentConfig
 from .images import as_array, crop as crop_image, to_model_input
 from .segment import segment_attention
+from .semantic import SegmentLabel, Vocabulary, assign_labels, build_vocabulary, word_scores
 from .visualisation import overlay
 
 _ENCODE = EncodeConfig()
@@ -43,16 +44,19 @@ class Segmentation:
         labels: (H, W) int32 ids 0..K-1, every id present.
         num_segments: K.
         image: (H, W, 3) uint8 RGB the labels belong to.
+        names: per segment, its word and score, when the bundle was encoded with labels; else None.
     """
 
     labels: np.ndarray
     num_segments: int
     image: np.ndarray
+    names: list[SegmentLabel] | None = None
 
     @property
     def overlay(self) -> Image.Image:
-        """Segment colours over the image, with boundaries drawn."""
-        return Image.fromarray(overlay(self.image, self.labels))
+        """Segment colours over the image, with boundaries drawn (and segment names, when there are any)."""
+        names = None if self.names is None else {n.id: n.label or "unlabelled" for n in self.names}
+        return Image.fromarray(overlay(self.image, self.labels, names=names))
 
 
 def segment_bundle(
@@ -64,8 +68,14 @@ def segment_bundle(
     refine: bool = _SEGMENT.refine,
     resolution_weights: Mapping[int, float] | None = _SEGMENT.resolution_weights,
     output_size: tuple[int, int] | None = None,
+    voting: str = "majority",
+    min_confidence: float = 0.0,
 ) -> Segmentation:
-    """Segment a bundle (see `segment_attention`); labels at the image's size unless `output_size` is given."""
+    """Segment a bundle (see `segment_attention`); labels at the image's size unless `output_size` is given.
+
+    A bundle encoded with labels also gets its segments named (`semantic.assign_labels`, with `voting` and
+    `min_confidence`); naming never changes the label map.
+    """
     size = tuple(output_size) if output_size is not None else bundle.image_size
     labels = segment_attention(
         bundle.attention,
@@ -76,10 +86,14 @@ def segment_bundle(
         resolution_weights=resolution_weights,
         output_size=size,
     )
+    names = None
+    if bundle.cross_attention is not None and bundle.vocabulary is not None:
+        scores = word_scores(bundle.cross_attention, bundle.vocabulary)
+        names = assign_labels(labels, scores, bundle.vocabulary.words, voting=voting, min_confidence=min_confidence)
     image = bundle.image
     if image.shape[:2] != size:
         image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-    return Segmentation(labels=labels, num_segments=int(labels.max()) + 1, image=image)
+    return Segmentation(labels=labels, num_segments=int(labels.max()) + 1, image=image, names=names)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -237,14 +251,24 @@ class DiffSegPipeline:
     # ------------------------------------------------------------------ encode: the expensive step
 
     @torch.inference_mode()
-    def prompt_embedding(self, prompt: str = _ENCODE.prompt) -> torch.Tensor:
-        """(1, 77, C) text conditioning; the empty prompt's by default (reference `_UNCONDITIONAL_TOKENS`)."""
-        if prompt not in self._prompt_embeddings:
-            ids = self.tokenizer(
-                prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids
-            self._prompt_embeddings[prompt] = self.text_encoder(ids.to(self.device))[0]
-        return self._prompt_embeddings[prompt]
+    def prompt_embedding(self, prompt: str | Vocabulary = _ENCODE.prompt) -> torch.Tensor:
+        """(1, 77, C) text conditioning; the empty prompt's by default (reference `_UNCONDITIONAL_TOKENS`), or a
+        vocabulary's prompt (its token ids as built by `semantic.build_vocabulary`)."""
+        key = prompt.input_ids if isinstance(prompt, Vocabulary) else prompt
+        if key not in self._prompt_embeddings:
+            if isinstance(prompt, Vocabulary):
+                ids = torch.tensor([prompt.input_ids])
+            else:
+                ids = self.tokenizer(
+                    prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt",
+                ).input_ids
+            self._prompt_embeddings[key] = self.text_encoder(ids.to(self.device))[0]
+        return self._prompt_embeddings[key]
+
+    def vocabulary(self, words: Sequence[str] | str) -> Vocabulary:
+        """A `Vocabulary` for `words` with this pipeline's tokenizer (see `semantic.build_vocabulary`)."""
+        return build_vocabulary(words, self.tokenizer)
 
     def _noise_schedule(self):
         if self.scheduler is not None:
@@ -263,6 +287,8 @@ class DiffSegPipeline:
         crop: str | None = _ENCODE.crop,
         resolution: int = _ENCODE.resolution,
         noise_seed: int | None = _ENCODE.noise_seed,
+        labels: Sequence[str] | str | None = None,
+        segment_from: str = "unconditional",
     ) -> AttentionBundle | list[AttentionBundle]:
         """Run the VAE and one UNet step; capture self-attention at every resolution.
 
@@ -273,6 +299,10 @@ class DiffSegPipeline:
             crop: None to resize the whole image, "center" to take the central square first (the benchmarks').
             resolution: side the image is resized to (paper: 512; a multiple of 64).
             noise_seed: None feeds the clean latent, as the paper does; an int adds seeded noise for `timestep`.
+            labels: words to name segments with (a list or a comma-separated string). The UNet then also runs
+                conditioned on a prompt of these words, in the same batch, and its cross-attention is captured.
+            segment_from: with `labels`, which pass the self-attention comes from: "unconditional" (default; the
+                segments are exactly those without labels) or "conditional" (text changes the self-attention too).
 
         Returns:
             An `AttentionBundle` per image (a list for a list).
@@ -290,8 +320,11 @@ class DiffSegPipeline:
         arrays = [crop_image(as_array(image), crop) for image in batch]
         # 2. Resize and scale to [-1, 1], as the reference's data loaders.
         pixels = to_model_input(arrays, resolution)
-        # 3-4. VAE and one UNet step with self-attention captured.
-        maps, layers = self.attend(pixels, timestep=timestep, noise_seed=noise_seed)
+        # 3-4. VAE and one UNet step with self-attention (and, for labels, cross-attention) captured.
+        vocabulary = self.vocabulary(labels) if labels is not None else None
+        maps, layers, cross = self.attend(
+            pixels, timestep=timestep, noise_seed=noise_seed, vocabulary=vocabulary, segment_from=segment_from
+        )
 
         bundles = [
             AttentionBundle(
@@ -300,6 +333,8 @@ class DiffSegPipeline:
                 timestep=timestep,
                 model=self.model,
                 layers=layers,
+                cross_attention=None if cross is None else {r: m[i].cpu() for r, m in cross.items()},
+                vocabulary=vocabulary,
             )
             for i in range(len(batch))
         ]
@@ -307,31 +342,54 @@ class DiffSegPipeline:
 
     @torch.inference_mode()
     def attend(
-        self, pixels: torch.Tensor, *, timestep: int = _ENCODE.timestep, noise_seed: int | None = _ENCODE.noise_seed
-    ) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
-        """VAE and one UNet step on a prepared batch (see `images.to_model_input`), self-attention captured.
+        self,
+        pixels: torch.Tensor,
+        *,
+        timestep: int = _ENCODE.timestep,
+        noise_seed: int | None = _ENCODE.noise_seed,
+        vocabulary: Vocabulary | None = None,
+        segment_from: str = "unconditional",
+    ) -> tuple[dict[int, torch.Tensor], dict[int, int], dict[int, torch.Tensor] | None]:
+        """VAE and one UNet step on a prepared batch (see `images.to_model_input`), attention captured.
 
         Args:
             pixels: (B, 3, R, R) float32 in [-1, 1].
+            vocabulary: words to name segments with: the batch then runs twice through the UNet in one call,
+                unconditional (empty prompt) and conditioned on the words' prompt, and the conditional half's
+                cross-attention is captured.
+            segment_from: with a vocabulary, the half the self-attention comes from ("unconditional" or
+                "conditional").
 
         Returns:
-            (maps, layers): r -> (B, r², r²) head- and layer-averaged attention on the pipeline's device, and
-            r -> number of layers averaged.
+            (maps, layers, cross): r -> (B, r², r²) head- and layer-averaged self-attention; r -> number of
+            self-attention layers averaged; r -> (B, r², T) cross-attention over the prompt's T tokens (None
+            without a vocabulary). Tensors are on the pipeline's device.
         """
+        if segment_from not in ("unconditional", "conditional"):
+            raise ValueError(f"`segment_from` must be 'unconditional' or 'conditional' but is {segment_from!r}.")
+        batch = len(pixels)
         pixels = pixels.to(self.device, torch.float32, memory_format=torch.channels_last)
         # VAE: posterior mean × scaling factor (reference: the encoder's last layer, no sampling).
         latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
         latents = latents.to(self.dtype)
-        t = torch.full((len(pixels),), timestep, device=self.device, dtype=torch.long)
+        t = torch.full((batch,), timestep, device=self.device, dtype=torch.long)
         if noise_seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(noise_seed)
             noise = torch.randn(latents.shape, generator=generator).to(self.device, self.dtype)
             latents = self._noise_schedule().add_noise(latents, noise, t)
-        # One UNet step, conditioned on the empty prompt, with self-attention captured.
-        text = self.prompt_embedding().expand(len(pixels), -1, -1)
-        with self._lock, capture_self_attention(self.unet) as store:
+        # One UNet step conditioned on the empty prompt; with a vocabulary, the conditional copies in the same batch.
+        text = self.prompt_embedding().expand(batch, -1, -1)
+        if vocabulary is not None:
+            latents, t = torch.cat([latents, latents]), torch.cat([t, t])
+            text = torch.cat([text, self.prompt_embedding(vocabulary).expand(batch, -1, -1)])
+        with self._lock, capture_attention(self.unet, cross=vocabulary is not None) as store:
             self.unet(latents, t, encoder_hidden_states=text)
-        return store.maps(), dict(store.layers)
+        maps = store.maps()
+        if vocabulary is None:
+            return maps, store.layers, None
+        half = slice(0, batch) if segment_from == "unconditional" else slice(batch, 2 * batch)
+        cross = {r: m[batch:] for r, m in store.maps("cross").items()}
+        return {r: m[half] for r, m in maps.items()}, store.layers, cross
 
     # ------------------------------------------------------------------ segment: the cheap step
 

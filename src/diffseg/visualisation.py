@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -36,13 +37,20 @@ def boundaries(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5, edge_colour=(255, 255, 255)) -> np.ndarray:
-    """Segment colours blended over `image`, with boundaries drawn.
+def overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    alpha: float = 0.5,
+    edge_colour=(255, 255, 255),
+    names: Mapping[int, str] | None = None,
+) -> np.ndarray:
+    """Segment colours blended over `image`, with boundaries drawn, and each segment's name if `names` are given.
 
     Args:
         image: (H, W, 3) uint8 RGB, the same size as `labels`.
         labels: (H, W) integer ids.
         alpha: weight of the segment colours.
+        names: segment id -> text written at a point inside the segment.
 
     Returns:
         (H, W, 3) uint8 RGB.
@@ -53,4 +61,31 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5, edge_colo
     blended = (1 - alpha) * image.astype(np.float32) + alpha * colourise(labels).astype(np.float32)
     out = blended.round().astype(np.uint8)
     out[boundaries(labels)] = edge_colour
+    if names:
+        out = _write_names(out, np.asarray(labels), names)
     return out
+
+
+def label_anchor(labels: np.ndarray, segment: int) -> tuple[int, int] | None:
+    """(x, y) of the segment's pixel nearest its centroid (inside the segment, unlike the centroid itself)."""
+    ys, xs = np.nonzero(labels == segment)
+    if len(ys) == 0:
+        return None
+    k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
+    return int(xs[k]), int(ys[k])
+
+
+def _write_names(image: np.ndarray, labels: np.ndarray, names: Mapping[int, str]) -> np.ndarray:
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(10, min(image.shape[:2]) // 32))
+    areas = np.bincount(labels.ravel(), minlength=max(names, default=0) + 1)
+    for segment, text in names.items():
+        if areas[segment] < 0.005 * labels.size:  # too small to hold its name legibly; the JSON still has it
+            continue
+        anchor = label_anchor(labels, segment)
+        if anchor is not None:
+            draw.text(anchor, text, font=font, fill=(255, 255, 255), anchor="mm", stroke_width=2, stroke_fill=(0, 0, 0))
+    return np.asarray(canvas)
