@@ -125,3 +125,29 @@ def save_random_checkpoint(folder: str | Path, architecture: str = "tiny", seed:
         component.save_pretrained(folder / name)
     write_tokenizer(folder / "tokenizer")
     return folder
+
+
+def save_random_blip(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny BLIP captioning checkpoint (model, image processor, BERT tokenizer) with random weights.
+
+    Its captions are nonsense made of its 15-word vocabulary; the code path (processor, generate, decode) is real.
+    """
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder = Path(folder)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "on", "the", "grass", "car", "red", "sky", "photo", "of"]
+    with tempfile.TemporaryDirectory() as raw:
+        (Path(raw) / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+        tokenizer = BertTokenizer(str(Path(raw) / "vocab.txt"))
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    torch.manual_seed(seed)
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = BlipConfig(
+        text_config={**small, "vocab_size": len(words), "max_position_embeddings": 64, "bos_token_id": 2,
+                     "sep_token_id": 3, "pad_token_id": 0, "encoder_hidden_size": 32},
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )
+    BlipForConditionalGeneration(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -1,0 +1,56 @@
+"""Extra cost of naming segments over plain segmentation, SD 1.5 architecture at random weights, 512².
+
+    python benchmarks/labels.py [--repeat 2] [--device cpu]
+
+Rows: a plain encode; an encode with a four-word vocabulary (the UNet batch doubles: unconditional + conditional,
+with cross-attention captured); segmentation alone; segmentation plus naming (cross-attention aggregation at 512²
+and voting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import numpy as np
+
+from common import report, timeit
+from diffseg import DiffSegPipeline
+from diffseg.random_weights import build_components, write_tokenizer
+
+WORDS = "road, car, person, sky"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+
+    components = build_components("sd15", seed=0)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = write_tokenizer(folder)
+    pipe = DiffSegPipeline(components["unet"], components["vae"], components["text_encoder"], tokenizer,
+                           components["scheduler"], model="random sd15", device=args.device, dtype=args.dtype)
+    image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    plain = pipe.encode(image)
+    named = pipe.encode(image, labels=WORDS)
+    steps = {
+        "encode": lambda: pipe.encode(image),
+        f"encode with labels ({WORDS})": lambda: pipe.encode(image, labels=WORDS),
+        "segment": lambda: pipe.segment(plain),
+        "segment + name": lambda: pipe.segment(named),
+    }
+    rows = []
+    for name, fn in steps.items():
+        timing = timeit(fn, repeat=args.repeat)
+        rows.append({"step": name, "median_s": timing["median_s"], "min_s": timing["min_s"]})
+    rows[1]["extra_vs_plain"] = rows[1]["median_s"] / rows[0]["median_s"] - 1
+    rows[3]["extra_vs_plain"] = rows[3]["median_s"] / rows[2]["median_s"] - 1
+    print(f"Naming segments, SD 1.5 architecture at random weights, 512², {pipe.device} {pipe.dtype}\n")
+    report(f"labels-{pipe.device.type}", rows, ["step", "median_s", "min_s", "extra_vs_plain"])
+
+
+if __name__ == "__main__":
+    main()
