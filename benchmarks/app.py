@@ -41,10 +41,18 @@ def main() -> None:
             ("anchors 24×24", (1.1, 3, 24, False, preset_weights("proportional"))),
         ]
         for name, (kl, iterations, points, refine, weights) in settings:
-            timing = timeit(lambda: render(entry, Path(folder), kl, iterations, points, refine, weights), repeat=args.repeat)
+            timing = timeit(
+                lambda: render(entry, Path(folder), kl, iterations, points, refine, weights), repeat=args.repeat
+            )
             view = render(entry, Path(folder), kl, iterations, points, refine, weights)
-            rows.append({"setting": name, "median_s": timing["median_s"], "min_s": timing["min_s"],
-                         "segments": view.num_segments})
+            rows.append(
+                {
+                    "setting": name,
+                    "median_s": timing["median_s"],
+                    "min_s": timing["min_s"],
+                    "segments": view.num_segments,
+                }
+            )
     print("Demo slider path (cached bundle -> overlay, label PNG, table), 512×512 image\n")
     report("app-slider", rows, ["setting", "median_s", "min_s", "segments"])
 

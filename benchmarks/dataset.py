@@ -36,11 +36,19 @@ def main() -> None:
         rng = np.random.default_rng(0)
         (folder / "images").mkdir()
         for k in range(args.images):
-            Image.fromarray(rng.integers(0, 256, (384, 512, 3), dtype=np.uint8)).save(folder / "images" / f"{k:03d}.jpg")
+            Image.fromarray(rng.integers(0, 256, (384, 512, 3), dtype=np.uint8)).save(
+                folder / "images" / f"{k:03d}.jpg"
+            )
         common = ["--model", str(checkpoint), "--device", "cpu", "--batch-size", str(args.batch_size)]
         commands = {
             "diffseg segment": ["segment", str(folder / "images"), "-o", str(folder / "a"), "--no-overlay", *common],
-            "diffseg segment-dataset (Ray local)": ["segment-dataset", str(folder / "images"), "-o", str(folder / "b"), *common],
+            "diffseg segment-dataset (Ray local)": [
+                "segment-dataset",
+                str(folder / "images"),
+                "-o",
+                str(folder / "b"),
+                *common,
+            ],
         }
         rows = []
         for name, argv in commands.items():
@@ -50,8 +58,15 @@ def main() -> None:
             if done.returncode:
                 sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
             rate = re.search(r"\(([\d.]+) img/s\)", done.stderr)
-            rows.append({"command": name, "images": args.images, "wall_s": wall, "images_per_s_wall": args.images / wall,
-                         "images_per_s_reported": float(rate.group(1)) if rate else None})
+            rows.append(
+                {
+                    "command": name,
+                    "images": args.images,
+                    "wall_s": wall,
+                    "images_per_s_wall": args.images / wall,
+                    "images_per_s_reported": float(rate.group(1)) if rate else None,
+                }
+            )
     print(f"{args.images} images 512×384, tiny random pipeline, batch {args.batch_size}, CPU\n")
     report("dataset", rows, ["command", "images", "wall_s", "images_per_s_wall", "images_per_s_reported"])
 

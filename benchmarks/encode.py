@@ -10,15 +10,13 @@ processors), the same forward with self-attention captured, and the whole `encod
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import numpy as np
 import torch
 
 from common import peak_rss_gib, report, timeit
-from diffseg import DiffSegPipeline
 from diffseg.capture import capture_self_attention
-from diffseg.random_weights import build_components, write_tokenizer
+from diffseg.random_weights import random_pipeline
 
 
 def main() -> None:
@@ -28,13 +26,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
 
-    components = build_components("sd15", seed=0)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = write_tokenizer(folder)
-    pipe = DiffSegPipeline(
-        components["unet"], components["vae"], components["text_encoder"], tokenizer, components["scheduler"],
-        model="random sd15", device=args.device, dtype=args.dtype,
-    )
+    pipe = random_pipeline("sd15", device=args.device, dtype=args.dtype)
     sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
     latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(pipe.device, pipe.dtype)
@@ -58,18 +50,29 @@ def main() -> None:
 
     rows = []
     base = None
-    for name, fn in [("UNet forward, plain", plain), ("UNet forward, capture", captured), ("encode (VAE + capture)", encode)]:
+    for name, fn in [
+        ("UNet forward, plain", plain),
+        ("UNet forward, capture", captured),
+        ("encode (VAE + capture)", encode),
+    ]:
         timing = timeit(fn, repeat=args.repeat)
         base = base or timing["median_s"]
-        rows.append({
-            "step": name, "median_s": timing["median_s"], "min_s": timing["min_s"],
-            "vs_plain": timing["median_s"] / base, "peak_rss_gib": peak_rss_gib(),
-        })
+        rows.append(
+            {
+                "step": name,
+                "median_s": timing["median_s"],
+                "min_s": timing["min_s"],
+                "vs_plain": timing["median_s"] / base,
+                "peak_rss_gib": peak_rss_gib(),
+            }
+        )
     if pipe.device.type == "cuda":
         for row in rows:
             row["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(f"SD 1.5 architecture, random weights, 512², {pipe.device} {pipe.dtype}, {torch.get_num_threads()} threads\n")
-    columns = ["step", "median_s", "min_s", "vs_plain", "peak_rss_gib"] + (["peak_cuda_gib"] if pipe.device.type == "cuda" else [])
+    columns = ["step", "median_s", "min_s", "vs_plain", "peak_rss_gib"] + (
+        ["peak_cuda_gib"] if pipe.device.type == "cuda" else []
+    )
     report(f"encode-{pipe.device.type}-{args.dtype}", rows, columns)
 
 

@@ -17,10 +17,9 @@ import numpy as np
 from PIL import Image
 
 from common import report
-from diffseg import DiffSegPipeline
 from diffseg.datasets import coco_image_ids
 from diffseg.evaluate import evaluate
-from diffseg.random_weights import build_components, write_tokenizer
+from diffseg.random_weights import random_pipeline
 
 
 def make_coco_folder(root: Path, n: int) -> None:
@@ -40,26 +39,33 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
 
-    components = build_components("sd15", seed=0)
+    pipe = random_pipeline("sd15", device=args.device, dtype=args.dtype)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        tokenizer = write_tokenizer(folder / "tokenizer")
-        pipe = DiffSegPipeline(
-            components["unet"], components["vae"], components["text_encoder"], tokenizer, components["scheduler"],
-            model="random sd15", device=args.device, dtype=args.dtype,
-        )
         make_coco_folder(folder / "coco", args.images + 1)
         # One image first, untimed: warm-up (allocations, kernels).
         evaluate("cocostuff27", folder / "coco", folder / "warmup", pipeline=pipe, limit=1, progress=False)
         runs = folder / "run"
-        summary = evaluate("cocostuff27", folder / "coco", runs, pipeline=pipe, limit=args.images + 1,
-                           batch_size=args.batch_size, progress=False)
-    rows = [{
-        "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""), "batch": args.batch_size,
-        "images": summary.images, "seconds_per_image": summary.seconds_per_image,
-        "images_per_hour": 3600 / summary.seconds_per_image,
-        "full_coco_hours": 2175 * summary.seconds_per_image / 3600,
-    }]
+        summary = evaluate(
+            "cocostuff27",
+            folder / "coco",
+            runs,
+            pipeline=pipe,
+            limit=args.images + 1,
+            batch_size=args.batch_size,
+            progress=False,
+        )
+    rows = [
+        {
+            "device": str(pipe.device),
+            "dtype": str(pipe.dtype).replace("torch.", ""),
+            "batch": args.batch_size,
+            "images": summary.images,
+            "seconds_per_image": summary.seconds_per_image,
+            "images_per_hour": 3600 / summary.seconds_per_image,
+            "full_coco_hours": 2175 * summary.seconds_per_image / 3600,
+        }
+    ]
     print("COCO-Stuff-27 protocol, SD 1.5 architecture at random weights\n")
     report(f"evaluate-{pipe.device.type}", rows, list(rows[0]))
 

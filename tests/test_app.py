@@ -76,9 +76,20 @@ def app_server(tiny_checkpoint, tmp_path):
     log = tmp_path / "app.log"
     with open(log, "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "diffseg.cli", "app", "--model", str(tiny_checkpoint), "--device", "cpu",
-             "--port", str(port)],
-            stdout=stderr, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "diffseg.cli",
+                "app",
+                "--model",
+                str(tiny_checkpoint),
+                "--device",
+                "cpu",
+                "--port",
+                str(port),
+            ],
+            stdout=stderr,
+            stderr=subprocess.STDOUT,
         )
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -108,12 +119,15 @@ def _wait_status(page, previous: str | None = None, timeout: float = 120_000) ->
     page.wait_for_function(
         "([pattern, prev]) => { const t = document.querySelector('#status').innerText;"
         " const m = t.match(new RegExp(pattern)); return !/processing|queue/.test(t) && m !== null && m[0] !== prev; }",
-        arg=[_STATUS_LINE, previous], timeout=timeout,
+        arg=[_STATUS_LINE, previous],
+        timeout=timeout,
     )
     return _status(page)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package `chromium`); .ci/run installs it")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (Debian package `chromium`); .ci/run installs it"
+)
 def test_demo_in_a_real_browser(app_server, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
     url, log = app_server
@@ -123,8 +137,15 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.on("request", lambda r: external.append(r.url) if not r.url.startswith((url, "data:", "blob:")) else None)
@@ -133,9 +154,14 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         page.set_input_files("#input-image input[type=file]", str(image_path))
         first = _wait_status(page)
         assert "encoded in" in first
-        encodes = lambda: len(re.findall(r"encode #\d+", log.read_text()))
+
+        def encodes() -> int:
+            return len(re.findall(r"encode #\d+", log.read_text()))
+
+        def count(text: str) -> int:
+            return int(re.search(r"(\d+) segments", text).group(1))
+
         assert encodes() == 1
-        count = lambda text: int(re.search(r"(\d+) segments", text).group(1))
         # 2. Move the KL slider: the segmentation changes, the model does not run.
         box = page.locator("#kl-threshold input[type=number]")
         box.fill("0.3")

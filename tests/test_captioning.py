@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from diffseg.captioning import Captioner, nouns
@@ -51,8 +50,21 @@ def test_automatic_path_end_to_end_with_a_tiny_random_blip(tmp_path, tiny_pipeli
 def test_missing_tagger_data_names_what_to_install(tmp_path, image_folder, tiny_checkpoint, monkeypatch, capsys):
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-data")])
     blip = save_random_blip(tmp_path / "blip")
-    code = main(["segment", str(image_folder / "photo.jpg"), "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint),
-                 "--device", "cpu", "--caption", "--caption-model", str(blip)])
+    code = main(
+        [
+            "segment",
+            str(image_folder / "photo.jpg"),
+            "-o",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--caption",
+            "--caption-model",
+            str(blip),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "averaged_perceptron_tagger_eng" in err and "nltk.downloader" in err
 

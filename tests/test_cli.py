@@ -1,5 +1,3 @@
-import os
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,10 +11,25 @@ def run(*argv):
     return main([str(a) for a in argv])
 
 
-def test_segment_writes_outputs_for_good_images_and_reports_bad_ones(tiny_checkpoint, tiny_pipeline, image_folder, tmp_path, capsys):
+def test_segment_writes_outputs_for_good_images_and_reports_bad_ones(
+    tiny_checkpoint, tiny_pipeline, image_folder, tmp_path, capsys
+):
     out = tmp_path / "out"
-    code = run("segment", image_folder, "-o", out, "--model", tiny_checkpoint, "--device", "cpu", "--batch-size", "2",
-               "--npy", "--kl-threshold", "0.5")
+    code = run(
+        "segment",
+        image_folder,
+        "-o",
+        out,
+        "--model",
+        tiny_checkpoint,
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--npy",
+        "--kl-threshold",
+        "0.5",
+    )
     err = capsys.readouterr().err
     assert code == 1  # bad files make the run fail at the end, after the good ones are written
     assert "corrupt.jpg" in err and "empty.png" in err and "Segmented 3 images" in err
@@ -52,8 +65,19 @@ def test_resume_skips_images_whose_outputs_exist(tiny_checkpoint, image_folder, 
 
 def test_files_and_globs_are_accepted_and_missing_inputs_reported(tiny_checkpoint, image_folder, tmp_path, capsys):
     out = tmp_path / "out"
-    code = run("segment", image_folder / "photo.jpg", str(image_folder / "sub" / "*.png"), tmp_path / "missing.jpg",
-               "-o", out, "--model", tiny_checkpoint, "--device", "cpu", "--no-overlay")
+    code = run(
+        "segment",
+        image_folder / "photo.jpg",
+        str(image_folder / "sub" / "*.png"),
+        tmp_path / "missing.jpg",
+        "-o",
+        out,
+        "--model",
+        tiny_checkpoint,
+        "--device",
+        "cpu",
+        "--no-overlay",
+    )
     assert code == 1 and "missing.jpg: no such file or folder" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "labels").iterdir()) == ["gray.png", "photo.png"]
     assert not (out / "overlays").exists()

@@ -26,13 +26,32 @@ def local_ray():
 
 
 def run_job(source, output, checkpoint, *extra):
-    return main(["segment-dataset", str(source), "-o", str(output), "--model", str(checkpoint), "--device", "cpu",
-                 "--batch-size", "1", "--kl-threshold", "0.5", *map(str, extra)])
+    return main(
+        [
+            "segment-dataset",
+            str(source),
+            "-o",
+            str(output),
+            "--model",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+            "--kl-threshold",
+            "0.5",
+            *map(str, extra),
+        ]
+    )
 
 
 def test_inputs_from_lists_are_named_relative_to_their_common_folder(tmp_path):
     (tmp_path / "list.txt").write_text("/data/a/x.jpg\n# a comment\n/data/a/b/y.png\n\n/data/a/z.jpeg\n")
-    assert list_inputs(tmp_path / "list.txt") == [("/data/a/x.jpg", "x"), ("/data/a/b/y.png", "b/y"), ("/data/a/z.jpeg", "z")]
+    assert list_inputs(tmp_path / "list.txt") == [
+        ("/data/a/x.jpg", "x"),
+        ("/data/a/b/y.png", "b/y"),
+        ("/data/a/z.jpeg", "z"),
+    ]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -46,7 +65,9 @@ def test_inputs_from_lists_are_named_relative_to_their_common_folder(tmp_path):
         list_inputs(tmp_path / "dupes.txt")
 
 
-def test_segment_dataset_matches_segment_records_failures_and_resumes(local_ray, tiny_checkpoint, image_folder, tmp_path, capsys):
+def test_segment_dataset_matches_segment_records_failures_and_resumes(
+    local_ray, tiny_checkpoint, image_folder, tmp_path, capsys
+):
     out = tmp_path / "job"
     # 1. First run: good images done, bad ones failed with the reason; the job still finishes.
     assert run_job(image_folder, out, tiny_checkpoint) == 1
@@ -54,8 +75,24 @@ def test_segment_dataset_matches_segment_records_failures_and_resumes(local_ray,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["segment", str(image_folder), "-o", str(tmp_path / "cli"), "--model", str(tiny_checkpoint),
-                     "--device", "cpu", "--kl-threshold", "0.5", "--no-overlay"]) == 1
+        assert (
+            main(
+                [
+                    "segment",
+                    str(image_folder),
+                    "-o",
+                    str(tmp_path / "cli"),
+                    "--model",
+                    str(tiny_checkpoint),
+                    "--device",
+                    "cpu",
+                    "--kl-threshold",
+                    "0.5",
+                    "--no-overlay",
+                ]
+            )
+            == 1
+        )
     finally:
         torch.set_num_threads(threads)
     manifest = read_manifest(out)

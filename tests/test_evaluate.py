@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -44,7 +43,9 @@ def make_cityscapes(root: Path) -> list[str]:
         (root / "gtFine" / "val" / city).mkdir(parents=True)
         for k in range(n):
             stem = f"{city}_{k:06d}_000019"
-            Image.fromarray(quadrants_image(128, 256)).save(root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png")
+            Image.fromarray(quadrants_image(128, 256)).save(
+                root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png"
+            )
             ids = np.zeros((128, 256), np.uint8)
             ids[:64] = 23  # sky -> class 16
             ids[64:, :128] = 7  # road -> 0
@@ -57,12 +58,13 @@ def make_cityscapes(root: Path) -> list[str]:
 def test_package_data_equals_the_shared_copies():
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is not beside the repository")
-    shared_ids = [l.strip() for l in (SHARED / "cocostuff27_val_imagelist.txt").read_text().splitlines() if l.strip()]
+    lines = (SHARED / "cocostuff27_val_imagelist.txt").read_text().splitlines()
+    shared_ids = [line.strip() for line in lines if line.strip()]
     assert list(coco_image_ids()) == shared_ids and len(shared_ids) == 2175
     mapping = json.loads((SHARED / "cocostuff_fine_to_coarse27.json").read_text())["fine_index_to_coarse_index"]
     table = coco_class_map()
     assert all(table[int(k)] == v for k, v in mapping.items())
-    assert table[255] == -1 and set(table[: 182]) <= set(range(27))
+    assert table[255] == -1 and set(table[:182]) <= set(range(27))
 
 
 def test_label_protocol_crops_the_centre_and_resizes_nearest():
@@ -82,21 +84,41 @@ def test_cityscapes_ids_map_7_to_33_onto_27_classes():
 def test_evaluate_cocostuff_end_to_end_reports_a_missing_label(tiny_checkpoint, tmp_path, capsys):
     ids = make_coco(tmp_path / "coco", n=4, missing_label=2)
     out = tmp_path / "run"
-    code = main(["evaluate", "cocostuff27", "--root", str(tmp_path / "coco"), "--limit", "4", "-o", str(out),
-                 "--model", str(tiny_checkpoint), "--device", "cpu", "--batch-size", "2"])
+    code = main(
+        [
+            "evaluate",
+            "cocostuff27",
+            "--root",
+            str(tmp_path / "coco"),
+            "--limit",
+            "4",
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1 and f"skipped {ids[2]}: label" in captured.err
     assert "paper (Tian et al. 2024)" in captured.out and "72.5" in captured.out
-    records = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [ids[0], ids[1], ids[3]]
     for r in records:
         assert len(r["tp"]) == len(r["fp"]) == len(r["fn"]) == 27
         assert r["all"] == sum(r["tp"]) + sum(r["fn"]) and r["segments"] >= 1 and r["seconds"] > 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 3 and summary["settings"]["kl_threshold"] == 1.1 and summary["settings"]["timestep"] == 300
+    assert (
+        summary["images"] == 3 and summary["settings"]["kl_threshold"] == 1.1 and summary["settings"]["timestep"] == 300
+    )
     tp = sum(sum(r["tp"]) for r in records)
     assert summary["pixel_accuracy"] == pytest.approx(tp / sum(r["all"] for r in records))
-    assert summary["skipped"] == [{"id": ids[2], "reason": f"label `{tmp_path / 'coco' / 'annotation_val2017' / (ids[2] + '.png')}` not found"}]
+    assert summary["skipped"] == [
+        {"id": ids[2], "reason": f"label `{tmp_path / 'coco' / 'annotation_val2017' / (ids[2] + '.png')}` not found"}
+    ]
 
 
 def test_resumed_run_gives_the_uninterrupted_summary(tiny_pipeline, tmp_path):
@@ -110,20 +132,54 @@ def test_resumed_run_gives_the_uninterrupted_summary(tiny_pipeline, tmp_path):
     assert resumed.images == full.images == 4
     assert resumed.pixel_accuracy == full.pixel_accuracy and resumed.iou == full.iou
     lines = (tmp_path / "part" / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and all(json.loads(l) for l in lines)
+    assert len(lines) == 4 and all(json.loads(line) for line in lines)
     with pytest.raises(ValueError, match="other settings"):
-        evaluate("cocostuff27", tmp_path / "coco", tmp_path / "part", pipeline=tiny_pipeline, limit=4,
-                 segment_kwargs={"kl_threshold": 0.9}, progress=False)
+        evaluate(
+            "cocostuff27",
+            tmp_path / "coco",
+            tmp_path / "part",
+            pipeline=tiny_pipeline,
+            limit=4,
+            segment_kwargs={"kl_threshold": 0.9},
+            progress=False,
+        )
 
 
 def test_a_killed_run_resumes_to_the_same_summary(tiny_checkpoint, tiny_pipeline, tmp_path):
     make_coco(tmp_path / "coco", n=4)
-    full = evaluate("cocostuff27", tmp_path / "coco", tmp_path / "full", pipeline=tiny_pipeline, limit=4,
-                    segment_kwargs={"kl_threshold": 1.1, "iterations": 3, "num_points": 16, "refine": False,
-                                    "resolution_weights": None}, progress=False)
+    full = evaluate(
+        "cocostuff27",
+        tmp_path / "coco",
+        tmp_path / "full",
+        pipeline=tiny_pipeline,
+        limit=4,
+        segment_kwargs={
+            "kl_threshold": 1.1,
+            "iterations": 3,
+            "num_points": 16,
+            "refine": False,
+            "resolution_weights": None,
+        },
+        progress=False,
+    )
     run = tmp_path / "killed"
-    argv = [sys.executable, "-m", "diffseg.cli", "evaluate", "cocostuff27", "--root", str(tmp_path / "coco"),
-            "--limit", "4", "-o", str(run), "--model", str(tiny_checkpoint), "--device", "cpu"]
+    argv = [
+        sys.executable,
+        "-m",
+        "diffseg.cli",
+        "evaluate",
+        "cocostuff27",
+        "--root",
+        str(tmp_path / "coco"),
+        "--limit",
+        "4",
+        "-o",
+        str(run),
+        "--model",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+    ]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
@@ -143,12 +199,43 @@ def test_a_killed_run_resumes_to_the_same_summary(tiny_checkpoint, tiny_pipeline
 def test_predictions_mode_scores_label_pngs_of_any_method(tiny_checkpoint, tiny_pipeline, tmp_path, capsys):
     ids = make_coco(tmp_path / "coco", n=3)
     # DiffSeg's own CLI output, at the protocol's size, scores exactly as the in-process evaluation.
-    assert main(["segment", str(tmp_path / "coco" / "val2017"), "-o", str(tmp_path / "pred"), "--crop", "center",
-                 "--output-size", "512", "--no-overlay", "--model", str(tiny_checkpoint), "--device", "cpu"]) == 0
-    direct = evaluate("cocostuff27", tmp_path / "coco", tmp_path / "direct", pipeline=tiny_pipeline, limit=3, progress=False,
-                      segment_kwargs={"kl_threshold": 1.1})
-    scored = evaluate("cocostuff27", tmp_path / "coco", tmp_path / "scored", predictions=tmp_path / "pred" / "labels",
-                      limit=3, progress=False)
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "coco" / "val2017"),
+                "-o",
+                str(tmp_path / "pred"),
+                "--crop",
+                "center",
+                "--output-size",
+                "512",
+                "--no-overlay",
+                "--model",
+                str(tiny_checkpoint),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    direct = evaluate(
+        "cocostuff27",
+        tmp_path / "coco",
+        tmp_path / "direct",
+        pipeline=tiny_pipeline,
+        limit=3,
+        progress=False,
+        segment_kwargs={"kl_threshold": 1.1},
+    )
+    scored = evaluate(
+        "cocostuff27",
+        tmp_path / "coco",
+        tmp_path / "scored",
+        predictions=tmp_path / "pred" / "labels",
+        limit=3,
+        progress=False,
+    )
     assert scored.images == 3 and scored.pixel_accuracy == direct.pixel_accuracy and scored.iou == direct.iou
     # A perfect method: the coarse labels themselves, at the whole image's size, with shuffled ids.
     perfect = tmp_path / "perfect"
@@ -157,8 +244,21 @@ def test_predictions_mode_scores_label_pngs_of_any_method(tiny_checkpoint, tiny_
         with Image.open(tmp_path / "coco" / "annotation_val2017" / f"{i}.png") as label:
             coarse = coco_class_map()[np.asarray(label)]
         Image.fromarray(((coarse + 1) * 7 % 256).astype(np.uint8)).save(perfect / f"{i}.png")
-    code = main(["evaluate", "cocostuff27", "--root", str(tmp_path / "coco"), "--limit", "3", "-o",
-                 str(tmp_path / "perfect-run"), "--predictions", str(perfect), "--json"])
+    code = main(
+        [
+            "evaluate",
+            "cocostuff27",
+            "--root",
+            str(tmp_path / "coco"),
+            "--limit",
+            "3",
+            "-o",
+            str(tmp_path / "perfect-run"),
+            "--predictions",
+            str(perfect),
+            "--json",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["pixel_accuracy"] == 1.0 and result["miou"] == 1.0 and result["images"] == 3
@@ -166,9 +266,15 @@ def test_predictions_mode_scores_label_pngs_of_any_method(tiny_checkpoint, tiny_
 
 def test_evaluate_cityscapes_layout(tiny_pipeline, tmp_path):
     names = make_cityscapes(tmp_path / "cs")
-    summary = evaluate("cityscapes", tmp_path / "cs", tmp_path / "run", pipeline=tiny_pipeline, progress=False,
-                       segment_kwargs={"kl_threshold": 0.9})
-    records = [json.loads(l) for l in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    summary = evaluate(
+        "cityscapes",
+        tmp_path / "cs",
+        tmp_path / "run",
+        pipeline=tiny_pipeline,
+        progress=False,
+        segment_kwargs={"kl_threshold": 0.9},
+    )
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in records) == sorted(names) and summary.images == 3
     labelled = 128 * 128 * 512 * 512 // (128 * 128)  # the whole 128×128 centre square is labelled
     assert all(r["all"] == labelled for r in records)

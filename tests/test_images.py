@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from diffseg.images import as_array, center_crop, find_images, load_image, to_model_input
@@ -47,7 +46,9 @@ def test_model_input_is_tensorflow_bilinear_in_minus_one_to_one():
     np.testing.assert_allclose(x[0, 1].numpy(), expected, atol=1e-5)
     big = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)  # downsampling: no antialiasing, as tf.image.resize
     np.testing.assert_allclose(
-        to_model_input([big], 64)[0, 0].numpy(), tf_bilinear(big[:, :, 0].astype(np.float64), 64, 64) / 127.5 - 1, atol=1e-5
+        to_model_input([big], 64)[0, 0].numpy(),
+        tf_bilinear(big[:, :, 0].astype(np.float64), 64, 64) / 127.5 - 1,
+        atol=1e-5,
     )
 
 

@@ -12,7 +12,10 @@ def test_encode_returns_head_and_layer_averaged_attention_per_resolution(tiny_pi
     bundle = tiny_pipeline.encode(quadrants_image())
     assert isinstance(bundle, AttentionBundle)
     assert {r: tuple(m.shape) for r, m in bundle.attention.items()} == {
-        64: (4096, 4096), 32: (1024, 1024), 16: (256, 256), 8: (64, 64)
+        64: (4096, 4096),
+        32: (1024, 1024),
+        16: (256, 256),
+        8: (64, 64),
     }
     assert bundle.layers == {64: 3, 32: 3, 16: 3, 8: 1}
     assert bundle.timestep == 300 and bundle.image_size == (256, 320)
@@ -45,7 +48,9 @@ def test_segment_gives_labels_at_the_image_size_and_an_overlay(tiny_pipeline):
     result = tiny_pipeline.segment(bundle, kl_threshold=0.5)
     assert result.labels.shape == (200, 300)
     assert result.num_segments == result.labels.max() + 1 > 1
-    np.testing.assert_array_equal(result.labels, segment_attention(bundle.attention, kl_threshold=0.5, output_size=(200, 300)))
+    np.testing.assert_array_equal(
+        result.labels, segment_attention(bundle.attention, kl_threshold=0.5, output_size=(200, 300))
+    )
     assert result.overlay.size == (300, 200) and result.overlay.mode == "RGB"
     assert tiny_pipeline.segment(bundle, output_size=(512, 512)).labels.shape == (512, 512)
 

@@ -8,7 +8,7 @@ from PIL import Image
 from diffseg import AttentionBundle
 from diffseg.capture import attention_layers, capture_attention
 from diffseg.cli import main
-from diffseg.semantic import assign_labels, build_vocabulary, word_scores
+from diffseg.semantic import assign_labels, word_scores
 
 from conftest import quadrants_image
 
@@ -27,8 +27,9 @@ def test_vocabulary_errors_are_clear(tiny_pipeline):
     with pytest.raises(ValueError, match="vocabulary is empty"):
         tiny_pipeline.vocabulary(" , ,")
     with pytest.raises(ValueError, match="takes .* tokens but the text encoder holds 77"):
-        tiny_pipeline.vocabulary(["a very long description of everything"] * 1 + ["and more words here please"] * 1
-                                 + ["x" * 40])
+        tiny_pipeline.vocabulary(
+            ["a very long description of everything"] * 1 + ["and more words here please"] * 1 + ["x" * 40]
+        )
 
 
 def test_cross_attention_capture_leaves_the_unet_output_unchanged(tiny_pipeline):
@@ -43,7 +44,12 @@ def test_cross_attention_capture_leaves_the_unet_output_unchanged(tiny_pipeline)
             captured = unet(latents, t, encoder_hidden_states=text).sample
     torch.testing.assert_close(captured, plain, atol=2e-5, rtol=1e-4)
     cross = store.maps("cross")
-    assert {r: tuple(m.shape) for r, m in cross.items()} == {64: (2, 4096, 77), 32: (2, 1024, 77), 16: (2, 256, 77), 8: (2, 64, 77)}
+    assert {r: tuple(m.shape) for r, m in cross.items()} == {
+        64: (2, 4096, 77),
+        32: (2, 1024, 77),
+        16: (2, 256, 77),
+        8: (2, 64, 77),
+    }
     torch.testing.assert_close(cross[32].sum(-1), torch.ones(2, 1024), atol=1e-5, rtol=0)
     assert len(attention_layers(unet, "cross")) == 10
 
@@ -87,8 +93,10 @@ def test_labels_never_alter_the_label_map_by_default(tiny_pipeline):
     for r in plain.attention:  # the unconditional half of one batch: the same attention, to batch rounding
         torch.testing.assert_close(named.attention[r], plain.attention[r], atol=1e-4, rtol=1e-3)
     result = tiny_pipeline.segment(named, kl_threshold=0.9)
-    np.testing.assert_array_equal(result.labels, tiny_pipeline.segment(AttentionBundle(
-        named.attention, named.image, named.timestep), kl_threshold=0.9).labels)  # naming on or off: same map
+    np.testing.assert_array_equal(
+        result.labels,
+        tiny_pipeline.segment(AttentionBundle(named.attention, named.image, named.timestep), kl_threshold=0.9).labels,
+    )  # naming on or off: same map
     assert [n.id for n in result.names] == list(range(result.num_segments))
     conditional = tiny_pipeline.encode(image, labels="red, green, blue, yellow", segment_from="conditional")
     assert not torch.allclose(conditional.attention[64], named.attention[64], atol=1e-4)  # text changes self-attention
@@ -108,8 +116,27 @@ def test_cli_writes_names_per_image(tiny_checkpoint, image_folder, tmp_path):
     out = tmp_path / "out"
     (image_folder / "corrupt.jpg").unlink()
     (image_folder / "empty.png").unlink()
-    assert main(["segment", str(image_folder), "-o", str(out), "--model", str(tiny_checkpoint), "--device", "cpu",
-                 "--labels", "red,green,blue", "--kl-threshold", "0.9", "--voting", "mean"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(image_folder),
+                "-o",
+                str(out),
+                "--model",
+                str(tiny_checkpoint),
+                "--device",
+                "cpu",
+                "--labels",
+                "red,green,blue",
+                "--kl-threshold",
+                "0.9",
+                "--voting",
+                "mean",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "semantics" / "photo.json").read_text())
     labels = np.asarray(Image.open(out / "labels" / "photo.png"))
     assert record["vocabulary"] == ["red", "green", "blue"] and record["voting"] == "mean"

@@ -66,9 +66,7 @@ def resolution_weights(resolutions: list[int], weights: Mapping[int, float] | No
         )
     chosen = {r: float(weights.get(r, 0.0)) for r in resolutions}
     if any(w < 0 or not math.isfinite(w) for w in chosen.values()) or not any(w > 0 for w in chosen.values()):
-        raise ValueError(
-            f"`resolution_weights` must be finite, non-negative and not all zero but are {dict(weights)}."
-        )
+        raise ValueError(f"`resolution_weights` must be finite, non-negative and not all zero but are {dict(weights)}.")
     return chosen
 
 

@@ -80,7 +80,11 @@ class BundleCache:
             while len(self._entries) > self.capacity:
                 _, old = self._entries.popitem(last=False)
                 old.file.unlink(missing_ok=True)
-        print(f"diffseg app: encoded image {key[0][:12]} at t={timestep} (encode #{self.encodes})", file=sys.stderr, flush=True)
+        print(
+            f"diffseg app: encoded image {key[0][:12]} at t={timestep} (encode #{self.encodes})",
+            file=sys.stderr,
+            flush=True,
+        )
         return entry, True
 
     def __len__(self) -> int:
@@ -119,8 +123,12 @@ def segment_table(labels: np.ndarray, names=None) -> str:
     rows = []
     for i, (c, n) in enumerate(zip(colours, counts)):
         hex_colour = f"#{c[0]:02x}{c[1]:02x}{c[2]:02x}"
-        cells = [str(i), f"<span style='display:inline-block;width:1.2em;height:1.2em;background:{hex_colour};"
-                 f"border:1px solid #888'></span> {hex_colour}", f"{100 * n / labels.size:.1f}"]
+        cells = [
+            str(i),
+            f"<span style='display:inline-block;width:1.2em;height:1.2em;background:{hex_colour};"
+            f"border:1px solid #888'></span> {hex_colour}",
+            f"{100 * n / labels.size:.1f}",
+        ]
         if names is not None:
             name = named.get(i)
             cells += [html.escape(name.label or "unlabelled") if name else "", f"{name.score:.2f}" if name else ""]
@@ -128,7 +136,8 @@ def segment_table(labels: np.ndarray, names=None) -> str:
     head = ["id", "colour", "area %"] + (["label", "score"] if names is not None else [])
     return (
         "<div style='max-height:22em;overflow-y:auto'><table id='segment-table'><thead><tr>"
-        + "".join(f"<th>{h}</th>" for h in head) + f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
     )
 
 
@@ -142,7 +151,9 @@ def read_upload(path: str | None) -> np.ndarray:
     except Exception as error:  # noqa: BLE001 - any decoding failure is the upload's fault
         raise ValueError(f"The upload could not be read as an image ({error}).") from error
     if width * height > MAX_PIXELS:
-        raise ValueError(f"The image is {width}×{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels. Resize it first.")
+        raise ValueError(
+            f"The image is {width}×{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels. Resize it first."
+        )
     return np.asarray(load_image(path))
 
 
@@ -171,8 +182,14 @@ def render(entry: _Entry, out_dir: Path, kl_threshold, iterations, num_points, r
     )
     label_file = Path(out_dir) / f"{entry.file.stem}-labels.png"
     save_image(label_image(result.labels), label_file)
-    view = View(result.overlay, Image.fromarray(colourise(result.labels)), label_file,
-                segment_table(result.labels, result.names), result.num_segments, 0.0)
+    view = View(
+        result.overlay,
+        Image.fromarray(colourise(result.labels)),
+        label_file,
+        segment_table(result.labels, result.names),
+        result.num_segments,
+        0.0,
+    )
     view.seconds = time.perf_counter() - start
     return view
 
@@ -184,7 +201,9 @@ def build_app(pipeline, *, cache_size: int = CACHE_SIZE):
 
     cache = BundleCache(pipeline, cache_size)
     out_dir = Path(tempfile.mkdtemp(prefix="diffseg-app-labels-"))
-    examples = sorted(str(p) for p in resources.files("diffseg").joinpath("examples").iterdir() if str(p).endswith(".jpg"))
+    examples = sorted(
+        str(p) for p in resources.files("diffseg").joinpath("examples").iterdir() if str(p).endswith(".jpg")
+    )
 
     def run(path, timestep, words, kl_threshold, iterations, num_points, refine, *weights):
         try:
@@ -221,14 +240,27 @@ def build_app(pipeline, *, cache_size: int = CACHE_SIZE):
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id="input-image")
                 gr.Examples(examples=examples, inputs=image)
-                timestep = gr.Slider(0, 999, value=_ENCODE.timestep, step=1, label="Timestep (re-encodes)", elem_id="timestep")
-                words = gr.Textbox(label="Name segments with (comma-separated words, optional; re-encodes)",
-                                   placeholder="road, car, person, sky", elem_id="labels")
-                kl = gr.Slider(0.05, 3.0, value=_SEGMENT.kl_threshold, step=0.05, label="KL threshold τ", elem_id="kl-threshold")
-                iterations = gr.Slider(1, 6, value=_SEGMENT.iterations, step=1, label="Merge iterations", elem_id="iterations")
-                points = gr.Slider(2, 32, value=_SEGMENT.num_points, step=1, label="Anchor grid (M×M)", elem_id="num-points")
+                timestep = gr.Slider(
+                    0, 999, value=_ENCODE.timestep, step=1, label="Timestep (re-encodes)", elem_id="timestep"
+                )
+                words = gr.Textbox(
+                    label="Name segments with (comma-separated words, optional; re-encodes)",
+                    placeholder="road, car, person, sky",
+                    elem_id="labels",
+                )
+                kl = gr.Slider(
+                    0.05, 3.0, value=_SEGMENT.kl_threshold, step=0.05, label="KL threshold τ", elem_id="kl-threshold"
+                )
+                iterations = gr.Slider(
+                    1, 6, value=_SEGMENT.iterations, step=1, label="Merge iterations", elem_id="iterations"
+                )
+                points = gr.Slider(
+                    2, 32, value=_SEGMENT.num_points, step=1, label="Anchor grid (M×M)", elem_id="num-points"
+                )
                 refine = gr.Checkbox(value=_SEGMENT.refine, label="K-means refinement", elem_id="refine")
-                preset = gr.Dropdown(list(RESOLUTION_PRESETS), value="proportional", label="Resolution preset", elem_id="preset")
+                preset = gr.Dropdown(
+                    list(RESOLUTION_PRESETS), value="proportional", label="Resolution preset", elem_id="preset"
+                )
                 sliders = [
                     gr.Slider(0, 1, value=w, step=0.01, label=f"Weight {r}² (normalised)", elem_id=f"weight-{r}")
                     for r, w in zip(SD_SIDES, preset_weights("proportional"))
@@ -259,8 +291,14 @@ def build_app(pipeline, *, cache_size: int = CACHE_SIZE):
     return blocks, cache
 
 
-def launch(pipeline, *, host: str = "127.0.0.1", port: int | None = None, max_upload_mb: float = MAX_UPLOAD_MB,
-           cache_size: int = CACHE_SIZE) -> None:
+def launch(
+    pipeline,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    max_upload_mb: float = MAX_UPLOAD_MB,
+    cache_size: int = CACHE_SIZE,
+) -> None:
     """Serve the demo until interrupted."""
     blocks, _ = build_app(pipeline, cache_size=cache_size)
     blocks.queue(default_concurrency_limit=1)  # one segmentation at a time; the model has its own lock

@@ -49,7 +49,9 @@ def nouns(caption: str, tagger=None) -> list[str]:
 class Captioner:
     """BLIP image captioning through transformers."""
 
-    def __init__(self, model: str = DEFAULT_CAPTION_MODEL, *, device="cpu", max_new_tokens: int = 30, tagger=None) -> None:
+    def __init__(
+        self, model: str = DEFAULT_CAPTION_MODEL, *, device="cpu", max_new_tokens: int = 30, tagger=None
+    ) -> None:
         try:
             from transformers import BlipForConditionalGeneration, BlipProcessor
         except ImportError as error:  # pragma: no cover - transformers is a core dependency

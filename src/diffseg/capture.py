@@ -43,7 +43,9 @@ class AttentionStore:
         n = head_mean.shape[-2]
         r = math.isqrt(n)
         if r * r != n:
-            raise ValueError(f"Attention over {n} query tokens is not a square latent; only square inputs are supported.")
+            raise ValueError(
+                f"Attention over {n} query tokens is not a square latent; only square inputs are supported."
+            )
         sums, layers = self._sums[kind], self._layers[kind]
         if r in sums:
             sums[r] += head_mean

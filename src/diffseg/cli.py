@@ -49,51 +49,100 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder (default: {DEFAULT_MODEL})")
+    group.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder (default: {DEFAULT_MODEL})"
+    )
     group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                       help="UNet and text encoder precision; auto is float16 on GPU, float32 on CPU (VAE: float32)")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="UNet and text encoder precision; auto is float16 on GPU, float32 on CPU (VAE: float32)",
+    )
 
 
 def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> None:
     group = parser.add_argument_group("encoding (the UNet step)")
-    group.add_argument("--timestep", type=int, default=_ENCODE.timestep, help="UNet timestep (default: %(default)s, the paper's)")
+    group.add_argument(
+        "--timestep", type=int, default=_ENCODE.timestep, help="UNet timestep (default: %(default)s, the paper's)"
+    )
     if crop:  # benchmarks always take the central square: the protocol fixes it
-        group.add_argument("--crop", choices=["none", "center"], default=_ENCODE.crop or "none",
-                           help="center: take the central square first, as the benchmarks do (default: %(default)s)")
+        group.add_argument(
+            "--crop",
+            choices=["none", "center"],
+            default=_ENCODE.crop or "none",
+            help="center: take the central square first, as the benchmarks do (default: %(default)s)",
+        )
     group.add_argument("--batch-size", type=int, default=1, help="images per UNet batch (default: %(default)s)")
 
 
 def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT.kl_threshold) -> None:
     group = parser.add_argument_group("segmentation (aggregation, merging, labelling)")
-    group.add_argument("--kl-threshold", type=_thresholds, default=kl_threshold,
-                       help="merge threshold τ, one value or one per iteration (default: "
-                       + ("the paper's for the dataset" if kl_threshold is None else "%(default)s") + ")")
-    group.add_argument("--iterations", type=int, default=_SEGMENT.iterations, help="merge iterations (default: %(default)s)")
-    group.add_argument("--num-points", type=int, default=_SEGMENT.num_points, help="anchor grid side M (default: %(default)s)")
+    group.add_argument(
+        "--kl-threshold",
+        type=_thresholds,
+        default=kl_threshold,
+        help="merge threshold τ, one value or one per iteration (default: "
+        + ("the paper's for the dataset" if kl_threshold is None else "%(default)s")
+        + ")",
+    )
+    group.add_argument(
+        "--iterations", type=int, default=_SEGMENT.iterations, help="merge iterations (default: %(default)s)"
+    )
+    group.add_argument(
+        "--num-points", type=int, default=_SEGMENT.num_points, help="anchor grid side M (default: %(default)s)"
+    )
     group.add_argument("--refine", action="store_true", help="K-means refinement (needs scikit-learn: diffseg[refine])")
     weights = group.add_mutually_exclusive_group()
-    weights.add_argument("--resolution-weights", type=_weights, default=None, metavar="R:W,...",
-                         help="weight per attention resolution, e.g. 64:1,32:0 (default: proportional to R)")
-    weights.add_argument("--resolution-preset", choices=sorted(RESOLUTION_PRESETS), default=None,
-                         help="a named weighting of the resolutions")
+    weights.add_argument(
+        "--resolution-weights",
+        type=_weights,
+        default=None,
+        metavar="R:W,...",
+        help="weight per attention resolution, e.g. 64:1,32:0 (default: proportional to R)",
+    )
+    weights.add_argument(
+        "--resolution-preset",
+        choices=sorted(RESOLUTION_PRESETS),
+        default=None,
+        help="a named weighting of the resolutions",
+    )
 
 
 def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) -> None:
     group = parser.add_argument_group("semantic labels (name each segment)")
-    group.add_argument("--labels", default=None, metavar="WORDS",
-                       help="comma-separated words to name segments with, e.g. 'road,car,person,sky' (offline)")
+    group.add_argument(
+        "--labels",
+        default=None,
+        metavar="WORDS",
+        help="comma-separated words to name segments with, e.g. 'road,car,person,sky' (offline)",
+    )
     if captions:
-        group.add_argument("--caption", action="store_true",
-                           help="name segments with the nouns of an automatic BLIP caption (needs diffseg[caption])")
+        group.add_argument(
+            "--caption",
+            action="store_true",
+            help="name segments with the nouns of an automatic BLIP caption (needs diffseg[caption])",
+        )
         group.add_argument("--caption-model", default=None, help="BLIP captioning checkpoint (hub id or folder)")
-    group.add_argument("--voting", choices=["majority", "mean"], default="majority",
-                       help="majority vote of per-pixel best words, or highest mean score (default: %(default)s)")
-    group.add_argument("--min-confidence", type=float, default=0.0,
-                       help="leave segments scoring below this unlabelled (default: %(default)s)")
+    group.add_argument(
+        "--voting",
+        choices=["majority", "mean"],
+        default="majority",
+        help="majority vote of per-pixel best words, or highest mean score (default: %(default)s)",
+    )
+    group.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.0,
+        help="leave segments scoring below this unlabelled (default: %(default)s)",
+    )
     if captions:
-        group.add_argument("--segment-from", choices=["unconditional", "conditional"], default="unconditional",
-                           help="which pass the segments come from when labelling (default: %(default)s, as without labels)")
+        group.add_argument(
+            "--segment-from",
+            choices=["unconditional", "conditional"],
+            default="unconditional",
+            help="which pass the segments come from when labelling (default: %(default)s, as without labels)",
+        )
 
 
 def label_kwargs(args: argparse.Namespace) -> dict:
@@ -180,14 +229,26 @@ def run_segment(args: argparse.Namespace) -> int:
             captions = [None] * len(batch)
             try:
                 if captioner is None:
-                    bundles = pipe.encode([image for image, _, _ in batch], timestep=args.timestep, crop=crop,
-                                          labels=args.labels, segment_from=args.segment_from)
+                    bundles = pipe.encode(
+                        [image for image, _, _ in batch],
+                        timestep=args.timestep,
+                        crop=crop,
+                        labels=args.labels,
+                        segment_from=args.segment_from,
+                    )
                 else:  # each image has its own words: one encode each
                     bundles = []
                     for k, (image, _, _) in enumerate(batch):
                         captions[k], words = captioner.vocabulary(crop_array(np.asarray(image), crop))
-                        bundles.append(pipe.encode(image, timestep=args.timestep, crop=crop, labels=words or None,
-                                                   segment_from=args.segment_from))
+                        bundles.append(
+                            pipe.encode(
+                                image,
+                                timestep=args.timestep,
+                                crop=crop,
+                                labels=words or None,
+                                segment_from=args.segment_from,
+                            )
+                        )
             except (RuntimeError, ValueError) as error:  # e.g. out of memory: report the batch, carry on
                 for _, _, path in batch:
                     failures.append((str(path), f"encoding failed: {error}"))
@@ -240,15 +301,23 @@ def load_captioner(args: argparse.Namespace, device):
 
 
 def add_segment_command(commands) -> None:
-    p = commands.add_parser("segment", help="segment images, folders or globs into label maps and overlays",
-                            description="Segment images with DiffSeg. Writes OUTPUT/labels/NAME.png (integer ids), "
-                            "OUTPUT/overlays/NAME.png and, with --npy, OUTPUT/arrays/NAME.npy.")
+    p = commands.add_parser(
+        "segment",
+        help="segment images, folders or globs into label maps and overlays",
+        description="Segment images with DiffSeg. Writes OUTPUT/labels/NAME.png (integer ids), "
+        "OUTPUT/overlays/NAME.png and, with --npy, OUTPUT/arrays/NAME.npy.",
+    )
     p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--npy", action="store_true", help="also write the label map as a .npy array")
     p.add_argument("--no-overlay", action="store_true", help="do not write colour overlays")
-    p.add_argument("--output-size", type=_size, default=None, metavar="HxW",
-                   help="label map size (default: the image's own size, after any crop)")
+    p.add_argument(
+        "--output-size",
+        type=_size,
+        default=None,
+        metavar="HxW",
+        help="label map size (default: the image's own size, after any crop)",
+    )
     p.add_argument("--resume", action="store_true", help="skip images whose outputs already exist")
     add_model_arguments(p)
     add_encode_arguments(p)
@@ -274,9 +343,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     output = args.output or f"eval-{args.dataset}"
     pipeline = None if args.predictions else load_pipeline(args)
     summary = evaluate(
-        bench, args.root, output, pipeline=pipeline, predictions=args.predictions,
-        segment_kwargs=None if args.predictions else kwargs, timestep=args.timestep,
-        batch_size=check_batch_size(args.batch_size), limit=args.limit,
+        bench,
+        args.root,
+        output,
+        pipeline=pipeline,
+        predictions=args.predictions,
+        segment_kwargs=None if args.predictions else kwargs,
+        timestep=args.timestep,
+        batch_size=check_batch_size(args.batch_size),
+        limit=args.limit,
     )
     print(format_summary(summary))
     print(f"\nPer-image results: {output}/results.jsonl; summary: {output}/summary.json")
@@ -286,16 +361,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_command(commands) -> None:
-    p = commands.add_parser("evaluate", help="score on COCO-Stuff-27 or Cityscapes under the paper's protocol",
-                            description="Evaluate unsupervised segmentation (Hungarian matching, 27 classes) with the "
-                            "reference protocol. Defaults are the paper's per dataset. Re-running with the same "
-                            "--output resumes.")
+    p = commands.add_parser(
+        "evaluate",
+        help="score on COCO-Stuff-27 or Cityscapes under the paper's protocol",
+        description="Evaluate unsupervised segmentation (Hungarian matching, 27 classes) with the "
+        "reference protocol. Defaults are the paper's per dataset. Re-running with the same "
+        "--output resumes.",
+    )
     p.add_argument("dataset", choices=["cocostuff27", "cityscapes"])
     p.add_argument("--root", required=True, help="dataset folder (see README: Reproducing the paper)")
     p.add_argument("-o", "--output", default=None, help="run folder (default: eval-DATASET); re-use it to resume")
     p.add_argument("--limit", type=int, default=None, help="score only the first N images")
-    p.add_argument("--predictions", default=None, metavar="DIR",
-                   help="score precomputed label PNGs DIR/ID.png (any method) instead of running DiffSeg")
+    p.add_argument(
+        "--predictions",
+        default=None,
+        metavar="DIR",
+        help="score precomputed label PNGs DIR/ID.png (any method) instead of running DiffSeg",
+    )
     p.add_argument("--json", action="store_true", help="also print the headline numbers as JSON")
     add_model_arguments(p)
     add_encode_arguments(p, crop=False)
@@ -313,21 +395,33 @@ def run_app(args: argparse.Namespace) -> int:
         raise ImportError("`diffseg app` needs Gradio: pip install 'diffseg[app]' (or gradio).") from error
     from .app import launch
 
-    launch(load_pipeline(args), host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-           cache_size=args.cache_size)
+    launch(
+        load_pipeline(args),
+        host=args.host,
+        port=args.port,
+        max_upload_mb=args.max_upload_mb,
+        cache_size=args.cache_size,
+    )
     return 0
 
 
 def add_app_command(commands) -> None:
     from .app import CACHE_SIZE, MAX_UPLOAD_MB
 
-    p = commands.add_parser("app", help="serve the interactive demo (Gradio)",
-                            description="Serve a Gradio page: upload an image, then move the sliders to re-segment "
-                            "the cached attention instantly. Needs the app extra: pip install 'diffseg[app]'.")
+    p = commands.add_parser(
+        "app",
+        help="serve the interactive demo (Gradio)",
+        description="Serve a Gradio page: upload an image, then move the sliders to re-segment "
+        "the cached attention instantly. Needs the app extra: pip install 'diffseg[app]'.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
-    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="refuse larger uploads (default: %(default)s)")
-    p.add_argument("--cache-size", type=int, default=CACHE_SIZE, help="attention bundles kept in memory (default: %(default)s)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="refuse larger uploads (default: %(default)s)"
+    )
+    p.add_argument(
+        "--cache-size", type=int, default=CACHE_SIZE, help="attention bundles kept in memory (default: %(default)s)"
+    )
     add_model_arguments(p)
     p.set_defaults(run=run_app)
 
@@ -339,16 +433,28 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
     try:
         import ray  # noqa: F401
     except ImportError as error:
-        raise ImportError("`diffseg segment-dataset` needs Ray Data: pip install 'diffseg[ray]' (or 'ray[data]').") from error
+        raise ImportError(
+            "`diffseg segment-dataset` needs Ray Data: pip install 'diffseg[ray]' (or 'ray[data]')."
+        ) from error
     from .dataset_job import segment_dataset
 
     kwargs = segment_kwargs(args)
     SegmentConfig(**kwargs).thresholds()
     summary = segment_dataset(
-        args.input, args.output, ray_address=args.ray_address, batch_size=check_batch_size(args.batch_size),
-        num_gpus_per_worker=args.num_gpus_per_worker, concurrency=args.concurrency, model=args.model,
-        device=args.device, dtype=args.dtype, timestep=args.timestep, crop=None if args.crop == "none" else args.crop,
-        segment_kwargs=kwargs, labels=args.labels, label_kwargs=label_kwargs(args),
+        args.input,
+        args.output,
+        ray_address=args.ray_address,
+        batch_size=check_batch_size(args.batch_size),
+        num_gpus_per_worker=args.num_gpus_per_worker,
+        concurrency=args.concurrency,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        timestep=args.timestep,
+        crop=None if args.crop == "none" else args.crop,
+        segment_kwargs=kwargs,
+        labels=args.labels,
+        label_kwargs=label_kwargs(args),
     )
     print(
         f"Done {summary.done}, skipped {summary.skipped} (already done), failed {len(summary.failed)} in "
@@ -361,16 +467,26 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
 
 
 def add_segment_dataset_command(commands) -> None:
-    p = commands.add_parser("segment-dataset", help="segment a large image collection on a Ray cluster (resumable)",
-                            description="Segment a folder, glob, or .txt/.parquet list of image paths or URIs with Ray "
-                            "Data. Writes OUTPUT/labels/NAME.png and OUTPUT/manifest.parquet; re-running resumes. "
-                            "Needs the ray extra: pip install 'diffseg[ray]'.")
+    p = commands.add_parser(
+        "segment-dataset",
+        help="segment a large image collection on a Ray cluster (resumable)",
+        description="Segment a folder, glob, or .txt/.parquet list of image paths or URIs with Ray "
+        "Data. Writes OUTPUT/labels/NAME.png and OUTPUT/manifest.parquet; re-running resumes. "
+        "Needs the ray extra: pip install 'diffseg[ray]'.",
+    )
     p.add_argument("input", help="folder, glob, or .txt/.lst/.parquet file listing image paths or URIs")
     p.add_argument("-o", "--output", required=True, help="output folder (re-use it to resume)")
-    p.add_argument("--ray-address", default="local",
-                   help="local (start Ray here), auto (join this machine's cluster) or ray://HOST:PORT (default: %(default)s)")
-    p.add_argument("--num-gpus-per-worker", type=float, default=None,
-                   help="GPUs per model worker (default: 1 if the cluster has GPUs, else 0)")
+    p.add_argument(
+        "--ray-address",
+        default="local",
+        help="local (start Ray here), auto (join this machine's cluster) or ray://HOST:PORT (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per model worker (default: 1 if the cluster has GPUs, else 0)",
+    )
     p.add_argument("--concurrency", type=int, default=1, help="number of model workers (default: %(default)s)")
     add_model_arguments(p)
     add_encode_arguments(p)
@@ -384,7 +500,9 @@ def add_segment_dataset_command(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffseg", description="Unsupervised zero-shot segmentation with Stable Diffusion (DiffSeg).")
+    parser = argparse.ArgumentParser(
+        prog="diffseg", description="Unsupervised zero-shot segmentation with Stable Diffusion (DiffSeg)."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     add_segment_command(commands)
     add_evaluate_command(commands)

@@ -71,17 +71,25 @@ def list_inputs(source: str | os.PathLike) -> list[tuple[str, str]]:
             table = pq.read_table(source)
             column = next((c for c in ("path", "uri", "image", "url") if c in table.column_names), None)
             if column is None:
-                raise ValueError(f"`{source}` needs a column named path, uri, image or url; it has {table.column_names}.")
+                raise ValueError(
+                    f"`{source}` needs a column named path, uri, image or url; it has {table.column_names}."
+                )
             paths = [str(p) for p in table.column(column).to_pylist() if p]
         else:
-            paths = [line.strip() for line in Path(source).read_text().splitlines() if line.strip() and not line.startswith("#")]
+            paths = [
+                line.strip()
+                for line in Path(source).read_text().splitlines()
+                if line.strip() and not line.startswith("#")
+            ]
         if not paths:
             raise ValueError(f"Input list `{source}` names no images.")
         pairs = list(zip(paths, _names(paths)))
     else:
         found, missing = find_images([source])
         if not found:
-            raise FileNotFoundError(f"No images found at `{source}` ({missing[0][1] if missing else 'nothing matched'}).")
+            raise FileNotFoundError(
+                f"No images found at `{source}` ({missing[0][1] if missing else 'nothing matched'})."
+            )
         pairs = [(str(path), name) for path, name in found]
     seen: dict[str, str] = {}
     for path, name in pairs:
@@ -129,17 +137,36 @@ def write_manifest(output: Path, rows: dict[str, dict]) -> None:
 
     table = pa.Table.from_pylist(
         [{c: row.get(c) for c in COLUMNS} for row in rows.values()],
-        schema=pa.schema([("path", pa.string()), ("name", pa.string()), ("output", pa.string()), ("height", pa.int64()),
-                          ("width", pa.int64()), ("num_segments", pa.int64()), ("labels", pa.string()),
-                          ("status", pa.string()), ("error", pa.string())]),
+        schema=pa.schema(
+            [
+                ("path", pa.string()),
+                ("name", pa.string()),
+                ("output", pa.string()),
+                ("height", pa.int64()),
+                ("width", pa.int64()),
+                ("num_segments", pa.int64()),
+                ("labels", pa.string()),
+                ("status", pa.string()),
+                ("error", pa.string()),
+            ]
+        ),
     )
     with atomic_path(output / MANIFEST) as tmp:
         pq.write_table(table, tmp)
 
 
 def _failed(path: str, name: str, output: Path, error: str) -> dict:
-    return {"path": path, "name": name, "output": str(OutputPaths.for_name(output, name).labels), "height": None,
-            "width": None, "num_segments": None, "labels": None, "status": "failed", "error": error}
+    return {
+        "path": path,
+        "name": name,
+        "output": str(OutputPaths.for_name(output, name).labels),
+        "height": None,
+        "width": None,
+        "num_segments": None,
+        "labels": None,
+        "status": "failed",
+        "error": error,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ Ray stages
@@ -160,8 +187,17 @@ def decode_row(row: dict, crop: str | None, resolution: int) -> dict:
 class SegmentWorker:
     """GPU (or CPU) stage: one pipeline per actor; encodes a batch, segments each image, writes its label PNG."""
 
-    def __init__(self, model: str, device: str, dtype: str, timestep: int, segment_kwargs: dict, output: str,
-                 labels: str | None = None, label_kwargs: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        device: str,
+        dtype: str,
+        timestep: int,
+        segment_kwargs: dict,
+        output: str,
+        labels: str | None = None,
+        label_kwargs: dict | None = None,
+    ) -> None:
         from .pipeline import DiffSegPipeline
 
         self.pipe = DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype)
@@ -195,7 +231,9 @@ class SegmentWorker:
                         scores = word_scores({r: m[j] for r, m in cross.items()}, self.vocabulary)
                         names = assign_labels(labels, scores, self.vocabulary.words, **self.label_kwargs)
                         rows[i]["labels"] = json.dumps({str(n.id): n.label for n in names})
-                    rows[i].update(height=size[0], width=size[1], num_segments=int(labels.max()) + 1, status="done", error="")
+                    rows[i].update(
+                        height=size[0], width=size[1], num_segments=int(labels.max()) + 1, status="done", error=""
+                    )
                 except (OSError, ValueError) as error:
                     rows[i]["error"] = str(error)
         return {c: [row[c] for row in rows] for c in COLUMNS}
@@ -267,9 +305,17 @@ def segment_dataset(
             summary.skipped += 1
         elif target.is_file() and row is None:  # written by a run that died before its manifest update
             labels = read_labels(target)
-            manifest[name] = {"path": path, "name": name, "output": str(target), "height": labels.shape[0],
-                              "width": labels.shape[1], "num_segments": int(labels.max()) + 1, "labels": None,
-                              "status": "done", "error": ""}
+            manifest[name] = {
+                "path": path,
+                "name": name,
+                "output": str(target),
+                "height": labels.shape[0],
+                "width": labels.shape[1],
+                "num_segments": int(labels.max()) + 1,
+                "labels": None,
+                "status": "done",
+                "error": "",
+            }
             summary.skipped += 1
         else:
             todo.append({"path": path, "name": name})
@@ -290,10 +336,21 @@ def segment_dataset(
     data = data.map(decode_row, fn_kwargs={"crop": crop, "resolution": resolution}, num_cpus=0.5)
     data = data.map_batches(
         SegmentWorker,
-        fn_constructor_kwargs={"model": str(model), "device": device, "dtype": dtype, "timestep": timestep,
-                               "segment_kwargs": segment_kwargs, "output": str(output), "labels": labels,
-                               "label_kwargs": label_kwargs},
-        batch_size=batch_size, concurrency=concurrency, num_cpus=1, num_gpus=num_gpus_per_worker, batch_format="numpy",
+        fn_constructor_kwargs={
+            "model": str(model),
+            "device": device,
+            "dtype": dtype,
+            "timestep": timestep,
+            "segment_kwargs": segment_kwargs,
+            "output": str(output),
+            "labels": labels,
+            "label_kwargs": label_kwargs,
+        },
+        batch_size=batch_size,
+        concurrency=concurrency,
+        num_cpus=1,
+        num_gpus=num_gpus_per_worker,
+        batch_format="numpy",
     )
 
     # 3. Stream results into the manifest.

@@ -65,7 +65,8 @@ def _require_folder(root: Path, sub: str, layout: str, example: str) -> Path:
     folder = root / sub
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"Expected folder `{folder}` (for files such as `{folder / example}`) was not found. Expected layout: {layout}"
+            f"Expected folder `{folder}` (for files such as `{folder / example}`) was not found. "
+            f"Expected layout: {layout}"
         )
     return folder
 
@@ -95,7 +96,9 @@ class Cityscapes(Benchmark):
 
     def samples(self, root: str | Path) -> list[Sample]:
         root = Path(root)
-        images = _require_folder(root, "leftImg8bit/val", self.layout, "frankfurt/frankfurt_000000_000294_leftImg8bit.png")
+        images = _require_folder(
+            root, "leftImg8bit/val", self.layout, "frankfurt/frankfurt_000000_000294_leftImg8bit.png"
+        )
         _require_folder(root, "gtFine/val", self.layout, "frankfurt/frankfurt_000000_000294_gtFine_labelIds.png")
         paths = sorted(images.glob("*/*.png"))
         if not paths:
@@ -103,7 +106,13 @@ class Cityscapes(Benchmark):
         samples = []
         for path in paths:
             # Reference: path.replace("leftImg8bit", "gtFine").replace(".png", "_labelIds.png").
-            label = root / "gtFine" / "val" / path.parent.name / path.name.replace("leftImg8bit", "gtFine").replace(".png", "_labelIds.png")
+            label = (
+                root
+                / "gtFine"
+                / "val"
+                / path.parent.name
+                / path.name.replace("leftImg8bit", "gtFine").replace(".png", "_labelIds.png")
+            )
             samples.append(Sample(f"{path.parent.name}/{path.stem}", path, label))
         return samples
 
@@ -115,12 +124,18 @@ class Cityscapes(Benchmark):
 
 BENCHMARKS: dict[str, Benchmark] = {
     "cocostuff27": CocoStuff27(
-        name="cocostuff27", kl_threshold=1.1, paper_pixel_accuracy=72.5, paper_miou=43.6,
+        name="cocostuff27",
+        kl_threshold=1.1,
+        paper_pixel_accuracy=72.5,
+        paper_miou=43.6,
         layout="ROOT/val2017/ID.jpg (COCO val2017 images) and ROOT/annotation_val2017/ID.png (COCO-Stuff "
         "stuffthingmaps_trainval2017 val2017 PNGs, fine ids 0-181, 255 unlabelled)",
     ),
     "cityscapes": Cityscapes(
-        name="cityscapes", kl_threshold=0.9, paper_pixel_accuracy=76.0, paper_miou=21.2,
+        name="cityscapes",
+        kl_threshold=0.9,
+        paper_pixel_accuracy=76.0,
+        paper_miou=21.2,
         layout="ROOT/leftImg8bit/val/CITY/*_leftImg8bit.png and ROOT/gtFine/val/CITY/*_gtFine_labelIds.png",
     ),
 }

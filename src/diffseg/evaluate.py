@@ -148,7 +148,9 @@ def evaluate(
         samples = samples[:limit]
     settings = {
         "dataset": bench.name,
-        "method": f"predictions:{Path(predictions).resolve()}" if predictions is not None else f"diffseg:{pipeline.model}",
+        "method": f"predictions:{Path(predictions).resolve()}"
+        if predictions is not None
+        else f"diffseg:{pipeline.model}",
         "timestep": timestep if predictions is None else None,
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in segment_kwargs.items()},
     }
@@ -238,7 +240,9 @@ def evaluate(
                     continue
                 record = score_image(sample, pred, label, seconds)
                 results.append(record)
-                running += Scores(np.array(record["tp"]), np.array(record["fp"]), np.array(record["fn"]), record["all"], 1)
+                running += Scores(
+                    np.array(record["tp"]), np.array(record["fp"]), np.array(record["fn"]), record["all"], 1
+                )
             bar.set_postfix(acc=f"{100 * running.pixel_accuracy:.1f}", miou=f"{100 * running.miou:.1f}")
             bar.update(len(batch))
             _write_summary(output, summary())

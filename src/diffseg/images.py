@@ -56,7 +56,9 @@ def decode_image(data: bytes | BinaryIO, name: str, *, exif_transpose: bool = Tr
     except UnidentifiedImageError as error:
         raise ValueError(f"Image `{name}` is not in an image format Pillow can read; check the file.") from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Image `{name}` could not be decoded ({error}); check that it is a valid image file.") from error
+        raise ValueError(
+            f"Image `{name}` could not be decoded ({error}); check that it is a valid image file."
+        ) from error
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -78,7 +80,9 @@ def as_array(image: Image.Image | np.ndarray | str | os.PathLike) -> np.ndarray:
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
-        raise ValueError(f"An image array must be shaped (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) but is {array.shape}.")
+        raise ValueError(
+            f"An image array must be shaped (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) but is {array.shape}."
+        )
     if array.dtype != np.uint8:
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"An image array must be uint8 in [0, 255] or float in [0, 1] but is {array.dtype}.")

@@ -33,7 +33,9 @@ def label_image(labels: np.ndarray) -> Image.Image:
     """A PNG-ready image of integer ids: 8-bit when ids fit, else 16-bit."""
     labels = np.asarray(labels)
     if labels.min(initial=0) < 0 or labels.max(initial=0) > 65535:
-        raise ValueError(f"Label ids must lie in [0, 65535] to be stored as PNG but span [{labels.min()}, {labels.max()}].")
+        raise ValueError(
+            f"Label ids must lie in [0, 65535] to be stored as PNG but span [{labels.min()}, {labels.max()}]."
+        )
     if labels.max(initial=0) < 256:
         return Image.fromarray(labels.astype(np.uint8), mode="L")
     return Image.fromarray(labels.astype(np.uint16))
@@ -75,8 +77,12 @@ class OutputPaths:
     @classmethod
     def for_name(cls, out_dir: str | os.PathLike, name: str) -> OutputPaths:
         out_dir = Path(out_dir)
-        return cls(out_dir / "labels" / f"{name}.png", out_dir / "overlays" / f"{name}.png",
-                   out_dir / "arrays" / f"{name}.npy", out_dir / "semantics" / f"{name}.json")
+        return cls(
+            out_dir / "labels" / f"{name}.png",
+            out_dir / "overlays" / f"{name}.png",
+            out_dir / "arrays" / f"{name}.npy",
+            out_dir / "semantics" / f"{name}.json",
+        )
 
     def done(self, *, overlay: bool = True, array: bool = False, semantics: bool = False) -> bool:
         """Whether every requested output already exists (for `--resume`)."""

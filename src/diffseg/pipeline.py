@@ -1,9 +1,9 @@
 """The DiffSeg pipeline: Stable Diffusion components in, attention bundles and label maps out.
 
-    pipe = DiffSegPipeline.from_pretrained()           # CompVis/stable-diffusion-v1-4, or a local folder
-    result = pipe("photo.jpg")                          # encode + segment
-    bundle = pipe.encode("photo.jpg")                   # the expensive step, once
-    coarse = pipe.segment(bundle, kl_threshold=1.3)     # the cheap step, as often as you like
+pipe = DiffSegPipeline.from_pretrained()           # CompVis/stable-diffusion-v1-4, or a local folder
+result = pipe("photo.jpg")                          # encode + segment
+bundle = pipe.encode("photo.jpg")                   # the expensive step, once
+coarse = pipe.segment(bundle, kl_threshold=1.3)     # the cheap step, as often as you like
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def segment_bundle(
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" picks CUDA, then Apple's MPS, then the CPU."""
+    """ "auto" picks CUDA, then Apple's MPS, then the CPU."""
     if str(device) != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
@@ -108,7 +108,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """"auto" is float16 on a GPU and float32 on the CPU; names like "bfloat16" are accepted."""
+    """ "auto" is float16 on a GPU and float32 on the CPU; names like "bfloat16" are accepted."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -260,7 +260,10 @@ class DiffSegPipeline:
                 ids = torch.tensor([prompt.input_ids])
             else:
                 ids = self.tokenizer(
-                    prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                    prompt,
+                    padding="max_length",
+                    max_length=self.tokenizer.model_max_length,
+                    truncation=True,
                     return_tensors="pt",
                 ).input_ids
             self._prompt_embeddings[key] = self.text_encoder(ids.to(self.device))[0]
@@ -276,7 +279,9 @@ class DiffSegPipeline:
         from diffusers import DDPMScheduler
 
         # Stable Diffusion 1.x/2.x training schedule.
-        return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+        return DDPMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+        )
 
     @torch.inference_mode()
     def encode(
