@@ -12,6 +12,7 @@ from PIL import Image
 
 from diffseg.app import BundleCache, preset_weights, read_upload, segment_table, slider_weights
 from diffseg.outputs import read_labels
+from diffseg.semantic import SegmentLabel
 
 from conftest import quadrants_image
 
@@ -58,10 +59,13 @@ def test_upload_errors_are_readable(tmp_path, monkeypatch):
         read_upload(str(tmp_path / "big.png"))
 
 
-def test_segment_table_lists_every_segment_with_its_area():
+def test_segment_table_lists_every_segment_with_its_area_and_name():
     labels = np.array([[0, 0, 1, 2]])
     html = segment_table(labels)
-    assert html.count("<tr>") == 4 and "50.0" in html and "25.0" in html
+    assert html.count("<tr>") == 4 and "50.0" in html and "25.0" in html and "<th>label</th>" not in html
+    names = [SegmentLabel(0, "sky", 0.9, 0.5), SegmentLabel(1, None, 0.2, 0.25), SegmentLabel(2, "a<b", 0.7, 0.25)]
+    html = segment_table(labels, names)
+    assert "<th>label</th>" in html and "sky" in html and "unlabelled" in html and "a&lt;b" in html
 
 
 def _free_port() -> int:

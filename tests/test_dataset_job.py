@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import threading
@@ -116,9 +117,13 @@ def test_segment_dataset_matches_segment_records_failures_and_resumes(
     (out / "labels" / "alpha.png").unlink()
     (image_folder / "corrupt.jpg").unlink()
     (image_folder / "empty.png").unlink()
-    assert run_job(image_folder, out, tiny_checkpoint) == 0
+    assert run_job(image_folder, out, tiny_checkpoint, "--labels", "red, green") == 0  # and name its segments
     assert "Done 1, skipped 2 (already done), failed 0" in capsys.readouterr().err
     assert (out / "labels" / "alpha.png").is_file() and (out / "labels" / "photo.png").stat().st_mtime_ns == mtime
+    manifest = read_manifest(out)
+    names = json.loads(manifest["alpha"]["labels"])
+    assert set(names) == {str(i) for i in range(manifest["alpha"]["num_segments"])}
+    assert set(names.values()) <= {"red", "green", None} and manifest["photo"]["labels"] is None
 
 
 def _worker_pids() -> list[int]:

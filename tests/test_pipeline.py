@@ -116,3 +116,11 @@ def test_unreachable_hub_id_fails_fast_with_the_local_folder_hint(monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
     with pytest.raises(FileNotFoundError, match="(?s)cannot be reached.*pass its path"):
         DiffSegPipeline.from_pretrained("someone/not-a-real-model")
+
+
+def test_other_resolutions_discover_their_attention_sides(tiny_pipeline):
+    bundle = tiny_pipeline.encode(quadrants_image(), resolution=256)
+    assert sorted(bundle.attention) == [4, 8, 16, 32] and bundle.layers == {32: 3, 16: 3, 8: 3, 4: 1}
+    assert {r: tuple(m.shape) for r, m in bundle.attention.items()}[32] == (1024, 1024)
+    result = tiny_pipeline.segment(bundle, num_points=8)
+    assert result.labels.shape == (256, 320) and result.num_segments >= 1

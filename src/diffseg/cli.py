@@ -66,12 +66,24 @@ def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> 
     group.add_argument(
         "--timestep", type=int, default=_ENCODE.timestep, help="UNet timestep (default: %(default)s, the paper's)"
     )
-    if crop:  # benchmarks always take the central square: the protocol fixes it
+    if crop:  # benchmarks fix the crop, the resolution and the (absent) noise: the protocol's
         group.add_argument(
             "--crop",
             choices=["none", "center"],
             default=_ENCODE.crop or "none",
             help="center: take the central square first, as the benchmarks do (default: %(default)s)",
+        )
+        group.add_argument(
+            "--resolution",
+            type=int,
+            default=_ENCODE.resolution,
+            help="side the image is resized to, a multiple of 64 (default: %(default)s, the paper's)",
+        )
+        group.add_argument(
+            "--noise-seed",
+            type=int,
+            default=_ENCODE.noise_seed,
+            help="add seeded noise for the timestep (default: none, the clean latent, as the paper)",
         )
     group.add_argument("--batch-size", type=int, default=1, help="images per UNet batch (default: %(default)s)")
 
@@ -210,6 +222,13 @@ def run_segment(args: argparse.Namespace) -> int:
     if args.labels is not None:
         pipe.vocabulary(args.labels)  # fail before any image: empty, too long
     captioner = load_captioner(args, pipe.device) if args.caption else None
+    encode_kwargs = {
+        "timestep": args.timestep,
+        "crop": crop,
+        "resolution": args.resolution,
+        "noise_seed": args.noise_seed,
+        "segment_from": args.segment_from,
+    }
 
     # 3. Decode, encode in batches, segment, write.
     start = time.perf_counter()
@@ -229,26 +248,12 @@ def run_segment(args: argparse.Namespace) -> int:
             captions = [None] * len(batch)
             try:
                 if captioner is None:
-                    bundles = pipe.encode(
-                        [image for image, _, _ in batch],
-                        timestep=args.timestep,
-                        crop=crop,
-                        labels=args.labels,
-                        segment_from=args.segment_from,
-                    )
+                    bundles = pipe.encode([image for image, _, _ in batch], labels=args.labels, **encode_kwargs)
                 else:  # each image has its own words: one encode each
                     bundles = []
                     for k, (image, _, _) in enumerate(batch):
                         captions[k], words = captioner.vocabulary(crop_array(np.asarray(image), crop))
-                        bundles.append(
-                            pipe.encode(
-                                image,
-                                timestep=args.timestep,
-                                crop=crop,
-                                labels=words or None,
-                                segment_from=args.segment_from,
-                            )
-                        )
+                        bundles.append(pipe.encode(image, labels=words or None, **encode_kwargs))
             except (RuntimeError, ValueError) as error:  # e.g. out of memory: report the batch, carry on
                 for _, _, path in batch:
                     failures.append((str(path), f"encoding failed: {error}"))
@@ -452,6 +457,8 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         timestep=args.timestep,
         crop=None if args.crop == "none" else args.crop,
+        resolution=args.resolution,
+        noise_seed=args.noise_seed,
         segment_kwargs=kwargs,
         labels=args.labels,
         label_kwargs=label_kwargs(args),

@@ -195,13 +195,14 @@ class SegmentWorker:
         timestep: int,
         segment_kwargs: dict,
         output: str,
+        noise_seed: int | None = None,
         labels: str | None = None,
         label_kwargs: dict | None = None,
     ) -> None:
         from .pipeline import DiffSegPipeline
 
         self.pipe = DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype)
-        self.timestep, self.kwargs, self.output = timestep, segment_kwargs, Path(output)
+        self.timestep, self.noise_seed, self.kwargs, self.output = timestep, noise_seed, segment_kwargs, Path(output)
         self.vocabulary = self.pipe.vocabulary(labels) if labels is not None else None
         self.label_kwargs = label_kwargs or {}
 
@@ -217,7 +218,9 @@ class SegmentWorker:
         if good:
             try:
                 pixels = torch.from_numpy(np.stack([batch["pixels"][i] for i in good]))
-                maps, _, cross = self.pipe.attend(pixels, timestep=self.timestep, vocabulary=self.vocabulary)
+                maps, _, cross = self.pipe.attend(
+                    pixels, timestep=self.timestep, noise_seed=self.noise_seed, vocabulary=self.vocabulary
+                )
             except (RuntimeError, ValueError) as error:  # e.g. out of memory: the batch fails, the job goes on
                 for i in good:
                     rows[i]["error"] = f"encoding failed: {error}"
@@ -268,6 +271,7 @@ def segment_dataset(
     timestep: int = _ENCODE.timestep,
     crop: str | None = _ENCODE.crop,
     resolution: int = _ENCODE.resolution,
+    noise_seed: int | None = _ENCODE.noise_seed,
     segment_kwargs: dict | None = None,
     labels: str | None = None,
     label_kwargs: dict | None = None,
@@ -341,6 +345,7 @@ def segment_dataset(
             "device": device,
             "dtype": dtype,
             "timestep": timestep,
+            "noise_seed": noise_seed,
             "segment_kwargs": segment_kwargs,
             "output": str(output),
             "labels": labels,
