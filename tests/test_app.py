@@ -91,6 +91,8 @@ def app_server(tiny_checkpoint, tmp_path):
                 "cpu",
                 "--port",
                 str(port),
+                "--max-upload-mb",
+                "1",
             ],
             stdout=stderr,
             stderr=subprocess.STDOUT,
@@ -189,5 +191,11 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         assert labels.shape == (240, 320) and labels.max() + 1 == count(preset)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app.png"))
+        # 5. An upload over the limit (1 MB here) is refused with a message; the page keeps its result.
+        big = tmp_path / "big.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (900, 900, 3), dtype=np.uint8)).save(big)
+        page.set_input_files("#input-image input[type=file]", str(big))
+        page.get_by_text("exceed the maximum allowed size").wait_for(timeout=30_000)
+        assert _status(page) == preset and encodes() == 1
         browser.close()
     assert external == []  # nothing fetched from outside the server: works offline

@@ -111,3 +111,9 @@ def test_label_map_upsamples_bilinearly_and_takes_the_first_maximum(monkeypatch)
 def test_relabel_keeps_order_and_closes_gaps():
     ids, k = relabel(torch.tensor([[7, 3], [3, 12]]))
     assert k == 3 and ids.tolist() == [[1, 0], [0, 2]]
+
+
+def test_accepts_the_reference_list_of_resolutions():
+    attn = attention_from_segmentation(blocks_segmentation(64, 2, 2), heads=2, seed=0)
+    as_list = segment_attention([attn[64], attn[32], attn[16], attn[8]])
+    np.testing.assert_array_equal(as_list, segment_attention(attn))

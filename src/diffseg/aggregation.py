@@ -8,24 +8,29 @@ every r×r map is bilinearly upsampled to the target side S, renormalised to sum
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-def as_attention_maps(attn: Mapping[int, object], device: torch.device | str | None = None) -> dict[int, torch.Tensor]:
+def as_attention_maps(
+    attn: Mapping[int, object] | Sequence[object], device: torch.device | str | None = None
+) -> dict[int, torch.Tensor]:
     """Validate per-resolution attention and average it over heads.
 
     Args:
         attn: side length r -> array or tensor shaped (heads, r², r²) or (r², r²), query × key, rows summing to 1
-            (what the reference's `DiffSeg.segment` takes per image).
+            (what the reference's `DiffSeg.segment` takes per image). A list such as the reference's
+            `[weight_64, weight_32, weight_16, weight_8]` is accepted too: each side is read from the shape.
         device: where the result lives; by default where the inputs are (numpy -> CPU).
 
     Returns:
         r -> float32 tensor (r², r²), query × key.
     """
+    if isinstance(attn, Sequence) and not isinstance(attn, (str, bytes)):
+        attn = {math.isqrt(np.shape(value)[-1]): value for value in attn}
     if not isinstance(attn, Mapping) or not attn:
         raise ValueError(
             "`attn` must be a non-empty mapping from side length r to attention shaped (heads, r², r²) or (r², r²), "

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .bundle import AttentionBundle
-from .config import RESOLUTION_PRESETS, EncodeConfig, SegmentConfig
+from .config import RESOLUTION_PRESETS, AppConfig, EncodeConfig, SegmentConfig
 from .images import load_image
 from .outputs import label_image, save_image
 from .pipeline import segment_bundle
@@ -31,9 +31,8 @@ from .visualisation import colourise, palette
 
 _ENCODE = EncodeConfig()
 _SEGMENT = SegmentConfig()
-MAX_UPLOAD_MB = 20  # uploads larger than this are refused by the server
-MAX_PIXELS = 40_000_000  # larger images are refused with a message (decoding alone would take seconds)
-CACHE_SIZE = 4  # bundles kept: about 90 MB each for SD 1.x at 512²
+_APP = AppConfig()
+MAX_PIXELS = _APP.max_pixels  # module-level so tests can lower it
 SD_SIDES = (64, 32, 16, 8)  # the weight sliders, finest first; other models' resolutions map onto them by rank
 
 
@@ -46,7 +45,7 @@ class _Entry:
 class BundleCache:
     """LRU cache of attention bundles keyed by (image content, model, timestep). Counts the encodes it runs."""
 
-    def __init__(self, pipeline, capacity: int = CACHE_SIZE, folder: str | Path | None = None) -> None:
+    def __init__(self, pipeline, capacity: int = _APP.cache_size, folder: str | Path | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"`capacity` must be at least 1 but is {capacity}.")
         self.pipeline = pipeline
@@ -194,7 +193,7 @@ def render(entry: _Entry, out_dir: Path, kl_threshold, iterations, num_points, r
     return view
 
 
-def build_app(pipeline, *, cache_size: int = CACHE_SIZE):
+def build_app(pipeline, *, cache_size: int = _APP.cache_size):
     """The Gradio Blocks for `pipeline` (not launched). Returns (blocks, cache)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
@@ -296,8 +295,8 @@ def launch(
     *,
     host: str = "127.0.0.1",
     port: int | None = None,
-    max_upload_mb: float = MAX_UPLOAD_MB,
-    cache_size: int = CACHE_SIZE,
+    max_upload_mb: float = _APP.max_upload_mb,
+    cache_size: int = _APP.cache_size,
 ) -> None:
     """Serve the demo until interrupted."""
     blocks, _ = build_app(pipeline, cache_size=cache_size)
@@ -305,7 +304,7 @@ def launch(
     blocks.launch(
         server_name=host,
         server_port=port,
-        max_file_size=f"{max_upload_mb}mb",
+        max_file_size=int(max_upload_mb * 1024 * 1024),  # bytes
         theme=blocks.diffseg_theme,
         ssr_mode=False,
         footer_links=[],

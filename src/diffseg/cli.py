@@ -12,10 +12,11 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from .config import DEFAULT_MODEL, RESOLUTION_PRESETS, EncodeConfig, SegmentConfig
+from .config import DEFAULT_MODEL, RESOLUTION_PRESETS, AppConfig, EncodeConfig, SegmentConfig
 
 _ENCODE = EncodeConfig()
 _SEGMENT = SegmentConfig()
+_APP = AppConfig()
 
 
 # ---------------------------------------------------------------------------------------------- shared options
@@ -411,8 +412,6 @@ def run_app(args: argparse.Namespace) -> int:
 
 
 def add_app_command(commands) -> None:
-    from .app import CACHE_SIZE, MAX_UPLOAD_MB
-
     p = commands.add_parser(
         "app",
         help="serve the interactive demo (Gradio)",
@@ -422,10 +421,13 @@ def add_app_command(commands) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     p.add_argument(
-        "--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="refuse larger uploads (default: %(default)s)"
+        "--max-upload-mb", type=float, default=_APP.max_upload_mb, help="refuse larger uploads (default: %(default)s)"
     )
     p.add_argument(
-        "--cache-size", type=int, default=CACHE_SIZE, help="attention bundles kept in memory (default: %(default)s)"
+        "--cache-size",
+        type=int,
+        default=_APP.cache_size,
+        help="bundles kept in memory (default: %(default)s)",
     )
     add_model_arguments(p)
     p.set_defaults(run=run_app)

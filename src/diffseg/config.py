@@ -59,6 +59,15 @@ def merge_thresholds(kl_threshold: float | Sequence[float], iterations: int) -> 
     return values
 
 
+@dataclass(frozen=True)
+class AppConfig:
+    """Limits of the interactive demo (`diffseg app`)."""
+
+    max_upload_mb: float = 20.0  # larger uploads are refused by the server
+    max_pixels: int = 40_000_000  # larger images are refused with a message (decoding alone would take seconds)
+    cache_size: int = 4  # attention bundles kept in the LRU: about 90 MB each for SD 1.x at 512²
+
+
 # Named weightings of the resolutions, for the demo and the CLI (`--resolution-preset`).
 # "proportional" is None: the paper's default, computed over the resolutions present.
 RESOLUTION_PRESETS: dict[str, Mapping[int, float] | None] = {

@@ -8,6 +8,7 @@ coarse = pipe.segment(bundle, kl_threshold=1.3)     # the cheap step, as often a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -399,7 +400,10 @@ class DiffSegPipeline:
     # ------------------------------------------------------------------ segment: the cheap step
 
     def segment(self, bundle: AttentionBundle, **kwargs) -> Segmentation:
-        """Segment a bundle; see `segment_bundle`. Needs no model: a loaded bundle works as well."""
+        """Segment a bundle; see `segment_bundle`. Needs no model: a loaded bundle works as well. On a GPU pipeline
+        the merging runs on the GPU."""
+        if self.device.type == "cuda":
+            bundle = dataclasses.replace(bundle, attention={r: t.to(self.device) for r, t in bundle.attention.items()})
         return segment_bundle(bundle, **kwargs)
 
     def __call__(
