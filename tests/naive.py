@@ -32,7 +32,10 @@ def kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return 0.5 * ((p - q) * (np.log(p) - np.log(q))).sum(-1)
 
 
-def naive_segment(attn, kl_threshold=1.1, iterations=3, num_points=16, output_size=(512, 512)):
+def naive_segment(attn, kl_threshold=1.1, iterations=3, num_points=16, output_size=(512, 512), float16=False):
+    """With `float16`, the first iteration's KL is computed in numpy float16, as the reference computes it in
+    TensorFlow float16: NaN comparisons are False, so maps with underflowed values join nothing, and the NaN
+    proposals of such anchors are dropped by the next iteration."""
     side = max(attn)
     total = sum(attn)
     aggregated = np.zeros((side, side, side, side))
@@ -52,8 +55,13 @@ def naive_segment(attn, kl_threshold=1.1, iterations=3, num_points=16, output_si
     for y in coords:
         for x in coords:
             anchor = aggregated[y, x].reshape(-1)
-            members = kl(anchor[None, :], maps) < kl_threshold
-            proposals.append(maps[members].mean(0))
+            if float16:
+                with np.errstate(all="ignore"):
+                    members = kl(anchor[None, :].astype(np.float16), maps.astype(np.float16)) < kl_threshold
+            else:
+                members = kl(anchor[None, :], maps) < kl_threshold
+            with np.errstate(all="ignore"):
+                proposals.append(maps[members].mean(0) if members.any() else np.full(maps.shape[1], np.nan))
     proposals = np.stack(proposals)
 
     for _ in range(iterations - 1):
@@ -62,7 +70,10 @@ def naive_segment(attn, kl_threshold=1.1, iterations=3, num_points=16, output_si
             if i in marked:
                 continue
             marked.add(i)
-            close = kl(proposals[i][None, :], proposals) < kl_threshold
+            with np.errstate(all="ignore"):
+                close = kl(proposals[i][None, :], proposals) < kl_threshold
+            if not close.any():  # a NaN proposal: the reference's `if kl_bin.sum() > 0` drops it
+                continue
             marked.update(np.flatnonzero(close).tolist())
             merged.append(proposals[close].mean(0))
         proposals = np.stack(merged)

@@ -7,9 +7,11 @@ from diffseg import segment_attention
 from diffseg import labelling
 from diffseg.labelling import label_map, relabel
 from diffseg.metrics import hungarian_scores
+from diffseg.merging import float16_underflow, merge_from_anchors
 from diffseg.synthetic import (
     attention_from_segmentation,
     blocks_segmentation,
+    peaked_attention,
     shapes_segmentation,
     upsample_labels,
 )
@@ -117,3 +119,28 @@ def test_accepts_the_reference_list_of_resolutions():
     attn = attention_from_segmentation(blocks_segmentation(64, 2, 2), heads=2, seed=0)
     as_list = segment_attention([attn[64], attn[32], attn[16], attn[8]])
     np.testing.assert_array_equal(as_list, segment_attention(attn))
+
+
+@pytest.mark.parametrize("reference_float16", [True, False])
+def test_agrees_with_a_literal_implementation_on_peaked_attention(reference_float16):
+    truth = shapes_segmentation(16, seed=6, num_shapes=5)
+    attn = peaked_attention(truth, resolutions=(16, 8, 4), heads=4, seed=6)
+    ours = segment_attention(attn, num_points=16, output_size=(64, 64), reference_float16=reference_float16)
+    other = segment_attention(attn, num_points=16, output_size=(64, 64), reference_float16=not reference_float16)
+    assert agreement(ours, other) < 0.99  # some maps underflow float16: the two modes really differ here
+    theirs = naive_segment(attn, num_points=16, output_size=(64, 64), float16=reference_float16)
+    assert agreement(ours, theirs) >= 0.995
+
+
+def test_maps_that_underflow_float16_join_no_proposal_and_their_anchors_give_none():
+    maps = torch.tensor(
+        [[0.5, 0.5, 0.0, 0.0], [0.45, 0.55, 1e-9, 0.0], [0.25, 0.25, 0.25, 0.25], [0.3, 0.2, 0.25, 0.25]]
+    )
+    maps = maps / maps.sum(1, keepdim=True)
+    assert float16_underflow(maps).tolist() == [True, True, False, False]
+    kept = merge_from_anchors(maps, torch.tensor([0, 2]), threshold=5.0)
+    torch.testing.assert_close(kept, maps[2:].mean(0, keepdim=True))  # anchor 0 dropped; maps 0, 1 excluded
+    every = merge_from_anchors(maps, torch.tensor([0, 2]), threshold=5.0, reference_float16=False)
+    assert every.shape == (2, 4)
+    alone = merge_from_anchors(maps, torch.tensor([0, 1]), threshold=5.0)  # every anchor underflows: keep all maps
+    assert alone.shape == (2, 4)

@@ -106,6 +106,12 @@ def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT
         "--num-points", type=int, default=_SEGMENT.num_points, help="anchor grid side M (default: %(default)s)"
     )
     group.add_argument("--refine", action="store_true", help="K-means refinement (needs scikit-learn: diffseg[refine])")
+    group.add_argument(
+        "--float32-merge",
+        action="store_true",
+        help="merge maps that underflow float16 too (default: as the reference, whose float16 first iteration "
+        "leaves them out)",
+    )
     weights = group.add_mutually_exclusive_group()
     weights.add_argument(
         "--resolution-weights",
@@ -173,6 +179,7 @@ def segment_kwargs(args: argparse.Namespace) -> dict:
         "num_points": args.num_points,
         "refine": args.refine,
         "resolution_weights": weights,
+        "reference_float16": not args.float32_merge,
     }
 
 

@@ -33,6 +33,10 @@ class SegmentConfig:
     iterations: int = 3  # benchmarks.ipynb: `KL_THRESHOLD = [1.1]*3`
     num_points: int = 16  # paper: 16×16 anchor grid (`NUM_POINTS = 16`)
     refine: bool = False  # paper's tables: no K-means refinement (`REFINEMENT = False`)
+    # Reference `mask_merge` runs the first iteration in float16: maps with values that underflow it (common for
+    # peaked attention) join no proposal and their anchors give none. True reproduces that, as the paper's numbers
+    # did; False merges every map in float32 (log(0) guarded).
+    reference_float16: bool = True
     # None: proportional to the resolution, normalised over those present (reference `get_weight_rato`).
     resolution_weights: Mapping[int, float] | None = field(default=None)
 

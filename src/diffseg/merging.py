@@ -58,22 +58,42 @@ def symmetric_kl(
     return 0.5 * (entropy_p[:, None] + entropy_q[None, :] - cross)
 
 
-def merge_from_anchors(maps: torch.Tensor, anchors: torch.Tensor, threshold: float) -> torch.Tensor:
+def float16_underflow(maps: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: maps with a value that float16 rounds to 0 (at most 2⁻²⁵ ≈ 3e-8).
+
+    Reference detail: `mask_merge` casts the first iteration to float16, where such a value makes log(0) = -inf and
+    the map's KL to anything NaN, so `KL < τ` is False for it, even against itself.
+    """
+    # float16 rounds to nearest, ties to even: a non-negative value becomes 0 exactly when it is at most 2⁻²⁵.
+    return (maps <= 2.0**-25).any(dim=1)
+
+
+def merge_from_anchors(
+    maps: torch.Tensor, anchors: torch.Tensor, threshold: float, reference_float16: bool = True
+) -> torch.Tensor:
     """First merge iteration (reference `mask_merge`, `iter == 0`).
 
     Every map whose symmetric KL to an anchor map is below `threshold` is averaged into that anchor's proposal.
+    With `reference_float16`, maps that underflow float16 behave as in the reference (see `float16_underflow`):
+    they join no proposal, and an anchor whose map underflows gives none (the reference's NaN proposal, which its
+    next iteration drops). If every anchor underflows (where the reference fails), all maps are kept.
 
     Args:
         maps: (N, D) all attention maps (N = D = S² in the method); anchors: (A,) row indices into `maps`.
 
     Returns:
-        (A, D) proposals, in anchor order.
+        (A', D) proposals, in anchor order; A' = A unless anchors were dropped.
     """
     log_maps = _safe_log(maps)  # (N, D)
     kl = symmetric_kl(maps[anchors], maps, log_maps[anchors], log_maps)  # (A, N) anchors × maps
-    members = (kl < threshold).to(maps.dtype)  # (A, N)
+    members = kl < threshold  # (A, N)
+    if reference_float16:
+        valid = ~float16_underflow(maps)  # (N,)
+        if valid[anchors].any():
+            members = (members & valid[None, :])[valid[anchors]]  # (A', N)
+    members = members.to(maps.dtype)
     # Reference: `matmul(kl_bin, attns) / reduce_sum(kl_bin)`; an anchor is always its own member (KL = 0).
-    return (members @ maps) / members.sum(dim=1, keepdim=True).clamp_min(1)  # (A, D)
+    return (members @ maps) / members.sum(dim=1, keepdim=True).clamp_min(1)  # (A', D)
 
 
 def merge_proposals(proposals: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -105,18 +125,23 @@ def merge_proposals(proposals: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def merge(
-    maps: torch.Tensor, anchors: torch.Tensor, thresholds: Sequence[float], later_dtype: torch.dtype = torch.float64
+    maps: torch.Tensor,
+    anchors: torch.Tensor,
+    thresholds: Sequence[float],
+    reference_float16: bool = True,
+    later_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """All merge iterations (reference `generate_masks`): anchors first, then greedy merging of proposals.
 
     Args:
         maps: (N, D) attention maps; anchors: (A,) row indices; thresholds: one per iteration.
+        reference_float16: treat maps that underflow float16 as the reference does (see `merge_from_anchors`).
         later_dtype: precision of iterations after the first (the reference runs them in float64).
 
     Returns:
         (K, D) final proposals.
     """
-    proposals = merge_from_anchors(maps, anchors, thresholds[0])
+    proposals = merge_from_anchors(maps, anchors, thresholds[0], reference_float16)
     proposals = proposals.to(later_dtype)
     for threshold in thresholds[1:]:
         proposals = merge_proposals(proposals, threshold)

@@ -69,6 +69,7 @@ def segment_bundle(
     refine: bool = _SEGMENT.refine,
     resolution_weights: Mapping[int, float] | None = _SEGMENT.resolution_weights,
     output_size: tuple[int, int] | None = None,
+    reference_float16: bool = _SEGMENT.reference_float16,
     voting: str = "majority",
     min_confidence: float = 0.0,
 ) -> Segmentation:
@@ -86,6 +87,7 @@ def segment_bundle(
         refine=refine,
         resolution_weights=resolution_weights,
         output_size=size,
+        reference_float16=reference_float16,
     )
     names = None
     if bundle.cross_attention is not None and bundle.vocabulary is not None:

@@ -28,6 +28,7 @@ def segment_attention(
     refine: bool = _DEFAULTS.refine,
     resolution_weights: Mapping[int, float] | None = _DEFAULTS.resolution_weights,
     output_size: tuple[int, int] = (512, 512),
+    reference_float16: bool = _DEFAULTS.reference_float16,
 ) -> np.ndarray:
     """Segment one image from its self-attention (reference `DiffSeg.segment`, for one image).
 
@@ -40,6 +41,8 @@ def segment_attention(
         refine: K-means refinement of the proposals (needs scikit-learn).
         resolution_weights: r -> weight; None for the paper's weights proportional to r.
         output_size: (height, width) of the label map; the reference's is (512, 512).
+        reference_float16: reproduce the reference's float16 first merge iteration, where maps with values that
+            underflow float16 join no proposal (see `merging.merge_from_anchors`); False merges them in float32.
 
     Returns:
         (height, width) int32 label map, ids 0..K-1, each present.
@@ -52,7 +55,7 @@ def segment_attention(
     # 2. Merge: anchors on the reference's grid, then greedy iterations.
     grid = anchor_grid(num_points, side)
     anchors = (grid[:, 0] * side + grid[:, 1]).to(aggregated.device)  # (M²,) row-major query indices
-    proposals = merge(aggregated, anchors, thresholds)  # (K, S²)
+    proposals = merge(aggregated, anchors, thresholds, reference_float16)  # (K, S²)
     if refine:
         proposals = refine_kmeans(aggregated, proposals)
     # 3. Label: upsample, argmax, relabel.

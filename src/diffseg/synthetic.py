@@ -76,3 +76,25 @@ def upsample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a label map to (height, width)."""
     t = torch.from_numpy(np.asarray(labels)).float()[None, None]
     return F.interpolate(t, size=size, mode="nearest-exact")[0, 0].long().numpy()
+
+
+def peaked_attention(
+    labels: np.ndarray, resolutions: tuple[int, ...] = (64, 32, 16, 8), heads: int = 8, seed: int = 0
+) -> dict[int, torch.Tensor]:
+    """Softmax attention over logits that favour the same segment and nearby keys, with noise: peaked like a trained
+    model's, so that distant keys get probabilities far below float16's smallest value (the reference's float16
+    merge then behaves differently from float32).
+
+    Returns:
+        r -> (heads, r², r²) float32 query × key probabilities.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    side = labels.shape[0]
+    out = {}
+    for r in resolutions:
+        step = side // r
+        lab = torch.from_numpy(np.asarray(labels)[step // 2 :: step, step // 2 :: step]).reshape(-1)
+        yx = torch.stack(torch.meshgrid(torch.arange(r), torch.arange(r), indexing="ij"), -1).reshape(-1, 2).float() / r
+        logits = 6 * (lab[:, None] == lab[None, :]).float() - 8 * torch.cdist(yx, yx)  # (r², r²)
+        out[r] = (logits + 1.5 * torch.randn(heads, r * r, r * r, generator=generator)).softmax(-1)
+    return out
