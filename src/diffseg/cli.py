@@ -169,7 +169,14 @@ def label_kwargs(args: argparse.Namespace) -> dict:
 
 
 def segment_kwargs(args: argparse.Namespace) -> dict:
-    """The `segment_attention` keyword arguments given on the command line."""
+    """The `segment_attention` keyword arguments given on the command line (checked before any model loads)."""
+    if args.refine:
+        try:
+            import sklearn.cluster  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                "--refine needs scikit-learn: pip install 'diffseg[refine]' (or scikit-learn)."
+            ) from error
     weights = args.resolution_weights
     if args.resolution_preset is not None:
         weights = RESOLUTION_PRESETS[args.resolution_preset]
@@ -208,9 +215,9 @@ def run_segment(args: argparse.Namespace) -> int:
     # 1. Check inputs.
     batch_size = check_batch_size(args.batch_size)
     kwargs = segment_kwargs(args)
-    SegmentConfig(**{k: v for k, v in kwargs.items()}).thresholds()  # fail before loading the model
+    SegmentConfig(**kwargs).thresholds()  # fail before loading the model
     found, missing = find_images(args.paths)
-    failures = [(item, reason) for item, reason in missing]
+    failures = list(missing)
     for item, reason in missing:
         print(f"diffseg: skipped {item}: {reason}", file=sys.stderr)
     outputs = {name: OutputPaths.for_name(args.output, name) for _, name in found}
@@ -269,17 +276,21 @@ def run_segment(args: argparse.Namespace) -> int:
                 progress.update(len(batch))
                 continue
             for bundle, caption, (_, name, path) in zip(bundles, captions, batch):
-                result = pipe.segment(bundle, output_size=args.output_size, **kwargs, **label_kwargs(args))
                 out = outputs[name]
-                save_image(label_image(result.labels), out.labels)
-                if not args.no_overlay:
-                    save_image(result.overlay, out.overlay)
-                if args.npy:
-                    save_array(result.labels, out.array)
-                if naming:
-                    save_json(semantics_record(path, bundle, result, caption, args.voting), out.semantics)
-                done += 1
-                progress.set_postfix(segments=result.num_segments)
+                try:
+                    result = pipe.segment(bundle, output_size=args.output_size, **kwargs, **label_kwargs(args))
+                    save_image(label_image(result.labels), out.labels)
+                    if not args.no_overlay:
+                        save_image(result.overlay, out.overlay)
+                    if args.npy:
+                        save_array(result.labels, out.array)
+                    if naming:
+                        save_json(semantics_record(path, bundle, result, caption, args.voting), out.semantics)
+                    done += 1
+                    progress.set_postfix(segments=result.num_segments)
+                except (OSError, ValueError) as error:  # e.g. disk full: report the image, carry on
+                    failures.append((str(path), str(error)))
+                    progress.write(f"diffseg: failed {path}: {error}", file=sys.stderr)
                 progress.update(1)
 
     seconds = time.perf_counter() - start
