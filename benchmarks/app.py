@@ -8,7 +8,6 @@ at 512² (64², 32², 16², 8² attention) with synthetic attention. Target: <= 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -16,16 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import report, timeit
+from common import arguments, report, timeit
 from diffseg import AttentionBundle
 from diffseg.app import _Entry, preset_weights, render
 from diffseg.synthetic import attention_from_segmentation, shapes_segmentation
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
+    args = arguments(__doc__, repeat=5).parse_args()
 
     with resources.as_file(resources.files("diffseg").joinpath("examples/street.jpg")) as path:
         image = np.asarray(Image.open(path).convert("RGB").resize((512, 512)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import resource
@@ -13,6 +14,19 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def arguments(
+    doc: str, *, repeat: int | None = None, model: bool = False, dtype: str = "auto"
+) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring's first line, and the options every benchmark of its kind shares."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if repeat is not None:
+        parser.add_argument("--repeat", type=int, default=repeat, help="timed runs after one warm-up")
+    if model:
+        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--dtype", default=dtype)
+    return parser
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> dict:

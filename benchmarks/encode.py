@@ -9,22 +9,17 @@ processors), the same forward with self-attention captured, and the whole `encod
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import torch
 
-from common import peak_rss_gib, report, timeit
+from common import arguments, peak_rss_gib, report, timeit
 from diffseg.capture import capture_self_attention
 from diffseg.random_weights import random_pipeline
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    args = parser.parse_args()
+    args = arguments(__doc__, repeat=3, model=True, dtype="float32").parse_args()
 
     pipe = random_pipeline("sd15", device=args.device, dtype=args.dtype)
     sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)

@@ -9,14 +9,13 @@ meaningless with random weights; the time per image is the real pipeline's.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common import report
+from common import arguments, report
 from diffseg.datasets import coco_image_ids
 from diffseg.evaluate import evaluate
 from diffseg.random_weights import random_pipeline
@@ -32,11 +31,9 @@ def make_coco_folder(root: Path, n: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__, model=True)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
 
     pipe = random_pipeline("sd15", device=args.device, dtype=args.dtype)

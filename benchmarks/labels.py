@@ -9,11 +9,10 @@ aggregation at 512² and voting). Segmentation time varies with the number of pr
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
-from common import report, timeit
+from common import arguments, report, timeit
 from diffseg.random_weights import random_pipeline
 from diffseg.semantic import assign_labels, word_scores
 
@@ -21,11 +20,7 @@ WORDS = "road, car, person, sky"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
-    args = parser.parse_args()
+    args = arguments(__doc__, repeat=2, model=True).parse_args()
 
     pipe = random_pipeline("sd15", device=args.device, dtype=args.dtype)
     image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)

@@ -9,11 +9,10 @@ cores at the default settings.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from common import report, timeit
+from common import arguments, report, timeit
 from diffseg import segment_attention
 from diffseg.aggregation import aggregate, as_attention_maps
 from diffseg.labelling import label_map
@@ -22,9 +21,7 @@ from diffseg.synthetic import attention_from_segmentation, shapes_segmentation
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
+    args = arguments(__doc__, repeat=5).parse_args()
 
     attn = attention_from_segmentation(shapes_segmentation(64, seed=0, num_shapes=6), heads=8, noise=0.1)
     rows = []

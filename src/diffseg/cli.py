@@ -180,7 +180,7 @@ def segment_kwargs(args: argparse.Namespace) -> dict:
     weights = args.resolution_weights
     if args.resolution_preset is not None:
         weights = RESOLUTION_PRESETS[args.resolution_preset]
-    return {
+    kwargs = {
         "kl_threshold": args.kl_threshold,
         "iterations": args.iterations,
         "num_points": args.num_points,
@@ -188,6 +188,8 @@ def segment_kwargs(args: argparse.Namespace) -> dict:
         "resolution_weights": weights,
         "reference_float16": not args.float32_merge,
     }
+    SegmentConfig(**kwargs).thresholds()  # a threshold list of the wrong length fails here, not after loading
+    return kwargs
 
 
 def check_batch_size(value: int) -> int:
@@ -215,7 +217,6 @@ def run_segment(args: argparse.Namespace) -> int:
     # 1. Check inputs.
     batch_size = check_batch_size(args.batch_size)
     kwargs = segment_kwargs(args)
-    SegmentConfig(**kwargs).thresholds()  # fail before loading the model
     found, missing = find_images(args.paths)
     failures = list(missing)
     for item, reason in missing:
@@ -363,7 +364,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.kl_threshold is None:
         args.kl_threshold = bench.kl_threshold  # the paper's setting for this dataset
     kwargs = segment_kwargs(args)
-    SegmentConfig(**kwargs).thresholds()
     output = args.output or f"eval-{args.dataset}"
     pipeline = None if args.predictions else load_pipeline(args)
     summary = evaluate(
@@ -464,7 +464,6 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
     from .dataset_job import segment_dataset
 
     kwargs = segment_kwargs(args)
-    SegmentConfig(**kwargs).thresholds()
     summary = segment_dataset(
         args.input,
         args.output,

@@ -68,7 +68,8 @@ class ResultsFile:
         self._file.close()
 
 
-def record_scores(records: list[dict]) -> Scores:
+def record_scores(*records: dict) -> Scores:
+    """The scores of per-image records, summed."""
     total = Scores.zeros(NUM_CLASSES)
     for r in records:
         total += Scores(np.array(r["tp"]), np.array(r["fp"]), np.array(r["fn"]), r["all"], 1)
@@ -178,7 +179,7 @@ def evaluate(
 
     def summary() -> Summary:
         scored = [results.records[s.id] for s in samples if s.id in results.records]
-        total = record_scores(scored)
+        total = record_scores(*scored)
         return Summary(
             dataset=bench.name,
             images=total.images,
@@ -196,7 +197,7 @@ def evaluate(
         bar.write(f"diffseg: skipped {sample.id}: {reason}", file=sys.stderr)
 
     # 3. Score: segment (or read) each image, match, append.
-    running = record_scores(list(results.records.values()))
+    running = record_scores(*results.records.values())
     bar = tqdm(total=len(todo), unit="img", desc=f"evaluate {bench.name}", disable=not progress, dynamic_ncols=True)
     try:
         for batch in _batches(todo, batch_size):
@@ -240,9 +241,7 @@ def evaluate(
                     continue
                 record = score_image(sample, pred, label, seconds)
                 results.append(record)
-                running += Scores(
-                    np.array(record["tp"]), np.array(record["fp"]), np.array(record["fn"]), record["all"], 1
-                )
+                running += record_scores(record)
             bar.set_postfix(acc=f"{100 * running.pixel_accuracy:.1f}", miou=f"{100 * running.miou:.1f}")
             bar.update(len(batch))
             _write_summary(output, summary())
