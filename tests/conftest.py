@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from diffseg import DiffSegPipeline
+from diffseg.cli import main
 from diffseg.random_weights import save_random_checkpoint
 
 
@@ -19,6 +20,16 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_checkpoint):
     return DiffSegPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
+
+
+def run_cli(*argv) -> int:
+    """Run `diffseg ARGV...` in this process (paths and numbers as they are); returns the exit status."""
+    return main([str(a) for a in argv])
+
+
+def tiny_model(checkpoint) -> tuple:
+    """The command-line options that select the tiny test checkpoint on the CPU."""
+    return ("--model", checkpoint, "--device", "cpu")
 
 
 def quadrants_image(height: int = 256, width: int = 320) -> np.ndarray:

@@ -1,10 +1,9 @@
 import pytest
 
 from diffseg.captioning import Captioner, nouns
-from diffseg.cli import main
 from diffseg.random_weights import save_random_blip
 
-from conftest import quadrants_image
+from conftest import quadrants_image, run_cli, tiny_model
 
 nltk = pytest.importorskip("nltk", reason="NLTK is not installed (the caption extra)")
 
@@ -50,20 +49,15 @@ def test_automatic_path_end_to_end_with_a_tiny_random_blip(tmp_path, tiny_pipeli
 def test_missing_tagger_data_names_what_to_install(tmp_path, image_folder, tiny_checkpoint, monkeypatch, capsys):
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-data")])
     blip = save_random_blip(tmp_path / "blip")
-    code = main(
-        [
-            "segment",
-            str(image_folder / "photo.jpg"),
-            "-o",
-            str(tmp_path / "out"),
-            "--model",
-            str(tiny_checkpoint),
-            "--device",
-            "cpu",
-            "--caption",
-            "--caption-model",
-            str(blip),
-        ]
+    code = run_cli(
+        "segment",
+        image_folder / "photo.jpg",
+        "-o",
+        tmp_path / "out",
+        *tiny_model(tiny_checkpoint),
+        "--caption",
+        "--caption-model",
+        blip,
     )
     err = capsys.readouterr().err
     assert code == 2 and "averaged_perceptron_tagger_eng" in err and "nltk.downloader" in err

@@ -3,27 +3,21 @@ import pytest
 from PIL import Image
 
 from diffseg import segment_attention
-from diffseg.cli import main
 from diffseg.outputs import read_labels
 
-
-def run(*argv):
-    return main([str(a) for a in argv])
+from conftest import run_cli, tiny_model
 
 
 def test_segment_writes_outputs_for_good_images_and_reports_bad_ones(
     tiny_checkpoint, tiny_pipeline, image_folder, tmp_path, capsys
 ):
     out = tmp_path / "out"
-    code = run(
+    code = run_cli(
         "segment",
         image_folder,
         "-o",
         out,
-        "--model",
-        tiny_checkpoint,
-        "--device",
-        "cpu",
+        *tiny_model(tiny_checkpoint),
         "--batch-size",
         "2",
         "--npy",
@@ -51,12 +45,12 @@ def test_resume_skips_images_whose_outputs_exist(tiny_checkpoint, image_folder, 
     out = tmp_path / "out"
     (image_folder / "corrupt.jpg").unlink()
     (image_folder / "empty.png").unlink()
-    assert run("segment", image_folder, "-o", out, "--model", tiny_checkpoint, "--device", "cpu") == 0
+    assert run_cli("segment", image_folder, "-o", out, *tiny_model(tiny_checkpoint)) == 0
     kept = [out / "labels" / "photo.png", out / "overlays" / "sub" / "gray.png"]
     mtimes = [p.stat().st_mtime_ns for p in kept]
     (out / "labels" / "alpha.png").unlink()
     capsys.readouterr()
-    assert run("segment", image_folder, "-o", out, "--model", tiny_checkpoint, "--device", "cpu", "--resume") == 0
+    assert run_cli("segment", image_folder, "-o", out, *tiny_model(tiny_checkpoint), "--resume") == 0
     err = capsys.readouterr().err
     assert "Segmented 1 images" in err and "2 already done" in err
     assert [p.stat().st_mtime_ns for p in kept] == mtimes
@@ -65,17 +59,14 @@ def test_resume_skips_images_whose_outputs_exist(tiny_checkpoint, image_folder, 
 
 def test_files_and_globs_are_accepted_and_missing_inputs_reported(tiny_checkpoint, image_folder, tmp_path, capsys):
     out = tmp_path / "out"
-    code = run(
+    code = run_cli(
         "segment",
         image_folder / "photo.jpg",
         str(image_folder / "sub" / "*.png"),
         tmp_path / "missing.jpg",
         "-o",
         out,
-        "--model",
-        tiny_checkpoint,
-        "--device",
-        "cpu",
+        *tiny_model(tiny_checkpoint),
         "--no-overlay",
     )
     assert code == 1 and "missing.jpg: no such file or folder" in capsys.readouterr().err
@@ -84,14 +75,14 @@ def test_files_and_globs_are_accepted_and_missing_inputs_reported(tiny_checkpoin
 
 
 def test_known_errors_are_one_line_messages(tmp_path, image_folder, capsys):
-    assert run("segment", image_folder, "-o", tmp_path / "o", "--model", tmp_path / "no-model") == 2
+    assert run_cli("segment", image_folder, "-o", tmp_path / "o", "--model", tmp_path / "no-model") == 2
     err = capsys.readouterr().err
     assert err.startswith("diffseg: error: Model folder") and "Traceback" not in err
-    assert run("segment", image_folder, "-o", tmp_path / "o", "--kl-threshold", "1,1") == 2
+    assert run_cli("segment", image_folder, "-o", tmp_path / "o", "--kl-threshold", "1,1") == 2
     assert "`kl_threshold` has 2 values" in capsys.readouterr().err
 
 
 def test_traceback_on_request(tmp_path, image_folder, monkeypatch):
     monkeypatch.setenv("DIFFSEG_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
-        run("segment", image_folder, "-o", tmp_path / "o", "--model", tmp_path / "no-model")
+        run_cli("segment", image_folder, "-o", tmp_path / "o", "--model", tmp_path / "no-model")

@@ -10,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffseg.cli import main
 from diffseg.dataset_job import list_inputs, read_manifest
 from diffseg.outputs import read_labels
 
-from conftest import quadrants_image
+from conftest import quadrants_image, run_cli, tiny_model
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (the ray extra)")
 
@@ -27,22 +26,17 @@ def local_ray():
 
 
 def run_job(source, output, checkpoint, *extra):
-    return main(
-        [
-            "segment-dataset",
-            str(source),
-            "-o",
-            str(output),
-            "--model",
-            str(checkpoint),
-            "--device",
-            "cpu",
-            "--batch-size",
-            "1",
-            "--kl-threshold",
-            "0.5",
-            *map(str, extra),
-        ]
+    return run_cli(
+        "segment-dataset",
+        source,
+        "-o",
+        output,
+        *tiny_model(checkpoint),
+        "--batch-size",
+        "1",
+        "--kl-threshold",
+        "0.5",
+        *extra,
     )
 
 
@@ -77,20 +71,15 @@ def test_segment_dataset_matches_segment_records_failures_and_resumes(
     torch.set_num_threads(1)
     try:
         assert (
-            main(
-                [
-                    "segment",
-                    str(image_folder),
-                    "-o",
-                    str(tmp_path / "cli"),
-                    "--model",
-                    str(tiny_checkpoint),
-                    "--device",
-                    "cpu",
-                    "--kl-threshold",
-                    "0.5",
-                    "--no-overlay",
-                ]
+            run_cli(
+                "segment",
+                image_folder,
+                "-o",
+                tmp_path / "cli",
+                *tiny_model(tiny_checkpoint),
+                "--kl-threshold",
+                "0.5",
+                "--no-overlay",
             )
             == 1
         )

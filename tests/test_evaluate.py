@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffseg.cli import main
 from diffseg.datasets import BENCHMARKS, coco_class_map, coco_image_ids, protocol_label
 from diffseg.evaluate import evaluate
 
-from conftest import quadrants_image
+from conftest import quadrants_image, run_cli, tiny_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -84,23 +83,18 @@ def test_cityscapes_ids_map_7_to_33_onto_27_classes():
 def test_evaluate_cocostuff_end_to_end_reports_a_missing_label(tiny_checkpoint, tmp_path, capsys):
     ids = make_coco(tmp_path / "coco", n=4, missing_label=2)
     out = tmp_path / "run"
-    code = main(
-        [
-            "evaluate",
-            "cocostuff27",
-            "--root",
-            str(tmp_path / "coco"),
-            "--limit",
-            "4",
-            "-o",
-            str(out),
-            "--model",
-            str(tiny_checkpoint),
-            "--device",
-            "cpu",
-            "--batch-size",
-            "2",
-        ]
+    code = run_cli(
+        "evaluate",
+        "cocostuff27",
+        "--root",
+        tmp_path / "coco",
+        "--limit",
+        "4",
+        "-o",
+        out,
+        *tiny_model(tiny_checkpoint),
+        "--batch-size",
+        "2",
     )
     captured = capsys.readouterr()
     assert code == 1 and f"skipped {ids[2]}: label" in captured.err
@@ -191,7 +185,7 @@ def test_a_killed_run_resumes_to_the_same_summary(tiny_checkpoint, tiny_pipeline
     process.wait()
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
     assert summary is None or summary["images"] >= 1  # whatever was on disk is whole JSON
-    assert main(argv[3:]) == 0
+    assert run_cli(*argv[3:]) == 0
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["images"] == 4 and resumed["pixel_accuracy"] == full.pixel_accuracy and resumed["iou"] == full.iou
 
@@ -200,22 +194,17 @@ def test_predictions_mode_scores_label_pngs_of_any_method(tiny_checkpoint, tiny_
     ids = make_coco(tmp_path / "coco", n=3)
     # DiffSeg's own CLI output, at the protocol's size, scores exactly as the in-process evaluation.
     assert (
-        main(
-            [
-                "segment",
-                str(tmp_path / "coco" / "val2017"),
-                "-o",
-                str(tmp_path / "pred"),
-                "--crop",
-                "center",
-                "--output-size",
-                "512",
-                "--no-overlay",
-                "--model",
-                str(tiny_checkpoint),
-                "--device",
-                "cpu",
-            ]
+        run_cli(
+            "segment",
+            tmp_path / "coco" / "val2017",
+            "-o",
+            tmp_path / "pred",
+            "--crop",
+            "center",
+            "--output-size",
+            "512",
+            "--no-overlay",
+            *tiny_model(tiny_checkpoint),
         )
         == 0
     )
@@ -244,20 +233,18 @@ def test_predictions_mode_scores_label_pngs_of_any_method(tiny_checkpoint, tiny_
         with Image.open(tmp_path / "coco" / "annotation_val2017" / f"{i}.png") as label:
             coarse = coco_class_map()[np.asarray(label)]
         Image.fromarray(((coarse + 1) * 7 % 256).astype(np.uint8)).save(perfect / f"{i}.png")
-    code = main(
-        [
-            "evaluate",
-            "cocostuff27",
-            "--root",
-            str(tmp_path / "coco"),
-            "--limit",
-            "3",
-            "-o",
-            str(tmp_path / "perfect-run"),
-            "--predictions",
-            str(perfect),
-            "--json",
-        ]
+    code = run_cli(
+        "evaluate",
+        "cocostuff27",
+        "--root",
+        tmp_path / "coco",
+        "--limit",
+        "3",
+        "-o",
+        tmp_path / "perfect-run",
+        "--predictions",
+        perfect,
+        "--json",
     )
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -7,10 +7,9 @@ from PIL import Image
 
 from diffseg import AttentionBundle
 from diffseg.capture import attention_layers, capture_attention
-from diffseg.cli import main
 from diffseg.semantic import assign_labels, word_scores
 
-from conftest import quadrants_image
+from conftest import quadrants_image, run_cli, tiny_model
 
 
 def test_vocabulary_places_every_token_of_every_word(tiny_pipeline):
@@ -117,23 +116,18 @@ def test_cli_writes_names_per_image(tiny_checkpoint, image_folder, tmp_path):
     (image_folder / "corrupt.jpg").unlink()
     (image_folder / "empty.png").unlink()
     assert (
-        main(
-            [
-                "segment",
-                str(image_folder),
-                "-o",
-                str(out),
-                "--model",
-                str(tiny_checkpoint),
-                "--device",
-                "cpu",
-                "--labels",
-                "red,green,blue",
-                "--kl-threshold",
-                "0.9",
-                "--voting",
-                "mean",
-            ]
+        run_cli(
+            "segment",
+            image_folder,
+            "-o",
+            out,
+            *tiny_model(tiny_checkpoint),
+            "--labels",
+            "red, green, blue",
+            "--kl-threshold",
+            "0.9",
+            "--voting",
+            "mean",
         )
         == 0
     )
@@ -144,4 +138,4 @@ def test_cli_writes_names_per_image(tiny_checkpoint, image_folder, tmp_path):
     for i, seg in record["segments"].items():
         assert seg["label"] in {"red", "green", "blue"} and 0 <= seg["score"] <= 1
         assert seg["area"] == pytest.approx((labels == int(i)).mean(), abs=1e-5)
-    assert main(["segment", str(image_folder), "-o", str(out), "--model", str(tiny_checkpoint), "--labels", " , "]) == 2
+    assert run_cli("segment", image_folder, "-o", out, "--model", tiny_checkpoint, "--labels", ", ") == 2
