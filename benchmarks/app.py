@@ -34,7 +34,7 @@ def main() -> None:
         settings = [
             ("default (τ=1.1, 3 it, 16×16, proportional)", (1.1, 3, 16, False, preset_weights("proportional"))),
             ("τ=0.6", (0.6, 3, 16, False, preset_weights("proportional"))),
-            ("preset 64+32", (1.1, 3, 16, False, preset_weights("64+32"))),
+            ("preset two finest", (1.1, 3, 16, False, preset_weights("two finest"))),
             ("anchors 24×24", (1.1, 3, 24, False, preset_weights("proportional"))),
         ]
         for name, (kl, iterations, points, refine, weights) in settings:

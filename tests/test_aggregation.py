@@ -16,7 +16,7 @@ def attn():
 def test_heads_are_averaged_and_shapes_checked(attn):
     maps = as_attention_maps(attn)
     torch.testing.assert_close(maps[32], attn[32].mean(0))
-    assert set(maps) == {64, 32, 16, 8}
+    assert list(maps) == [(64, 64), (32, 32), (16, 16), (8, 8)]  # finest first; 64 looks up (64, 64)
     with pytest.raises(ValueError, match=r"attn\[16\]"):
         as_attention_maps({16: torch.rand(2, 256, 255)})
     with pytest.raises(ValueError, match="non-empty mapping"):
@@ -24,12 +24,17 @@ def test_heads_are_averaged_and_shapes_checked(attn):
 
 
 def test_default_weights_are_proportional_to_side_over_resolutions_present():
-    assert resolution_weights([64, 32, 16, 8]) == pytest.approx({64: 64 / 120, 32: 32 / 120, 16: 16 / 120, 8: 8 / 120})
-    assert resolution_weights([32, 16]) == pytest.approx({32: 2 / 3, 16: 1 / 3})
-    assert resolution_weights([64, 32], {64: 1.0}) == {64: 1.0, 32: 0.0}
+    expected = {(64, 64): 64 / 120, (32, 32): 32 / 120, (16, 16): 16 / 120, (8, 8): 8 / 120}
+    assert resolution_weights([64, 32, 16, 8]) == pytest.approx(expected)
+    assert resolution_weights([32, 16]) == pytest.approx({(32, 32): 2 / 3, (16, 16): 1 / 3})
+    assert resolution_weights([64, 32], {64: 1.0}) == {(64, 64): 1.0, (32, 32): 0.0}
+    # Rectangular grids (a 16:9 latent): weights ∝ √(h·w), the same 8:4:2:1 as the square case.
+    rect = resolution_weights([(48, 88), (24, 44), (12, 22), (6, 11)])
+    assert list(rect.values()) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15])
+    assert resolution_weights([(48, 88), (24, 44)], {"48x88": 1.0}) == {(48, 88): 1.0, (24, 44): 0.0}
     with pytest.raises(ValueError, match="not all zero"):
         resolution_weights([64, 32], {64: 0.0, 32: 0.0})
-    with pytest.raises(ValueError, match=r"\[128\]"):
+    with pytest.raises(ValueError, match=r"\['128'\]"):
         resolution_weights([64, 32], {128: 1.0})
 
 
@@ -65,3 +70,19 @@ def test_a_resolution_of_weight_zero_is_dropped(attn):
     maps = as_attention_maps(attn)
     without_8 = aggregate({r: maps[r] for r in (64, 32, 16)}, {64: 0.5, 32: 0.3, 16: 0.2})
     torch.testing.assert_close(aggregate(maps, {64: 0.5, 32: 0.3, 16: 0.2, 8: 0.0}), without_8)
+
+
+def test_rectangular_grids_upsample_keys_and_tile_queries_per_axis():
+    """A 4×6 grid aggregated onto 8×12: each query's map is TF-bilinear upsampled on its own aspect ratio and
+    repeated over its 2×2 block of fine queries."""
+    rng = np.random.default_rng(0)
+    coarse = torch.from_numpy(rng.dirichlet(np.ones(24), size=24)).float()  # (24, 24) rows sum to 1
+    fine = torch.from_numpy(rng.dirichlet(np.ones(96), size=96)).float()
+    out = aggregate({(8, 12): fine, (4, 6): coarse}, {(8, 12): 0.0, (4, 6): 1.0}).reshape(8, 12, 8, 12).double()
+    for qy, qx in [(0, 0), (1, 4), (3, 5)]:
+        expected = tf_bilinear(coarse[qy * 6 + qx].double().numpy().reshape(4, 6), 8, 12)
+        expected /= expected.sum()
+        for dy, dx in [(0, 0), (1, 1), (0, 1)]:
+            np.testing.assert_allclose(out[qy * 2 + dy, qx * 2 + dx].numpy(), expected, atol=1e-7)
+    with pytest.raises(ValueError, match="do not tile"):
+        aggregate({(8, 12): fine, (3, 6): torch.ones(18, 18) / 18})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffseg.app import BundleCache, preset_weights, read_upload, segment_table, slider_weights
+from diffseg.app import BundleCache, preset_weights, presets_for, read_upload, segment_table, slider_weights
 from diffseg.outputs import read_labels
 from diffseg.semantic import SegmentLabel
 
@@ -38,11 +38,31 @@ def test_cache_encodes_once_per_image_and_timestep_and_stays_bounded(tiny_pipeli
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
+def test_cache_keys_files_by_everything_that_defines_a_bundle(tiny_pipeline, tmp_path):
+    """The same image with and without words, and with either method, are four bundles with four files; evicting
+    one never removes a file another entry still uses."""
+    cache = BundleCache(tiny_pipeline, capacity=3, folder=tmp_path)
+    a = quadrants_image(64, 64)
+    plain, _ = cache.get(a, 300)
+    named, _ = cache.get(a, 300, ("red", "green"))
+    cut, _ = cache.get(a, 50, (), "diffcut")
+    assert len({plain.file, named.file, cut.file}) == 3 and cut.bundle.method == "diffcut"
+    assert plain.bundle.vocabulary is None and named.bundle.vocabulary.words == ("red", "green")
+    cache.get(quadrants_image(64, 96), 300)  # evicts the plain bundle only
+    assert not plain.file.exists() and named.file.exists() and cut.file.exists()
+    again, encoded = cache.get(a, 300, ("red", "green"))
+    assert not encoded and again.file.exists()
+
+
 def test_presets_and_sliders_give_normalised_weights(tiny_pipeline):
     bundle = tiny_pipeline.encode(quadrants_image())
     assert preset_weights("proportional") == pytest.approx([64 / 120, 32 / 120, 16 / 120, 8 / 120])
-    assert preset_weights("16+8") == pytest.approx([0, 0, 2 / 3, 1 / 3])
-    assert slider_weights(bundle, [1, 1, 0, 0]) == {64: 0.5, 32: 0.5, 16: 0.0, 8: 0.0}
+    assert preset_weights("third and fourth") == pytest.approx([0, 0, 2 / 3, 1 / 3])
+    # SDXL at 1024² has two grids: the sliders past them are 0, and presets for absent grids are not offered.
+    assert preset_weights("proportional", (64, 32)) == pytest.approx([2 / 3, 1 / 3, 0, 0])
+    assert "third and fourth" in presets_for((64, 32, 16, 8)) and "third and fourth" not in presets_for((64, 32))
+    grids = list(bundle.attention)  # finest first: (56, 72), (28, 36), (14, 18), (7, 9)
+    assert slider_weights(bundle, [1, 1, 0, 0]) == dict(zip(grids, [0.5, 0.5, 0.0, 0.0]))
     with pytest.raises(ValueError, match="All resolution weights are 0"):
         slider_weights(bundle, [0, 0, 0, 0])
 
@@ -173,15 +193,15 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         box.fill("0.3")
         box.press("Enter")
         moved = _wait_status(page, first)
-        assert "attention from cache" in moved and count(moved) != count(first)
+        assert "from cache" in moved and count(moved) != count(first)
         assert encodes() == 1
         # 3. Switch the resolution preset: the weight sliders follow and it re-segments from the cache.
         page.locator("#preset input").click()
-        page.get_by_role("option", name="16+8").click()
-        page.wait_for_function("document.querySelector('#weight-64 input[type=number]').value === '0'")
+        page.get_by_role("option", name="third and fourth").click()
+        page.wait_for_function("document.querySelector('#weight-0 input[type=number]').value === '0'")
         preset = _wait_status(page, moved)
-        assert "attention from cache" in preset and encodes() == 1
-        assert page.locator("#weight-16 input[type=number]").input_value().startswith("0.6")
+        assert "from cache" in preset and encodes() == 1
+        assert page.locator("#weight-2 input[type=number]").input_value().startswith("0.6")
         # 4. Download the label map: ids at the image's size.
         with page.expect_download() as download:
             page.locator("#label-download a").first.click()
@@ -191,11 +211,21 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         assert labels.shape == (240, 320) and labels.max() + 1 == count(preset)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app.png"))
-        # 5. An upload over the limit (1 MB here) is refused with a message; the page keeps its result.
+        # 5. Switch to DiffCut: one more encode (its layer's features), then τ re-segments from the cache.
+        page.get_by_label("diffcut").check()
+        cut = _wait_status(page, _status(page))
+        assert "encoded in" in cut and encodes() == 2
+        assert page.locator("#tau").is_visible() and not page.locator("#kl-threshold").is_visible()
+        box = page.locator("#tau input[type=number]")
+        box.fill("0.9")
+        box.press("Enter")
+        recut = _wait_status(page, cut)
+        assert "from cache" in recut and encodes() == 2
+        # 6. An upload over the limit (1 MB here) is refused with a message; the page keeps its result.
         big = tmp_path / "big.png"
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (900, 900, 3), dtype=np.uint8)).save(big)
         page.set_input_files("#input-image input[type=file]", str(big))
         page.get_by_text("exceed the maximum allowed size").wait_for(timeout=30_000)
-        assert count(_status(page)) == count(preset) and encodes() == 1
+        assert count(_status(page)) == count(recut) and encodes() == 2
         browser.close()
     assert external == []  # nothing fetched from outside the server: works offline

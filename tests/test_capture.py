@@ -3,14 +3,14 @@ import math
 import pytest
 import torch
 
-from diffseg.capture import AttentionStore, capture_self_attention, self_attention_layers
+from diffseg.capture import AttentionStore, capture_attention, self_attention_layers
 
 
 @pytest.fixture(scope="module")
 def unet_inputs(tiny_pipeline):
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 64, 64, generator=g)
-    text = tiny_pipeline.prompt_embedding().expand(2, -1, -1)
+    text = tiny_pipeline.prompt_embedding().hidden.expand(2, -1, -1)
     return tiny_pipeline.unet, latents, torch.tensor([300, 300]), text
 
 
@@ -18,7 +18,7 @@ def test_capture_leaves_unet_output_unchanged(unet_inputs):
     unet, latents, t, text = unet_inputs
     with torch.inference_mode():
         plain = unet(latents, t, encoder_hidden_states=text).sample
-        with capture_self_attention(unet):
+        with capture_attention(unet, (64, 64)):
             captured = unet(latents, t, encoder_hidden_states=text).sample
     torch.testing.assert_close(captured, plain, atol=2e-5, rtol=1e-4)
 
@@ -32,7 +32,7 @@ def test_captured_maps_equal_an_independent_softmax_per_layer(unet_inputs):
         if name in modules:
             hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0])))
     try:
-        with torch.inference_mode(), capture_self_attention(unet) as store:
+        with torch.inference_mode(), capture_attention(unet, (64, 64)) as store:
             unet(latents, t, encoder_hidden_states=text)
     finally:
         for hook in hooks:
@@ -52,8 +52,9 @@ def test_captured_maps_equal_an_independent_softmax_per_layer(unet_inputs):
         expected[r] = expected.get(r, 0) + probs
         counts[r] = counts.get(r, 0) + 1
     maps = store.maps()
-    assert store.layers == counts == {64: 3, 32: 3, 16: 3, 8: 1}  # tiny UNet: 1 down + 2 up layers per level, 1 mid
-    for r, m in maps.items():
+    # tiny UNet: 1 down + 2 up layers per level, 1 mid
+    assert store.layers == {(r, r): n for r, n in counts.items()} == {(64, 64): 3, (32, 32): 3, (16, 16): 3, (8, 8): 1}
+    for (r, _), m in maps.items():
         assert m.shape == (2, r * r, r * r)
         torch.testing.assert_close(m, expected[r] / counts[r], atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(m.sum(-1), torch.ones(2, r * r), atol=1e-5, rtol=0)
@@ -63,7 +64,7 @@ def test_processors_are_restored_also_when_the_forward_raises(unet_inputs):
     unet, latents, t, text = unet_inputs
     before = unet.attn_processors
     with pytest.raises(RuntimeError):
-        with capture_self_attention(unet):
+        with capture_attention(unet, (64, 64)):
             unet(latents[:, :3], t, encoder_hidden_states=text)  # wrong channel count
     after = unet.attn_processors
     assert after.keys() == before.keys()
@@ -73,15 +74,25 @@ def test_processors_are_restored_also_when_the_forward_raises(unet_inputs):
 def test_only_self_attention_layers_are_replaced(unet_inputs):
     unet = unet_inputs[0]
     before = unet.attn_processors
-    with capture_self_attention(unet):
+    with capture_attention(unet, (64, 64)):
         during = unet.attn_processors
     changed = {name for name in before if during[name] is not before[name]}
     assert changed == set(self_attention_layers(unet))
     assert all(name.endswith("attn1.processor") for name in changed) and len(changed) == 10
 
 
-def test_store_rejects_non_square_token_counts():
-    with pytest.raises(ValueError, match="square"):
-        AttentionStore().add(torch.ones(1, 12, 12))
-    with pytest.raises(ValueError, match="square"):
-        AttentionStore().add(torch.ones(1, 12, 77), "cross")
+def test_store_keys_each_layer_by_its_grid_of_the_latent():
+    store = AttentionStore((48, 88))  # a 16:9 image at SD 1.x's native size
+    for n, grid in ((48 * 88, (48, 88)), (24 * 44, (24, 44)), (12 * 22, (12, 22)), (6 * 11, (6, 11))):
+        store.add(torch.ones(1, n, 5), "cross")
+        assert grid in store.maps("cross")
+    store = AttentionStore((25, 33))  # odd sides: a stride-2 convolution gives ceil(n / 2)
+    store.add(torch.ones(1, 13 * 17, 13 * 17))
+    assert list(store.maps()) == [(13, 17)] and store.layers == {(13, 17): 1}
+
+
+def test_store_rejects_token_counts_of_no_grid():
+    with pytest.raises(ValueError, match="match no grid"):
+        AttentionStore((64, 64)).add(torch.ones(1, 12, 12))
+    with pytest.raises(ValueError, match="match no grid"):
+        AttentionStore((64, 64)).add(torch.ones(1, 1000, 77), "cross")

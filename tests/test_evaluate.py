@@ -98,7 +98,8 @@ def test_evaluate_cocostuff_end_to_end_reports_a_missing_label(tiny_checkpoint, 
     )
     captured = capsys.readouterr()
     assert code == 1 and f"skipped {ids[2]}: label" in captured.err
-    assert "paper (Tian et al. 2024)" in captured.out and "72.5" in captured.out
+    assert "DiffSeg (Tian et al. 2024)" in captured.out and "72.5" in captured.out
+    assert "DiffCut (Couairon et al. 2024)" in captured.out and "49.1" in captured.out
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [ids[0], ids[1], ids[3]]
     for r in records:

@@ -11,13 +11,14 @@ from conftest import quadrants_image
 def test_encode_returns_head_and_layer_averaged_attention_per_resolution(tiny_pipeline):
     bundle = tiny_pipeline.encode(quadrants_image())
     assert isinstance(bundle, AttentionBundle)
-    assert {r: tuple(m.shape) for r, m in bundle.attention.items()} == {
-        64: (4096, 4096),
-        32: (1024, 1024),
-        16: (256, 256),
-        8: (64, 64),
+    # A 256×320 image at SD 1.x's native pixel count: 448×576 pixels, 56×72 latent, 4 grids halving.
+    assert {g: tuple(m.shape) for g, m in bundle.attention.items()} == {
+        (56, 72): (4032, 4032),
+        (28, 36): (1008, 1008),
+        (14, 18): (252, 252),
+        (7, 9): (63, 63),
     }
-    assert bundle.layers == {64: 3, 32: 3, 16: 3, 8: 1}
+    assert bundle.layers == {(56, 72): 3, (28, 36): 3, (14, 18): 3, (7, 9): 1}
     assert bundle.timestep == 300 and bundle.image_size == (256, 320)
     for m in bundle.attention.values():
         torch.testing.assert_close(m.sum(1), torch.ones(len(m)), atol=1e-5, rtol=0)
@@ -36,11 +37,11 @@ def test_a_batch_gives_what_single_images_give(tiny_pipeline):
 
 def test_timestep_and_noise_change_the_attention(tiny_pipeline):
     image = quadrants_image()
-    base = tiny_pipeline.encode(image).attention[32]
-    assert not torch.allclose(tiny_pipeline.encode(image, timestep=50).attention[32], base, atol=1e-4)
-    noisy = tiny_pipeline.encode(image, noise_seed=0).attention[32]
+    base = tiny_pipeline.encode(image).attention[(28, 36)]
+    assert not torch.allclose(tiny_pipeline.encode(image, timestep=50).attention[(28, 36)], base, atol=1e-4)
+    noisy = tiny_pipeline.encode(image, noise_seed=0).attention[(28, 36)]
     assert not torch.allclose(noisy, base, atol=1e-4)
-    torch.testing.assert_close(tiny_pipeline.encode(image, noise_seed=0).attention[32], noisy)
+    torch.testing.assert_close(tiny_pipeline.encode(image, noise_seed=0).attention[(28, 36)], noisy)
 
 
 def test_segment_gives_labels_at_the_image_size_and_an_overlay(tiny_pipeline):
@@ -100,7 +101,7 @@ def test_missing_weights_give_an_actionable_error(tmp_path, tiny_checkpoint):
         DiffSegPipeline.from_pretrained(tmp_path / "nowhere")
     partial = tmp_path / "partial"
     (partial / "unet").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"lacks vae/, text_encoder/, tokenizer/"):
+    with pytest.raises(FileNotFoundError, match=r"lacks unet/config.json, vae/, text_encoder/, tokenizer/"):
         DiffSegPipeline.from_pretrained(partial)
     broken = tmp_path / "broken"
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
@@ -110,17 +111,18 @@ def test_missing_weights_give_an_actionable_error(tmp_path, tiny_checkpoint):
 
 
 def test_unreachable_hub_id_fails_fast_with_the_local_folder_hint(monkeypatch):
-    import diffseg.pipeline as pipeline
+    import diffseg.backbones as backbones
 
-    monkeypatch.setattr(pipeline, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(backbones, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
     with pytest.raises(FileNotFoundError, match="(?s)cannot be reached.*pass its path"):
         DiffSegPipeline.from_pretrained("someone/not-a-real-model")
 
 
 def test_other_resolutions_discover_their_attention_sides(tiny_pipeline):
-    bundle = tiny_pipeline.encode(quadrants_image(), resolution=256)
-    assert sorted(bundle.attention) == [4, 8, 16, 32] and bundle.layers == {32: 3, 16: 3, 8: 3, 4: 1}
-    assert {r: tuple(m.shape) for r, m in bundle.attention.items()}[32] == (1024, 1024)
+    bundle = tiny_pipeline.encode(quadrants_image(), resolution=256, resize="square")
+    assert sorted(bundle.attention) == [(4, 4), (8, 8), (16, 16), (32, 32)]
+    assert bundle.layers == {(32, 32): 3, (16, 16): 3, (8, 8): 3, (4, 4): 1}
+    assert {g: tuple(m.shape) for g, m in bundle.attention.items()}[(32, 32)] == (1024, 1024)
     result = tiny_pipeline.segment(bundle, num_points=8)
     assert result.labels.shape == (256, 320) and result.num_segments >= 1

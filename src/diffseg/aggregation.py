@@ -1,8 +1,9 @@
 """Step 3 of the method: aggregate self-attention of every resolution into one 4-D tensor.
 
 Paper §3.1 "Attention Aggregation"; reference `DiffSeg.aggregate_weights`. For each resolution r the key axis of
-every r×r map is bilinearly upsampled to the target side S, renormalised to sum 1, and the query axis is tiled
-(each low-resolution query's map repeated over its (S/r)² high-resolution cells). The result is a weighted sum.
+every h×w map is bilinearly upsampled to the finest grid H×W, renormalised to sum 1, and the query axis is tiled
+(each coarse query's map repeated over its (H/h)×(W/w) fine cells). The result is a weighted sum. Grids are keyed
+by (h, w), so rectangular latents (native aspect ratio) go through the same code; a square grid is the reference's.
 """
 
 from __future__ import annotations
@@ -15,107 +16,172 @@ import torch
 import torch.nn.functional as F
 
 
+Grid = tuple[int, int]  # (height, width) of an attention grid, in tokens
+
+
+def grid_key(key) -> Grid:
+    """(h, w) from a grid's name: (h, w), "HxW", or an int r for the square r×r grid (the reference's keys)."""
+    if isinstance(key, str):
+        parts = key.lower().split("x")
+        key = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) and all(p.isdigit() for p in parts) else key
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        key = (int(key), int(key))
+    if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(v, (int, np.integer)) and v > 0 for v in key)):
+        raise ValueError(f"An attention grid is named by a side r, 'HxW' or (h, w) but got {key!r}.")
+    return int(key[0]), int(key[1])
+
+
+class GridDict(dict):
+    """A dict keyed by grids (h, w) whose look-ups also take a side r (for r×r) or "HxW", so that
+    `bundle.attention[64]` keeps working for square grids."""
+
+    def __getitem__(self, key):
+        return super().__getitem__(grid_key(key))
+
+    def __contains__(self, key) -> bool:
+        try:
+            return super().__contains__(grid_key(key))
+        except ValueError:
+            return False
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def grid_name(grid: Grid) -> str:
+    """ "64" for a square grid (the reference's name), else "48x88" (height × width)."""
+    h, w = grid
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def by_size(grids) -> list[Grid]:
+    """Grids finest first."""
+    return sorted(grids, key=lambda g: (g[0] * g[1], g), reverse=True)
+
+
 def as_attention_maps(
-    attn: Mapping[int, object] | Sequence[object], device: torch.device | str | None = None
-) -> dict[int, torch.Tensor]:
+    attn: Mapping[object, object] | Sequence[object], device: torch.device | str | None = None
+) -> dict[Grid, torch.Tensor]:
     """Validate per-resolution attention and average it over heads.
 
     Args:
-        attn: side length r -> array or tensor shaped (heads, r², r²) or (r², r²), query × key, rows summing to 1
-            (what the reference's `DiffSeg.segment` takes per image). A list such as the reference's
-            `[weight_64, weight_32, weight_16, weight_8]` is accepted too: each side is read from the shape.
+        attn: grid -> array or tensor shaped (heads, h·w, h·w) or (h·w, h·w), query × key in row-major order, rows
+            summing to 1 (what the reference's `DiffSeg.segment` takes per image). A grid is (h, w), "HxW", or an int
+            r for r×r. A list such as the reference's `[weight_64, weight_32, weight_16, weight_8]` is read as square
+            grids, each side from the shape.
         device: where the result lives; by default where the inputs are (numpy -> CPU).
 
     Returns:
-        r -> float32 tensor (r², r²), query × key.
+        (h, w) -> float32 tensor (h·w, h·w), query × key, finest first.
     """
     if isinstance(attn, Sequence) and not isinstance(attn, (str, bytes)):
         attn = {math.isqrt(np.shape(value)[-1]): value for value in attn}
     if not isinstance(attn, Mapping) or not attn:
         raise ValueError(
-            "`attn` must be a non-empty mapping from side length r to attention shaped (heads, r², r²) or (r², r²), "
-            f"but is {type(attn).__name__}."
+            "`attn` must be a non-empty mapping from grid (h, w) or side r to attention shaped (heads, h·w, h·w) or "
+            f"(h·w, h·w), but is {type(attn).__name__}."
         )
     maps = {}
-    for r, value in attn.items():
+    for key, value in attn.items():
+        grid = grid_key(key)
         t = torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
         if device is not None:
             t = t.to(device)
         if t.dim() == 3:
             t = t.float().mean(0)  # reference: `weights.mean(0)`, the mean over heads
-        r = int(r)
-        if t.dim() != 2 or t.shape != (r * r, r * r):
+        n = grid[0] * grid[1]
+        if t.dim() != 2 or t.shape != (n, n):
             raise ValueError(
-                f"`attn[{r}]` must be shaped (heads, {r * r}, {r * r}) or ({r * r}, {r * r}) but is "
+                f"`attn[{grid_name(grid)}]` must be shaped (heads, {n}, {n}) or ({n}, {n}) but is "
                 f"{tuple(np.shape(value))}."
             )
-        maps[r] = t.float()
-    return maps
+        maps[grid] = t.float()
+    return GridDict((g, maps[g]) for g in by_size(maps))
 
 
-def resolution_weights(resolutions: list[int], weights: Mapping[int, float] | None = None) -> dict[int, float]:
-    """Weight of each resolution in the aggregate.
+def resolution_weights(
+    grids: Sequence[object], weights: Mapping[object, float] | str | None = None
+) -> dict[Grid, float]:
+    """Weight of each grid in the aggregate.
 
-    Default: proportional to the side length r and normalised over the resolutions present (reference
-    `get_weight_rato`: `sqrt(N) / sum(sqrt(N))`, i.e. 64:32:16:8 for SD 1.x at 512²). Weights a user gives are used
-    as given, as the reference uses its `weight_ratio`; a resolution they leave out or weigh 0 is dropped.
+    `weights` may name a preset of `config.RESOLUTION_PRESETS` (weights by rank, finest first), which fits any
+    model's grids.
+
+    Default: proportional to the grid's side and normalised over the grids present (reference `get_weight_rato`:
+    `sqrt(N) / sum(sqrt(N))`, i.e. 64:32:16:8 for SD 1.x at 512²; √(h·w) on a rectangular grid, which keeps the
+    same 8:4:2:1 ratios). Weights a user gives are used as given, as the reference uses its `weight_ratio`; a grid
+    they leave out or weigh 0 is dropped. Keys are grids as `grid_key` reads them.
     """
+    grids = [grid_key(g) for g in grids]
+    if isinstance(weights, str):
+        from .config import preset_weights
+
+        weights = preset_weights(weights, by_size(grids))
     if weights is None:
-        total = float(sum(resolutions))
-        return {r: r / total for r in resolutions}
-    unknown = sorted(set(int(r) for r in weights) - set(resolutions))
+        sides = {g: math.sqrt(g[0] * g[1]) for g in grids}
+        total = sum(sides.values())
+        return {g: sides[g] / total for g in grids}
+    given = {grid_key(g): float(w) for g, w in weights.items()}
+    unknown = [grid_name(g) for g in given if g not in grids]
     if unknown:
         raise ValueError(
-            f"`resolution_weights` names resolutions {unknown} that the attention does not have "
-            f"(it has {sorted(resolutions)})."
+            f"`resolution_weights` names grids {unknown} that the attention does not have "
+            f"(it has {[grid_name(g) for g in grids]})."
         )
-    chosen = {r: float(weights.get(r, 0.0)) for r in resolutions}
+    chosen = {g: given.get(g, 0.0) for g in grids}
     if any(w < 0 or not math.isfinite(w) for w in chosen.values()) or not any(w > 0 for w in chosen.values()):
         raise ValueError(f"`resolution_weights` must be finite, non-negative and not all zero but are {dict(weights)}.")
     return chosen
 
 
 @torch.inference_mode()
-def aggregate(attn: Mapping[int, torch.Tensor], weights: Mapping[int, float] | None = None) -> torch.Tensor:
-    """Aggregate attention of all resolutions at the largest one.
+def aggregate(attn: Mapping[Grid, torch.Tensor], weights: Mapping[object, float] | None = None) -> torch.Tensor:
+    """Aggregate attention of all grids at the finest one.
 
     Args:
-        attn: r -> (r², r²) float32 query × key maps (see `as_attention_maps`).
-        weights: r -> weight; None for the paper's proportional default (see `resolution_weights`).
+        attn: (h, w) -> (h·w, h·w) float32 query × key maps (see `as_attention_maps`).
+        weights: grid -> weight; None for the paper's proportional default (see `resolution_weights`).
 
     Returns:
-        (S², S²) float32, S the largest side: row q is query q's attention over the S×S keys, each row summing to
-        the sum of the weights (1 by default). Rows and keys are in row-major (y, x) order.
+        (H·W, H·W) float32, (H, W) the finest grid: row q is query q's attention over the H×W keys, each row summing
+        to the sum of the weights (1 by default). Rows and keys are in row-major (y, x) order.
     """
-    side = max(attn)
-    w = resolution_weights(sorted(attn), weights)
-    sides = sorted(attn)
-    if any(b % a for a, b in zip(sides, sides[1:])):
-        raise ValueError(f"Attention sides {sides} must each divide the next to tile queries.")
-    out, prev = None, None  # running aggregate over the queries of resolution `prev`: (prev², S²)
-    for r in sides:  # coarse to fine, so only the finest step touches all S² × S² entries
-        if w[r] == 0:
+    attn = {grid_key(g): t for g, t in attn.items()}
+    grids = by_size(attn)[::-1]  # coarse to fine, so only the finest step touches all (H·W)² entries
+    finest = grids[-1]
+    w = resolution_weights(grids, weights)
+    for a, b in zip(grids, grids[1:]):
+        if b[0] % a[0] or b[1] % a[1]:
+            raise ValueError(
+                f"Attention grids {grid_name(a)} and {grid_name(b)} do not tile: each axis of a grid must divide the "
+                "next finer one's."
+            )
+    out, prev = None, None  # running aggregate over the queries of grid `prev`: (prev h·w, H·W)
+    for grid in grids:
+        if w[grid] == 0:
             continue
-        keys = attn[r].reshape(r * r, 1, r, r)  # (r², 1, r, r): each query's map over its r×r keys
-        if r < side:
+        h, wd = grid
+        keys = attn[grid].reshape(h * wd, 1, h, wd)  # (h·w, 1, h, w): each query's map over its keys
+        if grid != finest:
             # Paper §3.1 / reference `UpSampling2D(interpolation="bilinear")`: TensorFlow's bilinear resize uses
             # half-pixel centres, which is torch's `align_corners=False` (no antialiasing when upsampling).
-            keys = F.interpolate(keys, size=(side, side), mode="bilinear", align_corners=False)
-        keys = keys.reshape(r * r, side * side)  # (r², S²)
+            keys = F.interpolate(keys, size=finest, mode="bilinear", align_corners=False)
+        keys = keys.reshape(h * wd, -1)  # (h·w, H·W)
         # Reference: renormalise each upsampled map to sum 1, then weigh it.
-        term = keys * (w[r] / keys.sum(dim=1, keepdim=True))  # (r², S²)
+        term = keys * (w[grid] / keys.sum(dim=1, keepdim=True))  # (h·w, H·W)
         if out is not None:
-            term += _tile_queries(out, prev, r)
-        out, prev = term, r
-    return out if prev == side else _tile_queries(out, prev, side).contiguous()  # (S², S²)
+            term += _tile_queries(out, prev, grid)
+        out, prev = term, grid
+    return out if prev == finest else _tile_queries(out, prev, finest).contiguous()  # (H·W, H·W)
 
 
-def _tile_queries(maps: torch.Tensor, side: int, new_side: int) -> torch.Tensor:
-    """Repeat each of side² queries' maps over its (new_side/side)² cells: (side², D) -> (new_side², D) view.
+def _tile_queries(maps: torch.Tensor, grid: Grid, new_grid: Grid) -> torch.Tensor:
+    """Repeat each of the grid's queries' maps over its cells of the finer grid: (h·w, D) -> (H·W, D) view.
 
-    Reference `tf.repeat(weights, ratio, axis=0)` then `axis=1`; tiling coarse to fine in steps composes to the same
-    result as tiling each resolution straight to S.
+    Reference `tf.repeat(weights, ratio, axis=0)` then `axis=1`, per axis by that axis's integer ratio; tiling coarse
+    to fine in steps composes to the same result as tiling each grid straight to the finest.
     """
-    ratio = new_side // side
+    (h, w), (nh, nw) = grid, new_grid
+    ry, rx = nh // h, nw // w
     d = maps.shape[1]
-    return maps.view(side, 1, side, 1, d).expand(side, ratio, side, ratio, d).reshape(new_side * new_side, d)
+    return maps.view(h, 1, w, 1, d).expand(h, ry, w, rx, d).reshape(nh * nw, d)

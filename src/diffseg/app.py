@@ -1,7 +1,8 @@
 """`diffseg app`: a Gradio page where sliders re-segment instantly.
 
-The expensive step (VAE + one UNet pass) runs once per (image, model, timestep) and its attention bundle is kept in
-a small LRU cache; every other control re-runs only aggregation, merging and labelling on the cached bundle.
+The expensive step (VAE + one UNet pass) runs once per (image, method, timestep, words) and its bundle is kept in a
+small LRU cache; every other control re-runs only the cheap step on the cached bundle: DiffSeg's aggregation,
+merging and labelling, or DiffCut's normalised cut.
 The page fetches nothing from outside this server (system fonts, no analytics), so it works offline.
 """
 
@@ -23,17 +24,19 @@ import numpy as np
 from PIL import Image
 
 from .bundle import AttentionBundle
-from .config import RESOLUTION_PRESETS, AppConfig, EncodeConfig, SegmentConfig
+from .aggregation import by_size
+from .config import ENCODE_DEFAULTS, METHODS, RESOLUTION_PRESETS, AppConfig, DiffCutConfig, SegmentConfig
+from .config import preset_weights as preset_grid_weights
 from .images import load_image
 from .outputs import label_image, save_image
-from .pipeline import segment_bundle
+from .segmentation import segment_bundle
 from .visualisation import colourise, palette
 
-_ENCODE = EncodeConfig()
 _SEGMENT = SegmentConfig()
+_DIFFCUT = DiffCutConfig()
 _APP = AppConfig()
 MAX_PIXELS = _APP.max_pixels  # module-level so tests can lower it
-SD_SIDES = (64, 32, 16, 8)  # the weight sliders, finest first; other models' resolutions map onto them by rank
+MAX_GRIDS = 4  # weight sliders, finest grid first; a model with fewer grids (SDXL: 2) shows fewer
 
 
 @dataclass
@@ -43,7 +46,9 @@ class _Entry:
 
 
 class BundleCache:
-    """LRU cache of attention bundles keyed by (image content, model, timestep). Counts the encodes it runs."""
+    """LRU cache of bundles keyed by everything that defines one: image content, model, method, timestep, words.
+    Each entry has its own file (named from its whole key), so evicting one never removes another's. Counts the
+    encodes it runs."""
 
     def __init__(self, pipeline, capacity: int = _APP.cache_size, folder: str | Path | None = None) -> None:
         if capacity < 1:
@@ -56,21 +61,26 @@ class BundleCache:
         self._folder = Path(folder or tempfile.mkdtemp(prefix="diffseg-app-"))
 
     @staticmethod
-    def key(image: np.ndarray, model: str, timestep: int, words: tuple[str, ...] = ()) -> tuple:
+    def key(
+        image: np.ndarray, model: str, timestep: int, words: tuple[str, ...] = (), method: str = "diffseg"
+    ) -> tuple:
         digest = hashlib.sha256(str(image.shape).encode() + np.ascontiguousarray(image).tobytes()).hexdigest()
-        return digest, model, int(timestep), words
+        return digest, model, method, int(timestep), tuple(words)
 
-    def get(self, image: np.ndarray, timestep: int, words: tuple[str, ...] = ()) -> tuple[_Entry, bool]:
-        """The bundle for `image` at `timestep` (with cross-attention for `words`, if any), and whether it had to be
-        encoded now."""
-        key = self.key(image, self.pipeline.model, timestep, words)
+    def get(
+        self, image: np.ndarray, timestep: int, words: tuple[str, ...] = (), method: str = "diffseg"
+    ) -> tuple[_Entry, bool]:
+        """The bundle of `method` for `image` at `timestep` (with cross-attention for `words`, if any), and whether
+        it had to be encoded now."""
+        key = self.key(image, self.pipeline.model, timestep, words, method)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key], False
         # Encode outside the lock: cached bundles stay available while a new image is encoded.
-        bundle = self.pipeline.encode(image, timestep=timestep, labels=list(words) or None)
-        file = bundle.save(self._folder / f"{key[0][:16]}-t{timestep}.safetensors")
+        bundle = self.pipeline.encode(image, method=method, timestep=timestep, labels=list(words) or None)
+        name = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
+        file = bundle.save(self._folder / f"{key[0][:12]}-{method}-t{timestep}-{name}.safetensors")
         entry = _Entry(bundle, file)
         with self._lock:
             self.encodes += 1
@@ -80,7 +90,7 @@ class BundleCache:
                 _, old = self._entries.popitem(last=False)
                 old.file.unlink(missing_ok=True)
         print(
-            f"diffseg app: encoded image {key[0][:12]} at t={timestep} (encode #{self.encodes})",
+            f"diffseg app: encoded image {key[0][:12]} with {method} at t={timestep} (encode #{self.encodes})",
             file=sys.stderr,
             flush=True,
         )
@@ -90,19 +100,31 @@ class BundleCache:
         return len(self._entries)
 
 
-def preset_weights(name: str) -> list[float]:
-    """Slider values (finest first) for a named preset; "proportional" is the paper's r / Σr."""
-    weights = RESOLUTION_PRESETS[name]
-    if weights is None:
-        return [r / sum(SD_SIDES) for r in SD_SIDES]
-    return [float(weights.get(r, 0.0)) for r in SD_SIDES]
+def presets_for(sides: tuple[int, ...]) -> list[str]:
+    """The presets that weigh one of a model's grids (SDXL's two grids leave out "third and fourth")."""
+    names = []
+    for name in RESOLUTION_PRESETS:
+        try:
+            preset_grid_weights(name, [(s, s) for s in sides])
+            names.append(name)
+        except ValueError:
+            continue
+    return names
 
 
-def slider_weights(bundle: AttentionBundle, values: list[float]) -> dict[int, float]:
-    """Map slider values (finest first) onto the bundle's resolutions by rank, normalised to sum 1 so that the KL
+def preset_weights(name: str, sides: tuple[int, ...] = (64, 32, 16, 8)) -> list[float]:
+    """Slider values (finest first, `MAX_GRIDS` of them) for a named preset on a model whose grids have `sides` at
+    its native size; "proportional" is the paper's r / Σr. Sliders past the model's grids are 0."""
+    weights = preset_grid_weights(name, [(s, s) for s in sides])
+    values = [s / sum(sides) for s in sides] if weights is None else list(weights.values())
+    return [float(v) for v in values] + [0.0] * (MAX_GRIDS - len(values))
+
+
+def slider_weights(bundle: AttentionBundle, values: list[float]) -> dict[tuple[int, int], float]:
+    """Map slider values (finest first) onto the bundle's grids by rank, normalised to sum 1 so that the KL
     threshold keeps its meaning whatever the mix."""
-    sides = sorted(bundle.attention, reverse=True)
-    weights = {r: float(v) for r, v in zip(sides, values)}
+    grids = by_size(bundle.attention)
+    weights = {g: float(v) for g, v in zip(grids, values)}
     total = sum(weights.values())
     if total <= 0:
         raise ValueError("All resolution weights are 0: give at least one resolution a positive weight.")
@@ -168,17 +190,31 @@ class View:
     seconds: float
 
 
-def render(entry: _Entry, out_dir: Path, kl_threshold, iterations, num_points, refine, weights) -> View:
-    """The slider path: cached bundle -> segmentation -> overlay, label map, label PNG and segment table."""
+def render(
+    entry: _Entry,
+    out_dir: Path,
+    kl_threshold,
+    iterations,
+    num_points,
+    refine,
+    weights,
+    tau=_DIFFCUT.tau,
+    alpha=_DIFFCUT.alpha,
+    pamr=_DIFFCUT.pamr,
+) -> View:
+    """The slider path: cached bundle -> segmentation (its method's) -> overlay, label map, label PNG and table."""
     start = time.perf_counter()
-    result = segment_bundle(
-        entry.bundle,
-        kl_threshold=float(kl_threshold),
-        iterations=int(iterations),
-        num_points=int(num_points),
-        refine=bool(refine),
-        resolution_weights=slider_weights(entry.bundle, list(weights)),
-    )
+    if entry.bundle.method == "diffcut":
+        settings = {"tau": float(tau), "alpha": float(alpha), "pamr": bool(pamr)}
+    else:
+        settings = {
+            "kl_threshold": float(kl_threshold),
+            "iterations": int(iterations),
+            "num_points": int(num_points),
+            "refine": bool(refine),
+            "resolution_weights": slider_weights(entry.bundle, list(weights)),
+        }
+    result = segment_bundle(entry.bundle, **settings)
     label_file = Path(out_dir) / f"{entry.file.stem}-labels.png"
     save_image(label_image(result.labels), label_file)
     view = View(
@@ -204,16 +240,22 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
         str(p) for p in resources.files("diffseg").joinpath("examples").iterdir() if str(p).endswith(".jpg")
     )
 
-    def run(path, timestep, words, kl_threshold, iterations, num_points, refine, *weights):
+    sides = pipeline.backbone.grid_sides[:MAX_GRIDS]
+
+    def run(path, method, timestep, words, kl_threshold, iterations, num_points, refine, tau, alpha, pamr, *weights):
         try:
             start = time.perf_counter()
             image = read_upload(path)
-            entry, encoded = cache.get(image, int(timestep), parse_words(words))
+            if method == "diffcut" and parse_words(words):
+                raise ValueError("Naming segments works with DiffSeg only: clear the words or choose DiffSeg.")
+            entry, encoded = cache.get(image, int(timestep), parse_words(words), method)
             encode_seconds = time.perf_counter() - start
-            view = render(entry, out_dir, kl_threshold, iterations, num_points, refine, weights)
+            view = render(
+                entry, out_dir, kl_threshold, iterations, num_points, refine, weights, tau, alpha, pamr
+            )
         except (ValueError, ImportError, OSError) as error:
             raise gr.Error(str(error)) from error
-        source = f"encoded in {encode_seconds:.1f} s" if encoded else "attention from cache"
+        source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
         status = f"**{view.num_segments} segments** · segmented in {view.seconds:.2f} s · {source}"
         return view.overlay, view.label_map, status, str(view.label_file), str(entry.file), view.table
 
@@ -222,48 +264,71 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
             return None, None, "Upload an image or pick an example.", None, None, ""
         return run(path, *settings)
 
+
     def apply_preset(name, *settings):
-        weights = preset_weights(name)
-        return (*weights, *run(*settings[:7], *weights))
+        weights = preset_weights(name, sides)
+        return (*weights, *run(*settings[:11], *weights))
+
+    def on_method(method, path, _timestep, *settings):
+        timestep = ENCODE_DEFAULTS[method].timestep  # each method's paper's timestep
+        outputs = on_image(path, method, timestep, *settings)
+        return (gr.update(value=timestep), gr.update(visible=method == "diffseg"), gr.update(visible=method == "diffcut"), *outputs)
 
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
     )  # system fonts: the default theme would fetch web fonts from the internet
     with gr.Blocks(title="DiffSeg") as blocks:
         gr.Markdown(
-            "## DiffSeg — unsupervised zero-shot segmentation with Stable Diffusion\n"
-            "Upload an image: one UNet step captures its self-attention (slow, once per image and timestep); "
-            "every other control re-segments the cached attention at once."
+            f"## diffseg — unsupervised zero-shot segmentation with {pipeline.backbone.name}\n"
+            "Upload an image: one UNet step captures what the method needs (slow, once per image, method and "
+            "timestep); every other control re-segments the cached result at once."
         )
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id="input-image")
                 gr.Examples(examples=examples, inputs=image)
+                method = gr.Radio(
+                    list(METHODS), value="diffseg", label="Method (re-encodes)", elem_id="method",
+                    info="DiffSeg: self-attention merged by KL; DiffCut: one layer's features, recursive normalised cut",
+                )
                 timestep = gr.Slider(
-                    0, 999, value=_ENCODE.timestep, step=1, label="Timestep (re-encodes)", elem_id="timestep"
+                    0, 999, value=ENCODE_DEFAULTS["diffseg"].timestep, step=1, label="Timestep (re-encodes)",
+                    elem_id="timestep",
                 )
                 words = gr.Textbox(
                     label="Name segments with (comma-separated words, optional; re-encodes)",
                     placeholder="road, car, person, sky",
                     elem_id="labels",
                 )
-                kl = gr.Slider(
-                    0.05, 3.0, value=_SEGMENT.kl_threshold, step=0.05, label="KL threshold τ", elem_id="kl-threshold"
-                )
-                iterations = gr.Slider(
-                    1, 6, value=_SEGMENT.iterations, step=1, label="Merge iterations", elem_id="iterations"
-                )
-                points = gr.Slider(
-                    2, 32, value=_SEGMENT.num_points, step=1, label="Anchor grid (M×M)", elem_id="num-points"
-                )
-                refine = gr.Checkbox(value=_SEGMENT.refine, label="K-means refinement", elem_id="refine")
-                preset = gr.Dropdown(
-                    list(RESOLUTION_PRESETS), value="proportional", label="Resolution preset", elem_id="preset"
-                )
-                sliders = [
-                    gr.Slider(0, 1, value=w, step=0.01, label=f"Weight {r}² (normalised)", elem_id=f"weight-{r}")
-                    for r, w in zip(SD_SIDES, preset_weights("proportional"))
-                ]
+                with gr.Group(visible=False) as diffcut_controls:
+                    tau = gr.Slider(
+                        0.05, 1.5, value=_DIFFCUT.tau, step=0.01, label="Cut threshold τ (lower: fewer segments)",
+                        elem_id="tau",
+                    )
+                    alpha = gr.Slider(1, 20, value=_DIFFCUT.alpha, step=0.5, label="Affinity exponent α", elem_id="alpha")
+                    pamr = gr.Checkbox(value=_DIFFCUT.pamr, label="PAMR refinement", elem_id="pamr")
+                with gr.Group() as diffseg_controls:
+                    kl = gr.Slider(
+                        0.05, 3.0, value=_SEGMENT.kl_threshold, step=0.05, label="KL threshold τ", elem_id="kl-threshold"
+                    )
+                    iterations = gr.Slider(
+                        1, 6, value=_SEGMENT.iterations, step=1, label="Merge iterations", elem_id="iterations"
+                    )
+                    points = gr.Slider(
+                        2, 32, value=_SEGMENT.num_points, step=1, label="Anchor grid (M×M)", elem_id="num-points"
+                    )
+                    refine = gr.Checkbox(value=_SEGMENT.refine, label="K-means refinement", elem_id="refine")
+                    preset = gr.Dropdown(
+                        presets_for(sides), value="proportional", label="Resolution preset", elem_id="preset"
+                    )
+                    sliders = [
+                        gr.Slider(
+                            0, 1, value=w, step=0.01, visible=k < len(sides),
+                            label=f"Weight of grid {k + 1} ({sides[k]}² at native size; normalised)" if k < len(sides) else "",
+                            elem_id=f"weight-{k}",
+                        )
+                        for k, w in enumerate(preset_weights("proportional", sides))
+                    ]
             with gr.Column(scale=2):
                 status = gr.Markdown("Upload an image or pick an example.", elem_id="status")
                 with gr.Row():
@@ -271,10 +336,10 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                     label_view = gr.Image(label="Label map", format="png", interactive=False, elem_id="label-map")
                 with gr.Row():
                     label_file = gr.File(label="Label map (PNG of ids)", elem_id="label-download")
-                    bundle_file = gr.File(label="Attention bundle (safetensors)", elem_id="bundle-download")
+                    bundle_file = gr.File(label="Bundle: what the UNet produced (safetensors)", elem_id="bundle-download")
                 table = gr.HTML(elem_id="segments")
 
-        settings = [image, timestep, words, kl, iterations, points, refine, *sliders]
+        settings = [image, method, timestep, words, kl, iterations, points, refine, tau, alpha, pamr, *sliders]
         outputs = [overlay, label_view, status, label_file, bundle_file, table]
         # Only the image and the timestep can trigger the model; the rest re-use the cached bundle. "always_last":
         # while one segmentation runs, further moves collapse into one run with the latest values.
@@ -282,9 +347,16 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
         timestep.release(run, settings, outputs, trigger_mode="always_last")
         words.submit(run, settings, outputs, trigger_mode="always_last")
         words.blur(run, settings, outputs, trigger_mode="always_last")
-        for control in (kl, iterations, points, *sliders):
+        for control in (kl, iterations, points, tau, alpha, *sliders):
             control.input(run, settings, outputs, trigger_mode="always_last", show_progress="minimal")
         refine.input(run, settings, outputs, trigger_mode="always_last")
+        pamr.input(run, settings, outputs, trigger_mode="always_last")
+        method.input(
+            on_method,
+            [method, image, timestep, *settings[3:]],
+            [timestep, diffseg_controls, diffcut_controls, *outputs],
+            trigger_mode="always_last",
+        )
         preset.input(apply_preset, [preset, *settings], [*sliders, *outputs], trigger_mode="always_last")
     blocks.diffseg_theme = theme
     return blocks, cache

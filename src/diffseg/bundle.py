@@ -1,4 +1,4 @@
-"""The attention bundle: everything segmentation needs, computed once per image and timestep.
+"""The bundle: everything segmentation needs, computed once per image (the UNet's expensive step).
 
 Encode once, segment many: the demo's sliders, evaluation sweeps and `--resume` re-run only steps 3-5 on it.
 A bundle saves to and loads from one safetensors file, so segmentation can be re-run without the model.
@@ -15,34 +15,53 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .aggregation import GridDict, by_size, grid_key
 from .outputs import atomic_path
 from .semantic import Vocabulary
 
-FORMAT = "diffseg-attention-bundle/1"
+FORMAT = "diffseg-bundle/2"  # grids keyed "HxW"; DiffCut features
+_FORMAT_V1 = "diffseg-attention-bundle/1"  # square grids keyed by side r; still read
 
 
 @dataclass
 class AttentionBundle:
-    """Self-attention of one image, with the image it came from.
+    """What the UNet produced for one image, with the image it came from: DiffSeg's self-attention at every grid,
+    or DiffCut's layer features.
 
     Attributes:
-        attention: r -> (r², r²) float32 query × key probabilities, averaged over heads and over the layers of
-            that resolution; rows sum to 1.
+        attention: (h, w) -> (h·w, h·w) float32 query × key probabilities, averaged over heads and over the layers
+            of that grid; rows sum to 1. Finest first. Empty for a DiffCut bundle.
         image: (H, W, 3) uint8 RGB, the region that was encoded (after any crop), at its own resolution.
         timestep: the UNet timestep the attention was taken at.
         model: the checkpoint (hub id or folder) that produced it.
-        layers: r -> number of self-attention layers averaged at that resolution.
-        cross_attention: r -> (r², T) cross-attention over the vocabulary prompt's T tokens, when encoded with labels.
+        layers: (h, w) -> number of self-attention layers averaged at that grid.
+        cross_attention: (h, w) -> (h·w, T) cross-attention over the vocabulary prompt's T tokens, when encoded with
+            labels.
         vocabulary: the words (and their token positions) the cross-attention belongs to.
+        features: (h, w, C) float32 tokens of DiffCut's layer (None for a DiffSeg bundle).
     """
 
-    attention: dict[int, torch.Tensor]
+    attention: dict[tuple[int, int], torch.Tensor]
     image: np.ndarray
     timestep: int
     model: str = ""
-    layers: dict[int, int] = field(default_factory=dict)
-    cross_attention: dict[int, torch.Tensor] | None = None
+    layers: dict[tuple[int, int], int] = field(default_factory=dict)
+    cross_attention: dict[tuple[int, int], torch.Tensor] | None = None
     vocabulary: Vocabulary | None = None
+    features: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.attention = GridDict((grid_key(g), t) for g, t in self.attention.items())
+        self.layers = GridDict((grid_key(g), int(n)) for g, n in self.layers.items())
+        if self.cross_attention is not None:
+            self.cross_attention = GridDict((grid_key(g), t) for g, t in self.cross_attention.items())
+        if not self.attention and self.features is None:
+            raise ValueError("A bundle needs attention maps (DiffSeg) or features (DiffCut); it has neither.")
+
+    @property
+    def method(self) -> str:
+        """ "diffcut" for a bundle of layer features, "diffseg" for one of attention maps."""
+        return "diffcut" if self.features is not None else "diffseg"
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -53,15 +72,17 @@ class AttentionBundle:
         """Write the bundle to a safetensors file (atomically: a reader never sees half a file)."""
         from safetensors.torch import save_file
 
-        tensors = {f"attention.{r}": t.detach().float().cpu().contiguous() for r, t in self.attention.items()}
+        tensors = {f"attention.{h}x{w}": t.detach().float().cpu().contiguous() for (h, w), t in self.attention.items()}
         tensors["image"] = torch.tensor(np.asarray(self.image, dtype=np.uint8))
-        for r, t in (self.cross_attention or {}).items():
-            tensors[f"cross.{r}"] = t.detach().float().cpu().contiguous()
+        for (h, w), t in (self.cross_attention or {}).items():
+            tensors[f"cross.{h}x{w}"] = t.detach().float().cpu().contiguous()
+        if self.features is not None:
+            tensors["features"] = self.features.detach().float().cpu().contiguous()
         metadata = {
             "format": FORMAT,
             "timestep": str(self.timestep),
             "model": self.model,
-            "layers": json.dumps({str(r): n for r, n in self.layers.items()}),
+            "layers": json.dumps({f"{h}x{w}": n for (h, w), n in self.layers.items()}),
         }
         if self.vocabulary is not None:
             metadata["vocabulary"] = json.dumps(dataclasses.asdict(self.vocabulary))
@@ -72,33 +93,57 @@ class AttentionBundle:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AttentionBundle:
-        """Read a bundle written by `save`."""
+        """Read a bundle written by `save` (this format or the first, square-only one).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not a bundle, truncated, or a field malformed; the message names the file and the field.
+        """
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Attention bundle `{path}` does not exist.")
+            raise FileNotFoundError(f"Bundle `{path}` does not exist.")
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-                if metadata.get("format") != FORMAT:
-                    raise ValueError(f"`{path}` is not a DiffSeg attention bundle (format {metadata.get('format')!r}).")
-                attention = {
-                    int(key.split(".", 1)[1]): f.get_tensor(key) for key in f.keys() if key.startswith("attention.")
-                }
-                image = f.get_tensor("image").numpy()
-                cross = {int(key.split(".", 1)[1]): f.get_tensor(key) for key in f.keys() if key.startswith("cross.")}
+                if metadata.get("format") not in (FORMAT, _FORMAT_V1):
+                    raise ValueError(f"`{path}` is not a diffseg bundle (format {metadata.get('format')!r}).")
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
         except (OSError, RuntimeError, SafetensorError) as error:  # truncated or foreign files
-            raise ValueError(f"`{path}` could not be read as an attention bundle ({error}).") from error
+            raise ValueError(f"`{path}` could not be read as a bundle ({error}).") from error
+
+        def field_of(name, read):
+            try:
+                return read()
+            except (KeyError, ValueError, TypeError, AttributeError) as error:
+                raise ValueError(f"Bundle `{path}` has a malformed `{name}` ({error!r}); re-encode the image.") from None
+
+        def grids(prefix):
+            return {grid_key(k.split(".", 1)[1]): t for k, t in tensors.items() if k.startswith(prefix)}
+
+        attention = field_of("attention", lambda: grids("attention."))
+        cross = field_of("cross", lambda: grids("cross."))
+        for name, maps in (("attention", attention), ("cross", cross)):
+            for grid, t in maps.items():
+                if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                    raise ValueError(
+                        f"Bundle `{path}` has NaN, infinite or negative `{name}` at grid {grid[0]}x{grid[1]}; "
+                        "re-encode the image (in float32 if half precision overflowed)."
+                    )
         return cls(
-            attention=dict(sorted(attention.items(), reverse=True)),
-            image=image,
-            timestep=int(metadata["timestep"]),
+            attention={g: attention[g] for g in by_size(attention)},
+            image=field_of("image", lambda: tensors["image"].numpy()),
+            timestep=field_of("timestep", lambda: int(metadata["timestep"])),
             model=metadata.get("model", ""),
-            layers={int(r): n for r, n in json.loads(metadata.get("layers", "{}")).items()},
-            cross_attention=dict(sorted(cross.items(), reverse=True)) or None,
-            vocabulary=_vocabulary(metadata.get("vocabulary")),
+            layers=field_of("layers", lambda: {grid_key(r): int(n) for r, n in json.loads(metadata.get("layers", "{}")).items()}),
+            cross_attention={g: cross[g] for g in by_size(cross)} or None,
+            vocabulary=field_of("vocabulary", lambda: _vocabulary(metadata.get("vocabulary"))),
+            features=tensors.get("features"),
         )
+
+
+Bundle = AttentionBundle  # either method's cache
 
 
 def _vocabulary(text: str | None) -> Vocabulary | None:

@@ -11,52 +11,61 @@ them `/5` per resolution; `DiffSeg.aggregate_weights` then takes the mean over h
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from .aggregation import Grid, GridDict, by_size
 
 # Attention scores computed at once (elements): 2**21 float32 = 8 MiB, a block of query rows over all heads.
 _SCORES_PER_BLOCK = 1 << 21
 _SCORES_PER_BLOCK_GPU = 1 << 26  # 256 MiB: on a GPU, fewer and larger kernels win
 
 
-class AttentionStore:
-    """Running sums of head-averaged attention probabilities, per spatial resolution, self and cross separately.
+def token_grid(tokens: int, latent: tuple[int, int]) -> Grid:
+    """The (h, w) grid with `tokens` cells among a UNet's levels for a latent of (H, W): (H, W), then each stride-2
+    downsampling's (ceil(H/2), ceil(W/2)), and so on."""
+    h, w = int(latent[0]), int(latent[1])
+    while h * w > tokens:
+        h, w = -(-h // 2), -(-w // 2)  # a stride-2 convolution with padding 1: ceil(n / 2)
+    if h * w != tokens:
+        raise ValueError(f"{tokens} tokens match no grid of the {latent[0]}×{latent[1]} latent's UNet levels.")
+    return h, w
 
+
+class AttentionStore:
+    """Running sums of head-averaged attention probabilities, per attention grid, self and cross separately.
+
+    Grids are keyed (h, w), each layer's read from its number of queries (`token_grid`).
     Results live here, not on the model or the pipeline, so concurrent encodes never share state.
     """
 
-    def __init__(self) -> None:
-        self._sums: dict[str, dict[int, torch.Tensor]] = {"self": {}, "cross": {}}  # r -> (B, r², keys)
-        self._layers: dict[str, dict[int, int]] = {"self": {}, "cross": {}}
+    def __init__(self, latent: tuple[int, int]) -> None:
+        self.latent = (int(latent[0]), int(latent[1]))
+        self._sums: dict[str, dict[Grid, torch.Tensor]] = {"self": {}, "cross": {}}  # (h, w) -> (B, h·w, keys)
+        self._layers: dict[str, dict[Grid, int]] = {"self": {}, "cross": {}}
 
     @property
-    def layers(self) -> dict[int, int]:
-        """r -> number of self-attention layers added."""
-        return dict(self._layers["self"])
+    def layers(self) -> dict[Grid, int]:
+        """(h, w) -> number of self-attention layers added."""
+        return GridDict(self._layers["self"])
 
     def add(self, head_mean: torch.Tensor, kind: str = "self") -> None:
-        """Add one layer's head-averaged probabilities, (B, N, keys) float32 with N = r² queries (the store may keep
-        the tensor). `kind` is "self" or "cross"."""
-        n = head_mean.shape[-2]
-        r = math.isqrt(n)
-        if r * r != n:
-            raise ValueError(
-                f"Attention over {n} query tokens is not a square latent; only square inputs are supported."
-            )
+        """Add one layer's head-averaged probabilities, (B, N, keys) float32 with N = h·w queries (the store may
+        keep the tensor). `kind` is "self" or "cross"."""
+        grid = token_grid(head_mean.shape[-2], self.latent)
         sums, layers = self._sums[kind], self._layers[kind]
-        if r in sums:
-            sums[r] += head_mean
+        if grid in sums:
+            sums[grid] += head_mean
         else:
-            sums[r] = head_mean
-        layers[r] = layers.get(r, 0) + 1
+            sums[grid] = head_mean
+        layers[grid] = layers.get(grid, 0) + 1
 
-    def maps(self, kind: str = "self") -> dict[int, torch.Tensor]:
-        """r -> (B, r², keys) float32: mean over heads and over the layers of that resolution, finest first."""
+    def maps(self, kind: str = "self") -> dict[Grid, torch.Tensor]:
+        """(h, w) -> (B, h·w, keys) float32: mean over heads and over the layers of that grid, finest first."""
         sums, layers = self._sums[kind], self._layers[kind]
-        return {r: sums[r] / layers[r] for r in sorted(sums, reverse=True)}
+        return GridDict((g, sums[g] / layers[g]) for g in by_size(sums))
 
 
 class AttentionCaptureProcessor:
@@ -163,15 +172,17 @@ def self_attention_layers(unet: torch.nn.Module) -> list[str]:
 
 
 @contextmanager
-def capture_attention(unet: torch.nn.Module, *, cross: bool = False) -> Iterator[AttentionStore]:
+def capture_attention(
+    unet: torch.nn.Module, latent: tuple[int, int], *, cross: bool = False
+) -> Iterator[AttentionStore]:
     """Install capturing processors on the self-attention layers (and, with `cross`, the cross-attention layers) for
     the duration of the block. The original processors are restored on exit, also when the forward raises.
 
-        with capture_attention(unet) as store:
+        with capture_attention(unet, latents.shape[-2:]) as store:
             unet(latents, timestep, encoder_hidden_states=text)
-        maps = store.maps()  # r -> (B, r², r²)
+        maps = store.maps()  # (h, w) -> (B, h·w, h·w)
     """
-    store = AttentionStore()
+    store = AttentionStore(latent)
     original = unet.attn_processors  # name -> processor, every layer
     replace = {name: AttentionCaptureProcessor(store, "self") for name in attention_layers(unet, "self")}
     if cross:
@@ -184,6 +195,22 @@ def capture_attention(unet: torch.nn.Module, *, cross: bool = False) -> Iterator
         unet.set_attn_processor(original)
 
 
-def capture_self_attention(unet: torch.nn.Module):
-    """`capture_attention` for self-attention only (the method's capture step)."""
-    return capture_attention(unet)
+@contextmanager
+def capture_output(module: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record `module`'s output during the block (DiffCut's features: one `attn1`'s output, the UNet keeping its
+    fused attention). The hook is removed on exit, also when the forward raises.
+
+        with capture_output(unet.down_blocks[-1].attentions[-1].transformer_blocks[-1].attn1) as out:
+            unet(...)
+        tokens = out["output"]  # (B, h·w, C)
+    """
+    record: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _inputs, output):
+        record["output"] = output.detach()
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()

@@ -12,11 +12,23 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from .config import DEFAULT_MODEL, RESOLUTION_PRESETS, AppConfig, EncodeConfig, SegmentConfig
+from .config import (
+    DEFAULT_MODEL,
+    ENCODE_DEFAULTS,
+    METHOD_DEFAULT,
+    METHODS,
+    RESOLUTION_PRESETS,
+    AppConfig,
+    DiffCutConfig,
+    EncodeConfig,
+    SegmentConfig,
+)
 
 _ENCODE = EncodeConfig()
 _SEGMENT = SegmentConfig()
+_DIFFCUT = DiffCutConfig()
 _APP = AppConfig()
+MAX_OUTPUT_PIXELS = 400_000_000  # --output-size: a label map larger than this (20000×20000) is refused
 
 
 # ---------------------------------------------------------------------------------------------- shared options
@@ -36,6 +48,15 @@ def _weights(text: str) -> dict[int, float]:
         return {int(r): float(w) for r, w in pairs}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected R:W pairs such as '64:0.5,32:0.5', got {text!r}") from None
+
+
+def _seed(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed or 'none', got {text!r}") from None
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -63,11 +84,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> None:
+    diffseg, diffcut = ENCODE_DEFAULTS["diffseg"], ENCODE_DEFAULTS["diffcut"]
     group = parser.add_argument_group("encoding (the UNet step)")
     group.add_argument(
-        "--timestep", type=int, default=_ENCODE.timestep, help="UNet timestep (default: %(default)s, the paper's)"
+        "--method",
+        choices=METHODS,
+        default="diffseg",
+        help="diffseg: self-attention merged by KL (Tian et al.); diffcut: one layer's features cut by recursive "
+        "normalised cut (Couairon et al.) (default: %(default)s)",
     )
-    if crop:  # benchmarks fix the crop, the resolution and the (absent) noise: the protocol's
+    group.add_argument(
+        "--timestep",
+        type=int,
+        default=METHOD_DEFAULT,
+        help=f"UNet timestep (default: the method's paper: DiffSeg {diffseg.timestep}, DiffCut {diffcut.timestep})",
+    )
+    if crop:  # benchmarks fix the crop, the size and the noise: the protocol's
         group.add_argument(
             "--crop",
             choices=["none", "center"],
@@ -75,18 +107,44 @@ def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> 
             help="center: take the central square first, as the benchmarks do (default: %(default)s)",
         )
         group.add_argument(
+            "--resize",
+            choices=["native", "square"],
+            default=_ENCODE.resize,
+            help="native: keep the aspect ratio at about RESOLUTION² pixels; square: the paper's RESOLUTION×RESOLUTION "
+            "(default: %(default)s)",
+        )
+        group.add_argument(
             "--resolution",
             type=int,
-            default=_ENCODE.resolution,
-            help="side the image is resized to, a multiple of 64 (default: %(default)s, the paper's)",
+            default=METHOD_DEFAULT,
+            help="about RESOLUTION² pixels reach the UNet, each side a multiple of 64 (SDXL family: 32) (default: "
+            f"DiffSeg the model's native size, 512 for SD 1.x; DiffCut {diffcut.resolution})",
         )
         group.add_argument(
             "--noise-seed",
-            type=int,
-            default=_ENCODE.noise_seed,
-            help="add seeded noise for the timestep (default: none, the clean latent, as the paper)",
+            type=_seed,
+            default=METHOD_DEFAULT,
+            help="seed of the noise added for the timestep, or 'none' for the clean latent (default: DiffSeg none, "
+            f"as its paper; DiffCut {diffcut.noise_seed}, as its reference)",
         )
     group.add_argument("--batch-size", type=int, default=1, help="images per UNet batch (default: %(default)s)")
+
+
+def encode_kwargs(args: argparse.Namespace) -> dict:
+    """The `DiffSegPipeline.encode` keyword arguments given on the command line, checked (before any model loads)."""
+    from .config import encode_settings
+
+    given = {name: getattr(args, name, METHOD_DEFAULT) for name in ("timestep", "resolution", "noise_seed")}
+    settings = encode_settings(args.method, **given)
+    if not 0 <= settings.timestep <= 999:
+        raise ValueError(f"`--timestep` must be in [0, 999] but is {settings.timestep}.")
+    if settings.resolution is not None and not 32 <= settings.resolution <= 4096:
+        raise ValueError(f"`--resolution` must be from 32 to 4096 (a multiple of 64, or 32 for SDXL) but is "
+                         f"{settings.resolution}.")
+    kwargs = {"method": args.method, **{k: getattr(settings, k) for k in given}}
+    if hasattr(args, "crop"):
+        kwargs.update(crop=None if args.crop == "none" else args.crop, resize=args.resize)
+    return kwargs
 
 
 def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT.kl_threshold) -> None:
@@ -122,10 +180,21 @@ def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT
     )
     weights.add_argument(
         "--resolution-preset",
-        choices=sorted(RESOLUTION_PRESETS),
+        choices=list(RESOLUTION_PRESETS),
         default=None,
-        help="a named weighting of the resolutions",
+        help="a named weighting of the attention grids by rank, finest first (fits any model)",
     )
+    cut = parser.add_argument_group("DiffCut segmentation (recursive normalised cut), with --method diffcut")
+    cut.add_argument(
+        "--tau",
+        type=float,
+        default=_DIFFCUT.tau,
+        help="accept a cut while its normalised-cut cost is below τ; lower gives fewer segments (default: %(default)s)",
+    )
+    cut.add_argument(
+        "--alpha", type=float, default=_DIFFCUT.alpha, help="affinity exponent α (default: %(default)s)"
+    )
+    cut.add_argument("--pamr", action="store_true", help="refine with PAMR and a 3×3 median filter (reference option)")
 
 
 def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) -> None:
@@ -169,7 +238,16 @@ def label_kwargs(args: argparse.Namespace) -> dict:
 
 
 def segment_kwargs(args: argparse.Namespace) -> dict:
-    """The `segment_attention` keyword arguments given on the command line (checked before any model loads)."""
+    """The segmenter's keyword arguments given on the command line (`segment_attention` for DiffSeg,
+    `segment_features` for DiffCut), checked before any model loads."""
+    import math
+
+    if args.method == "diffcut":
+        for name in ("tau", "alpha"):
+            value = getattr(args, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"`--{name}` must be a positive number but is {value}.")
+        return {"tau": args.tau, "alpha": args.alpha, "pamr": args.pamr}
     if args.refine:
         try:
             import sklearn.cluster  # noqa: F401
@@ -179,7 +257,9 @@ def segment_kwargs(args: argparse.Namespace) -> dict:
             ) from error
     weights = args.resolution_weights
     if args.resolution_preset is not None:
-        weights = RESOLUTION_PRESETS[args.resolution_preset]
+        weights = args.resolution_preset  # weights by rank: resolved on each bundle's grids
+    if not 2 <= args.num_points <= 64:
+        raise ValueError(f"`--num-points` must be from 2 to 64 (and at most the finest grid's side) but is {args.num_points}.")
     kwargs = {
         "kl_threshold": args.kl_threshold,
         "iterations": args.iterations,
@@ -188,14 +268,33 @@ def segment_kwargs(args: argparse.Namespace) -> dict:
         "resolution_weights": weights,
         "reference_float16": not args.float32_merge,
     }
-    SegmentConfig(**kwargs).thresholds()  # a threshold list of the wrong length fails here, not after loading
+    thresholds = SegmentConfig(**kwargs).thresholds()  # a threshold list of the wrong length fails here
+    if not all(math.isfinite(t) for t in thresholds):
+        raise ValueError(f"`--kl-threshold` must be finite but is {args.kl_threshold}.")
     return kwargs
+
+
+def check_output_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    if size is not None and size[0] * size[1] > MAX_OUTPUT_PIXELS:
+        raise ValueError(f"`--output-size` {size[0]}x{size[1]} is larger than {MAX_OUTPUT_PIXELS:,} pixels.")
+    return size
 
 
 def check_batch_size(value: int) -> int:
     if value < 1:
         raise ValueError(f"`--batch-size` must be at least 1 but is {value}.")
     return value
+
+
+def check_model(args: argparse.Namespace, encode: dict | None = None):
+    """The checkpoint's family from its configs (no weights loaded yet), with the encode settings checked against it:
+    a bad resolution fails here, before the model loads."""
+    from .backbones import inspect, target_size
+
+    backbone = inspect(args.model)
+    if encode is not None:
+        target_size((1, 1), backbone, encode.get("resolution"), encode.get("resize", "square"))
+    return backbone
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -217,6 +316,10 @@ def run_segment(args: argparse.Namespace) -> int:
     # 1. Check inputs.
     batch_size = check_batch_size(args.batch_size)
     kwargs = segment_kwargs(args)
+    encode = encode_kwargs(args)
+    output_size = check_output_size(args.output_size)
+    if args.method != "diffseg" and (args.labels is not None or args.caption):
+        raise ValueError("Naming segments (--labels, --caption) works with --method diffseg only.")
     found, missing = find_images(args.paths)
     failures = list(missing)
     for item, reason in missing:
@@ -233,18 +336,14 @@ def run_segment(args: argparse.Namespace) -> int:
         return 1 if failures else 0
 
     # 2. Load the model.
+    check_model(args, encode)
     pipe = load_pipeline(args)
-    crop = None if args.crop == "none" else args.crop
+    crop = encode["crop"]
     if args.labels is not None:
         pipe.vocabulary(args.labels)  # fail before any image: empty, too long
     captioner = load_captioner(args, pipe.device) if args.caption else None
-    encode_kwargs = {
-        "timestep": args.timestep,
-        "crop": crop,
-        "resolution": args.resolution,
-        "noise_seed": args.noise_seed,
-        "segment_from": args.segment_from,
-    }
+    if args.method == "diffseg":
+        encode["segment_from"] = args.segment_from
 
     # 3. Decode, encode in batches, segment, write.
     start = time.perf_counter()
@@ -264,12 +363,13 @@ def run_segment(args: argparse.Namespace) -> int:
             captions = [None] * len(batch)
             try:
                 if captioner is None:
-                    bundles = pipe.encode([image for image, _, _ in batch], labels=args.labels, **encode_kwargs)
+                    labels = {"labels": args.labels} if args.labels is not None else {}
+                    bundles = pipe.encode([image for image, _, _ in batch], **labels, **encode)
                 else:  # each image has its own words: one encode each
                     bundles = []
                     for k, (image, _, _) in enumerate(batch):
                         captions[k], words = captioner.vocabulary(crop_array(np.asarray(image), crop))
-                        bundles.append(pipe.encode(image, labels=words or None, **encode_kwargs))
+                        bundles.append(pipe.encode(image, labels=words or None, **encode))
             except (RuntimeError, ValueError) as error:  # e.g. out of memory: report the batch, carry on
                 for _, _, path in batch:
                     failures.append((str(path), f"encoding failed: {error}"))
@@ -279,7 +379,7 @@ def run_segment(args: argparse.Namespace) -> int:
             for bundle, caption, (_, name, path) in zip(bundles, captions, batch):
                 out = outputs[name]
                 try:
-                    result = pipe.segment(bundle, output_size=args.output_size, **kwargs, **label_kwargs(args))
+                    result = pipe.segment(bundle, output_size=output_size, **kwargs, **label_kwargs(args))
                     save_image(label_image(result.labels), out.labels)
                     if not args.no_overlay:
                         save_image(result.overlay, out.overlay)
@@ -364,7 +464,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.kl_threshold is None:
         args.kl_threshold = bench.kl_threshold  # the paper's setting for this dataset
     kwargs = segment_kwargs(args)
+    encode = encode_kwargs(args)
+    batch_size = check_batch_size(args.batch_size)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"`--limit` must be at least 1 but is {args.limit}.")
     output = args.output or f"eval-{args.dataset}"
+    if not args.predictions:
+        check_model(args)
     pipeline = None if args.predictions else load_pipeline(args)
     summary = evaluate(
         bench,
@@ -373,8 +479,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         pipeline=pipeline,
         predictions=args.predictions,
         segment_kwargs=None if args.predictions else kwargs,
-        timestep=args.timestep,
-        batch_size=check_batch_size(args.batch_size),
+        method=args.method,
+        timestep=encode["timestep"],
+        protocol=args.protocol,
+        batch_size=batch_size,
         limit=args.limit,
     )
     print(format_summary(summary))
@@ -403,6 +511,13 @@ def add_evaluate_command(commands) -> None:
         help="score precomputed label PNGs DIR/ID.png (any method) instead of running DiffSeg",
     )
     p.add_argument("--json", action="store_true", help="also print the headline numbers as JSON")
+    p.add_argument(
+        "--protocol",
+        choices=["diffseg", "diffcut"],
+        default="diffseg",
+        help="diffseg: score at 512² (DiffSeg's paper); diffcut: at 128² with nearest-downsampled labels (DiffCut's "
+        "eval_diffcut.py) (default: %(default)s)",
+    )
     add_model_arguments(p)
     add_encode_arguments(p, crop=False)
     add_segment_arguments(p, kl_threshold=None)
@@ -464,6 +579,9 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
     from .dataset_job import segment_dataset
 
     kwargs = segment_kwargs(args)
+    encode = encode_kwargs(args)
+    if args.method != "diffseg" and args.labels is not None:
+        raise ValueError("Naming segments (--labels) works with --method diffseg only.")
     summary = segment_dataset(
         args.input,
         args.output,
@@ -474,11 +592,8 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
-        timestep=args.timestep,
-        crop=None if args.crop == "none" else args.crop,
-        resolution=args.resolution,
-        noise_seed=args.noise_seed,
         segment_kwargs=kwargs,
+        **encode,
         labels=args.labels,
         label_kwargs=label_kwargs(args),
     )

@@ -14,15 +14,46 @@ from dataclasses import dataclass, field
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
 
+METHODS = ("diffseg", "diffcut")
+
+
 @dataclass(frozen=True)
 class EncodeConfig:
-    """How an image becomes attention: one denoising step of a frozen UNet."""
+    """How an image becomes what a method segments: one denoising step of a frozen UNet (DiffSeg's defaults)."""
 
     timestep: int = 300  # paper §4.1 and benchmarks.ipynb: `text_to_image(..., timestep=300)`
-    resolution: int = 512  # reference: images resized to 512×512 -> 64×64 latents
+    # None: the model's native size (SD 1.x 512, SD 2.x-768 768, SDXL 1024; the paper's 512 for SD 1.4).
+    resolution: int | None = None
+    # "native": keep the aspect ratio at about resolution² pixels; "square": the paper's resolution×resolution.
+    resize: str = "native"
     crop: str | None = None  # "center": central square first, as the benchmarks' data loaders do
     prompt: str = ""  # reference: `_UNCONDITIONAL_TOKENS`, the embedding of the empty prompt
     noise_seed: int | None = None  # reference adds no noise: the clean latent goes in at `timestep`
+
+
+# DiffCut's reference (`tools/ldm.py`, `eval_diffcut.py`): t = 50 (`--step 50`), 1024² input (`--img_size 1024`,
+# whatever the model), noise drawn once with `torch.Generator().manual_seed(42)` and added for that timestep.
+DIFFCUT_ENCODE = EncodeConfig(timestep=50, resolution=1024, noise_seed=42)
+ENCODE_DEFAULTS = {"diffseg": EncodeConfig(), "diffcut": DIFFCUT_ENCODE}
+
+
+class _MethodDefault:
+    """Marks an encode argument left to the method's default (`ENCODE_DEFAULTS`), where None means something."""
+
+    def __repr__(self) -> str:
+        return "<the method's default>"
+
+
+METHOD_DEFAULT = _MethodDefault()
+
+
+def encode_settings(method: str, **given) -> EncodeConfig:
+    """The method's `EncodeConfig` with the arguments given (those not `METHOD_DEFAULT`) replacing its defaults."""
+    if method not in ENCODE_DEFAULTS:
+        raise ValueError(f"`method` must be one of {METHODS} but is {method!r}.")
+    from dataclasses import replace
+
+    return replace(ENCODE_DEFAULTS[method], **{k: v for k, v in given.items() if v is not METHOD_DEFAULT})
 
 
 @dataclass(frozen=True)
@@ -37,8 +68,9 @@ class SegmentConfig:
     # peaked attention) join no proposal and their anchors give none. True reproduces that, as the paper's numbers
     # did; False merges every map in float32 (log(0) guarded).
     reference_float16: bool = True
-    # None: proportional to the resolution, normalised over those present (reference `get_weight_rato`).
-    resolution_weights: Mapping[int, float] | None = field(default=None)
+    # None: proportional to the grid's side, normalised over those present (reference `get_weight_rato`). Keys are
+    # grids: (h, w), "HxW", or a side r for r×r.
+    resolution_weights: Mapping[object, float] | str | None = field(default=None)  # or a preset's name
 
     def thresholds(self) -> tuple[float, ...]:
         """One KL threshold per merge iteration, validated."""
@@ -64,6 +96,19 @@ def merge_thresholds(kl_threshold: float | Sequence[float], iterations: int) -> 
 
 
 @dataclass(frozen=True)
+class DiffCutConfig:
+    """How one UNet layer's tokens become a label map (DiffCut, Couairon et al., NeurIPS 2024).
+
+    Reference: `eval_diffcut.py` and `diffcut/recursive_normalized_cut.py` (PaulCouairon/DiffCut).
+    """
+
+    tau: float = 0.5  # `--tau 0.5`: a cut is accepted while its normalised-cut cost is below τ
+    alpha: float = 10  # `--alpha 10`: exponent of the min-max normalised cosine affinity
+    output_size: tuple[int, int] = (128, 128)  # `generate_masks(..., mask_size=(128, 128))`, where it is scored
+    pamr: bool = False  # `--refinement` off by default: PAMR (10 iterations, dilations 1, 2, 4, 8) + 3×3 median
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """Limits of the interactive demo (`diffseg app`)."""
 
@@ -72,13 +117,32 @@ class AppConfig:
     cache_size: int = 4  # attention bundles kept in the LRU: about 90 MB each for SD 1.x at 512²
 
 
-# Named weightings of the resolutions, for the demo and the CLI (`--resolution-preset`).
-# "proportional" is None: the paper's default, computed over the resolutions present.
-RESOLUTION_PRESETS: dict[str, Mapping[int, float] | None] = {
+# Named weightings of the attention grids, for the demo and the CLI (`--resolution-preset`): weights by rank,
+# finest grid first, so one preset fits every model and aspect ratio (SD 1.x at 512²: 64, 32, 16, 8; SDXL at 1024²:
+# 64, 32). "proportional" is None: the paper's default, computed over the grids present. A preset applies to a model
+# when it weighs one of its grids (`preset_weights`).
+RESOLUTION_PRESETS: dict[str, tuple[float, ...] | None] = {
     "proportional": None,
-    "64 only": {64: 1.0, 32: 0.0, 16: 0.0, 8: 0.0},
-    "64+32": {64: 2 / 3, 32: 1 / 3, 16: 0.0, 8: 0.0},
-    "32 only": {64: 0.0, 32: 1.0, 16: 0.0, 8: 0.0},
-    "16+8": {64: 0.0, 32: 0.0, 16: 2 / 3, 8: 1 / 3},
-    "equal": {64: 0.25, 32: 0.25, 16: 0.25, 8: 0.25},
+    "finest": (1.0,),
+    "two finest": (2 / 3, 1 / 3),
+    "second": (0.0, 1.0),
+    "third and fourth": (0.0, 0.0, 2 / 3, 1 / 3),
+    "equal": (1.0, 1.0, 1.0, 1.0),
 }
+
+
+def preset_weights(name: str, grids: Sequence) -> dict | None:
+    """A preset's weights for `grids` (finest first); None for "proportional".
+
+    Raises:
+        ValueError: unknown preset, or one that weighs none of these grids.
+    """
+    if name not in RESOLUTION_PRESETS:
+        raise ValueError(f"Unknown resolution preset {name!r}; choose one of {sorted(RESOLUTION_PRESETS)}.")
+    ranks = RESOLUTION_PRESETS[name]
+    if ranks is None:
+        return None
+    weights = {tuple(g): (ranks[i] if i < len(ranks) else 0.0) for i, g in enumerate(grids)}
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError(f"Resolution preset {name!r} weighs none of this model's {len(grids)} attention grids.")
+    return weights

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_MODEL, EncodeConfig
+from .backbones import inspect as inspect_backbone, target_size
+from .config import DEFAULT_MODEL, METHOD_DEFAULT, EncodeConfig, encode_settings
 from .images import crop as crop_image, decode_image, find_images, to_model_input
 from .outputs import OutputPaths, atomic_path, label_image, read_labels, save_image
 
@@ -172,20 +173,28 @@ def _failed(path: str, name: str, output: Path, error: str) -> dict:
 # ------------------------------------------------------------------------------------------------ Ray stages
 
 
-def decode_row(row: dict, crop: str | None, resolution: int) -> dict:
+def decode_row(
+    row: dict, crop: str | None, resolution: int, resize: str, size_multiple: int, native_size: int
+) -> dict:
     """CPU stage (a Ray task per row): read, decode, crop and resize one image into the UNet's input, float32, as
-    `diffseg segment` prepares it. A failure is carried as the row's error, never raised."""
-    pixels = np.zeros((3, resolution, resolution), np.float32)
+    `diffseg segment` prepares it (`backbones.target_size`, from the family's facts the driver read). A failure is
+    carried as the row's error, never raised."""
+    from .backbones import Backbone, target_size
+
+    family = Backbone("", "", native_size, size_multiple, (), (), 0)
     try:
         image = crop_image(np.asarray(decode_image(read_bytes(row["path"]), row["path"])), crop)
-        pixels = to_model_input([image], resolution)[0].numpy()
+        size = target_size(image.shape[:2], family, resolution, resize)
+        pixels = to_model_input([image], size)[0].numpy()
         return {**row, "pixels": pixels, "height": image.shape[0], "width": image.shape[1], "error": ""}
     except (OSError, ValueError) as error:
-        return {**row, "pixels": pixels, "height": 0, "width": 0, "error": str(error)}
+        empty = np.zeros((3, size_multiple, size_multiple), np.float32)
+        return {**row, "pixels": empty, "height": 0, "width": 0, "error": str(error)}
 
 
 class SegmentWorker:
-    """GPU (or CPU) stage: one pipeline per actor; encodes a batch, segments each image, writes its label PNG."""
+    """GPU (or CPU) stage: one pipeline per actor; encodes a batch (one UNet call per input shape in it), segments
+    each image with the method, writes its label PNG."""
 
     def __init__(
         self,
@@ -198,40 +207,65 @@ class SegmentWorker:
         noise_seed: int | None = None,
         labels: str | None = None,
         label_kwargs: dict | None = None,
+        method: str = "diffseg",
     ) -> None:
         from .pipeline import DiffSegPipeline
 
         self.pipe = DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype)
         self.timestep, self.noise_seed, self.kwargs, self.output = timestep, noise_seed, segment_kwargs, Path(output)
+        self.method = method
         self.vocabulary = self.pipe.vocabulary(labels) if labels is not None else None
         self.label_kwargs = label_kwargs or {}
+
+    def _encode(self, pixels) -> list:
+        """Per image: its attention maps and cross-attention (DiffSeg) or its features (DiffCut)."""
+        if self.method == "diffcut":
+            tokens = self.pipe.features(pixels, timestep=self.timestep, noise_seed=self.noise_seed)
+            return [(tokens[j], None) for j in range(len(pixels))]
+        maps, _, cross = self.pipe.attend(
+            pixels, timestep=self.timestep, noise_seed=self.noise_seed, vocabulary=self.vocabulary
+        )
+        return [
+            ({g: m[j] for g, m in maps.items()}, None if cross is None else {g: m[j] for g, m in cross.items()})
+            for j in range(len(pixels))
+        ]
+
+    def _segment(self, encoded, pixels, size):
+        from .diffcut import segment_features
+        from .segment import segment_attention
+
+        if self.method == "diffcut":
+            # PAMR reads the image the model saw, as the reference's evaluation does.
+            image = (pixels[None] + 1) / 2 if self.kwargs.get("pamr") else None
+            return segment_features(encoded, output_size=size, image=image, **self.kwargs)
+        return segment_attention(encoded, output_size=size, **self.kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         import torch
 
-        from .segment import segment_attention
         from .semantic import assign_labels, word_scores
 
         n = len(batch["path"])
         rows = [_failed(batch["path"][i], batch["name"][i], self.output, str(batch["error"][i])) for i in range(n)]
         good = [i for i in range(n) if not batch["error"][i]]
-        if good:
+        shapes = {i: tuple(np.shape(batch["pixels"][i])) for i in good}
+        for shape in dict.fromkeys(shapes.values()):  # images of one input shape share a UNet call
+            group = [i for i in good if shapes[i] == shape]
+            pixels = torch.from_numpy(np.stack([np.asarray(batch["pixels"][i], np.float32) for i in group]))
             try:
-                pixels = torch.from_numpy(np.stack([batch["pixels"][i] for i in good]))
-                maps, _, cross = self.pipe.attend(
-                    pixels, timestep=self.timestep, noise_seed=self.noise_seed, vocabulary=self.vocabulary
-                )
-            except (RuntimeError, ValueError) as error:  # e.g. out of memory: the batch fails, the job goes on
-                for i in good:
+                encoded = self._encode(pixels)
+            except (RuntimeError, ValueError) as error:  # e.g. out of memory: the group fails, the job goes on
+                for i in group:
                     rows[i]["error"] = f"encoding failed: {error}"
-                good = []
-            for j, i in enumerate(good):
+                continue
+            for j, i in enumerate(group):
                 size = (int(batch["height"][i]), int(batch["width"][i]))
                 try:
-                    labels = segment_attention({r: m[j] for r, m in maps.items()}, output_size=size, **self.kwargs)
+                    features_or_maps, cross = encoded[j]
+                    labels = self._segment(features_or_maps, pixels[j], size)
                     save_image(label_image(labels), rows[i]["output"])
                     if cross is not None:
-                        scores = word_scores({r: m[j] for r, m in cross.items()}, self.vocabulary)
+                        scores = word_scores(cross, self.vocabulary)
                         names = assign_labels(labels, scores, self.vocabulary.words, **self.label_kwargs)
                         rows[i]["labels"] = json.dumps({str(n.id): n.label for n in names})
                     rows[i].update(
@@ -268,10 +302,12 @@ def segment_dataset(
     model: str = DEFAULT_MODEL,
     device: str = "auto",
     dtype: str = "auto",
-    timestep: int = _ENCODE.timestep,
+    method: str = "diffseg",
+    timestep: int = METHOD_DEFAULT,
     crop: str | None = _ENCODE.crop,
-    resolution: int = _ENCODE.resolution,
-    noise_seed: int | None = _ENCODE.noise_seed,
+    resolution: int | None = METHOD_DEFAULT,
+    resize: str = _ENCODE.resize,
+    noise_seed: int | None = METHOD_DEFAULT,
     segment_kwargs: dict | None = None,
     labels: str | None = None,
     label_kwargs: dict | None = None,
@@ -287,6 +323,9 @@ def segment_dataset(
         batch_size: images per UNet batch on each worker.
         num_gpus_per_worker: GPUs per actor (fractions share a GPU); None: 1 if the cluster has GPUs, else 0.
         concurrency: number of actors.
+        method: "diffseg" or "diffcut"; `timestep` and `resolution` default to the method's (see
+            `config.ENCODE_DEFAULTS`); `segment_kwargs` are its segmenter's settings.
+        resize: "native" (aspect ratio kept) or "square" (the paper's); see `DiffSegPipeline.encode`.
         labels: comma-separated words to name segments with; the manifest's `labels` column then holds each
             image's segment id -> word as JSON.
     """
@@ -296,6 +335,10 @@ def segment_dataset(
     if batch_size < 1 or concurrency < 1:
         raise ValueError(f"`batch_size` and `concurrency` must be at least 1 but are {batch_size} and {concurrency}.")
     segment_kwargs = dict(segment_kwargs or {})
+    settings = encode_settings(method, timestep=timestep, resolution=resolution, noise_seed=noise_seed)
+    timestep, resolution, noise_seed = settings.timestep, settings.resolution, settings.noise_seed
+    backbone = inspect_backbone(str(model))  # the family's sizes, read from its configs before any worker starts
+    target_size((1, 1), backbone, resolution, resize)  # a bad resolution or resize fails here, not in every task
     output = Path(output)
     items = list_inputs(source)
     output.mkdir(parents=True, exist_ok=True)
@@ -337,7 +380,14 @@ def segment_dataset(
     data = ray.data.from_items(todo)
     # Half a CPU per decode task: more decodes run beside the workers, and (unlike the workers' one CPU) it keeps
     # Ray from fusing decoding into the model actors, so the accelerator is not kept waiting on JPEG decoding.
-    data = data.map(decode_row, fn_kwargs={"crop": crop, "resolution": resolution}, num_cpus=0.5)
+    decode = {
+        "crop": crop,
+        "resolution": resolution or backbone.native_size,
+        "resize": resize,
+        "size_multiple": backbone.size_multiple,
+        "native_size": backbone.native_size,
+    }
+    data = data.map(decode_row, fn_kwargs=decode, num_cpus=0.5)
     data = data.map_batches(
         SegmentWorker,
         fn_constructor_kwargs={
@@ -350,6 +400,7 @@ def segment_dataset(
             "output": str(output),
             "labels": labels,
             "label_kwargs": label_kwargs,
+            "method": method,
         },
         batch_size=batch_size,
         concurrency=concurrency,

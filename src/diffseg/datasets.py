@@ -43,6 +43,7 @@ class Benchmark:
     paper_pixel_accuracy: float  # paper Table 1, unsupervised, 27 classes
     paper_miou: float
     layout: str  # how ROOT must look, for error messages
+    diffcut_miou: float | None = None  # DiffCut paper (Couairon et al. 2024), Table 1, SSD-1B, no PAMR
 
     def samples(self, root: str | Path) -> list[Sample]:
         raise NotImplementedError
@@ -130,6 +131,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         paper_miou=43.6,
         layout="ROOT/val2017/ID.jpg (COCO val2017 images) and ROOT/annotation_val2017/ID.png (COCO-Stuff "
         "stuffthingmaps_trainval2017 val2017 PNGs, fine ids 0-181, 255 unlabelled)",
+        diffcut_miou=49.1,
     ),
     "cityscapes": Cityscapes(
         name="cityscapes",
@@ -137,6 +139,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         paper_pixel_accuracy=76.0,
         paper_miou=21.2,
         layout="ROOT/leftImg8bit/val/CITY/*_leftImg8bit.png and ROOT/gtFine/val/CITY/*_gtFine_labelIds.png",
+        diffcut_miou=30.6,
     ),
 }
 

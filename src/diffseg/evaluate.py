@@ -20,10 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import METHOD_DEFAULT, DiffCutConfig, encode_settings
 from .datasets import BENCHMARKS, NUM_CLASSES, RESOLUTION, Benchmark, Sample, protocol_label
 from .images import center_crop, load_image
 from .metrics import Scores, hungarian_scores
 from .outputs import atomic_path, read_labels
+
+
+PROTOCOLS = ("diffseg", "diffcut")
+DIFFCUT_SCORE_SIZE = DiffCutConfig().output_size  # `eval_diffcut.py`: predictions and labels at 128×128
 
 
 @dataclass
@@ -122,7 +127,9 @@ def evaluate(
     pipeline=None,
     predictions: str | Path | None = None,
     segment_kwargs: dict | None = None,
-    timestep: int = 300,
+    method: str = "diffseg",
+    timestep: int = METHOD_DEFAULT,
+    protocol: str = "diffseg",
     batch_size: int = 1,
     limit: int | None = None,
     progress: bool = True,
@@ -130,8 +137,13 @@ def evaluate(
 ) -> Summary:
     """Score a benchmark, resuming from `output` if it holds an earlier run of the same settings.
 
-    Exactly one of `pipeline` (segment with DiffSeg) and `predictions` (a folder of label PNGs named `ID.png`, any
-    method) is given.
+    Exactly one of `pipeline` (segment with `method`, "diffseg" or "diffcut", whose settings `segment_kwargs` are)
+    and `predictions` (a folder of label PNGs named `ID.png`, any method) is given. Images are center-cropped and
+    resized to the method's square input (DiffSeg 512², DiffCut 1024²), as both references do.
+
+    `protocol` "diffseg" (default, the DiffSeg paper's) scores at 512×512 against nearest-resized labels;
+    "diffcut" (DiffCut's `eval_diffcut.py`) predicts at 128×128 and downsamples the labels to it with torch's
+    "nearest".
     """
     from tqdm import tqdm
 
@@ -142,6 +154,9 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1 but is {batch_size}.")
     segment_kwargs = dict(segment_kwargs or {})
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"`protocol` must be one of {PROTOCOLS} but is {protocol!r}.")
+    encode = encode_settings(method, timestep=timestep, resize="square", crop="center")
     if predictions is not None and not Path(predictions).is_dir():
         raise FileNotFoundError(f"Predictions folder `{predictions}` does not exist.")
     samples = bench.samples(root)
@@ -151,8 +166,9 @@ def evaluate(
         "dataset": bench.name,
         "method": f"predictions:{Path(predictions).resolve()}"
         if predictions is not None
-        else f"diffseg:{pipeline.model}",
-        "timestep": timestep if predictions is None else None,
+        else f"{method}:{pipeline.model}",
+        "timestep": encode.timestep if predictions is None else None,
+        "protocol": protocol,
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in segment_kwargs.items()},
     }
     settings = json.loads(json.dumps(settings))  # as it will read back
@@ -169,6 +185,8 @@ def evaluate(
     else:
         with atomic_path(settings_path) as tmp:
             tmp.write_text(json.dumps(settings, indent=2))
+
+    size = (RESOLUTION, RESOLUTION) if protocol == "diffseg" else DIFFCUT_SCORE_SIZE
 
     # 2. Read back what is already scored.
     results = ResultsFile(output / "results.jsonl")
@@ -189,7 +207,11 @@ def evaluate(
             seconds_per_image=float(np.mean([r["seconds"] for r in scored])) if scored else float("nan"),
             skipped=skipped,
             settings=settings,
-            paper={"pixel_accuracy": bench.paper_pixel_accuracy, "miou": bench.paper_miou},
+            paper={
+                "pixel_accuracy": bench.paper_pixel_accuracy,
+                "miou": bench.paper_miou,
+                "diffcut_miou": bench.diffcut_miou,
+            },
         )
 
     def skip(sample: Sample, reason: str) -> None:
@@ -222,10 +244,16 @@ def evaluate(
                 continue
             start = time.perf_counter()
             if pipeline is not None:
-                bundles = pipeline.encode([image for _, image, _ in loaded], timestep=timestep, crop="center")
-                preds = [
-                    pipeline.segment(b, output_size=(RESOLUTION, RESOLUTION), **segment_kwargs).labels for b in bundles
-                ]
+                bundles = pipeline.encode(
+                    [image for _, image, _ in loaded],
+                    method=method,
+                    timestep=encode.timestep,
+                    crop=encode.crop,
+                    resize=encode.resize,
+                    resolution=encode.resolution or RESOLUTION,  # DiffSeg's protocol: 512 whatever the model
+                    noise_seed=encode.noise_seed,
+                )
+                preds = [pipeline.segment(b, output_size=size, **segment_kwargs).labels for b in bundles]
             else:
                 preds = []
                 for sample, image, _ in loaded:
@@ -239,6 +267,9 @@ def evaluate(
             for (sample, _, label), pred in zip(loaded, preds):
                 if pred is None:
                     continue
+                if protocol == "diffcut":  # DiffCut scores at 128², labels downsampled with torch's "nearest"
+                    pred = _nearest(pred, size) if pred.shape != size else pred
+                    label = _nearest(label, size)
                 record = score_image(sample, pred, label, seconds)
                 results.append(record)
                 running += record_scores(record)
@@ -253,6 +284,15 @@ def evaluate(
     return final
 
 
+def _nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """DiffCut's label downsampling: `F.interpolate(labels, size)`, whose default mode is "nearest"."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(labels)).float()[None, None]
+    return F.interpolate(t, size=size)[0, 0].long().numpy()
+
+
 def _write_summary(output: Path, summary: Summary) -> None:
     with atomic_path(output / "summary.json") as tmp:
         tmp.write_text(json.dumps(asdict(summary), indent=2))
@@ -261,13 +301,15 @@ def _write_summary(output: Path, summary: Summary) -> None:
 def format_summary(summary: Summary) -> str:
     """The printed table: the paper's row beside this run's."""
     rows = [
-        ("paper (Tian et al. 2024)", summary.paper["pixel_accuracy"], summary.paper["miou"], ""),
+        ("DiffSeg (Tian et al. 2024)", summary.paper["pixel_accuracy"], summary.paper["miou"], ""),
+        ("DiffCut (Couairon et al. 2024)", None, summary.paper.get("diffcut_miou"), ""),
         ("this run", 100 * summary.pixel_accuracy, 100 * summary.miou, str(summary.images)),
     ]
     lines = [f"{summary.dataset}: unsupervised, Hungarian matching, {NUM_CLASSES} classes", ""]
-    lines.append(f"{'':26}{'pixel acc':>10}{'mIoU':>8}{'images':>8}")
+    lines.append(f"{'':32}{'pixel acc':>10}{'mIoU':>8}{'images':>8}")
     for name, acc, miou, n in rows:
-        lines.append(f"{name:26}{acc:>10.1f}{miou:>8.1f}{n:>8}")
+        acc, miou = ("" if v is None else f"{v:.1f}" for v in (acc, miou))
+        lines.append(f"{name:32}{acc:>10}{miou:>8}{n:>8}")
     if summary.skipped:
         lines.append(f"\n{len(summary.skipped)} images skipped (see summary.json).")
     return "\n".join(lines)

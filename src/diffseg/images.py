@@ -105,17 +105,20 @@ def crop(array: np.ndarray, mode: str | None) -> np.ndarray:
     return center_crop(array) if mode == "center" else array
 
 
-def to_model_input(arrays: list[np.ndarray], resolution: int) -> torch.Tensor:
-    """Stack (H, W, 3) uint8 images into a (B, 3, resolution, resolution) float32 batch in [-1, 1].
+def to_model_input(arrays: list[np.ndarray], size: int | tuple[int, int]) -> torch.Tensor:
+    """Stack (H, W, 3) uint8 images into a (B, 3, height, width) float32 batch in [-1, 1]; `size` is (height, width)
+    or one side for a square.
 
     Resizing is TensorFlow's `tf.image.resize` (bilinear, half-pixel centres, no antialiasing, float result), i.e.
-    torch's `align_corners=False, antialias=False`, as in the reference's data loaders.
+    torch's `align_corners=False, antialias=False`, as in the reference's data loaders. One image at a time, so a
+    12-megapixel photo costs one full-size float copy.
     """
+    height, width = (size, size) if isinstance(size, int) else size
     batch = []
     for array in arrays:
-        x = torch.tensor(array, dtype=torch.float32).permute(2, 0, 1)[None]  # (1, 3, H, W)
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=False)
-        batch.append(x)
+        x = torch.tensor(array).permute(2, 0, 1)[None].float()  # (1, 3, H, W), a uint8 copy then one float copy
+        batch.append(F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=False))
+        del x
     return torch.cat(batch) / 127.5 - 1.0  # reference `Rescaling(scale=1 / 127.5, offset=-1)`
 
 

@@ -1,185 +1,46 @@
-"""The DiffSeg pipeline: Stable Diffusion components in, attention bundles and label maps out.
+"""The pipeline: Stable Diffusion components in, bundles and label maps out, for DiffSeg and DiffCut.
 
-pipe = DiffSegPipeline.from_pretrained()           # CompVis/stable-diffusion-v1-4, or a local folder
-result = pipe("photo.jpg")                          # encode + segment
-bundle = pipe.encode("photo.jpg")                   # the expensive step, once
-coarse = pipe.segment(bundle, kl_threshold=1.3)     # the cheap step, as often as you like
+pipe = DiffSegPipeline.from_pretrained()              # CompVis/stable-diffusion-v1-4, or a local folder
+result = pipe("photo.jpg")                             # encode + segment (DiffSeg)
+bundle = pipe.encode("photo.jpg")                      # the expensive step, once
+coarse = pipe.segment(bundle, kl_threshold=1.3)        # the cheap step, as often as you like
+cut = pipe.segment(pipe.encode("photo.jpg", method="diffcut"), tau=0.4)   # DiffCut
+
+How each Stable Diffusion family loads and is conditioned lives in `backbones`; this module only runs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
-import socket
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from . import backbones
 from .bundle import AttentionBundle
-from .capture import capture_attention
-from .config import DEFAULT_MODEL, EncodeConfig, SegmentConfig
+from .capture import capture_attention, capture_output, token_grid
+from .config import DEFAULT_MODEL, ENCODE_DEFAULTS, METHOD_DEFAULT, encode_settings
+from .devices import place, resolve_device, resolve_dtype
 from .images import as_array, crop as crop_image, to_model_input
-from .segment import segment_attention
-from .semantic import SegmentLabel, Vocabulary, assign_labels, build_vocabulary, word_scores
-from .visualisation import overlay
+from .segmentation import Segmentation, segment_bundle
+from .semantic import Vocabulary, build_vocabulary
 
-_ENCODE = EncodeConfig()
-_SEGMENT = SegmentConfig()
-_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+__all__ = ["DiffSegPipeline", "Segmentation", "segment_bundle", "resolve_device", "resolve_dtype"]
 
 ImageLike = Image.Image | np.ndarray | str | os.PathLike
 
 
-@dataclass
-class Segmentation:
-    """One image's segmentation.
-
-    Attributes:
-        labels: (H, W) int32 ids 0..K-1, every id present.
-        num_segments: K.
-        image: (H, W, 3) uint8 RGB the labels belong to.
-        names: per segment, its word and score, when the bundle was encoded with labels; else None.
-    """
-
-    labels: np.ndarray
-    num_segments: int
-    image: np.ndarray
-    names: list[SegmentLabel] | None = None
-
-    @property
-    def overlay(self) -> Image.Image:
-        """Segment colours over the image, with boundaries drawn (and segment names, when there are any)."""
-        names = None if self.names is None else {n.id: n.label or "unlabelled" for n in self.names}
-        return Image.fromarray(overlay(self.image, self.labels, names=names))
-
-
-def segment_bundle(
-    bundle: AttentionBundle,
-    *,
-    kl_threshold: float | Sequence[float] = _SEGMENT.kl_threshold,
-    iterations: int = _SEGMENT.iterations,
-    num_points: int = _SEGMENT.num_points,
-    refine: bool = _SEGMENT.refine,
-    resolution_weights: Mapping[int, float] | None = _SEGMENT.resolution_weights,
-    output_size: tuple[int, int] | None = None,
-    reference_float16: bool = _SEGMENT.reference_float16,
-    voting: str = "majority",
-    min_confidence: float = 0.0,
-) -> Segmentation:
-    """Segment a bundle (see `segment_attention`); labels at the image's size unless `output_size` is given.
-
-    A bundle encoded with labels also gets its segments named (`semantic.assign_labels`, with `voting` and
-    `min_confidence`); naming never changes the label map.
-    """
-    size = tuple(output_size) if output_size is not None else bundle.image_size
-    labels = segment_attention(
-        bundle.attention,
-        kl_threshold=kl_threshold,
-        iterations=iterations,
-        num_points=num_points,
-        refine=refine,
-        resolution_weights=resolution_weights,
-        output_size=size,
-        reference_float16=reference_float16,
-    )
-    names = None
-    if bundle.cross_attention is not None and bundle.vocabulary is not None:
-        scores = word_scores(bundle.cross_attention, bundle.vocabulary)
-        names = assign_labels(labels, scores, bundle.vocabulary.words, voting=voting, min_confidence=min_confidence)
-    image = bundle.image
-    if image.shape[:2] != size:
-        image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-    return Segmentation(labels=labels, num_segments=int(labels.max()) + 1, image=image, names=names)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" picks CUDA, then Apple's MPS, then the CPU."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """ "auto" is float16 on a GPU and float32 on the CPU; names like "bfloat16" are accepted."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in choices:
-        raise ValueError(f"`dtype` must be 'auto' or one of {sorted(choices)} but is {dtype!r}.")
-    return choices[dtype]
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a frozen module to `device` and `dtype` (casting only when needed: diffusers warns on every cast)."""
-    if next(module.parameters()).dtype != dtype:
-        module = module.to(dtype)
-    return module.to(device).eval().requires_grad_(False)
-
-
-def _check_local_checkpoint(model: str) -> None:
-    """Fail early, naming what is missing, when `model` is meant as a local folder."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        missing = [name for name in _COMPONENTS if not (path / name).is_dir()]
-        if missing:
-            raise FileNotFoundError(
-                f"Model folder `{model}` lacks {', '.join(f'{m}/' for m in missing)}. DiffSeg needs a diffusers-format "
-                "Stable Diffusion checkpoint with unet/, vae/, text_encoder/ and tokenizer/ subfolders."
-            )
-    elif not _HUB_ID.match(model):
-        raise FileNotFoundError(
-            f"Model folder `{model}` does not exist. Pass a diffusers-format Stable Diffusion folder (with unet/, "
-            f"vae/, text_encoder/, tokenizer/) or a hub id such as {DEFAULT_MODEL!r}."
-        )
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connection (assumed so behind a proxy, which we cannot probe).
-
-    Without this, an offline machine spends a minute in the hub client's retries before failing.
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _load_error(model: str, component: str, error: Exception, offline: bool) -> OSError:
-    reason = "the Hugging Face hub cannot be reached and it is not in the local cache" if offline else str(error)
-    return FileNotFoundError(
-        f"Could not load `{component}` of the Stable Diffusion checkpoint {model!r}: {reason}\n"
-        "DiffSeg needs a diffusers-format Stable Diffusion 1.x/2.x checkpoint. Without access to the Hugging Face "
-        f"hub, download it on a machine that has it (for example `hf download {DEFAULT_MODEL} --local-dir sd-v1-4`), "
-        "copy the folder here and pass its path: `diffseg segment ... --model ./sd-v1-4` or "
-        "`DiffSegPipeline.from_pretrained('./sd-v1-4')`."
-    )
-
-
 class DiffSegPipeline:
-    """Frozen Stable Diffusion components that turn images into attention bundles and label maps.
+    """Frozen Stable Diffusion components that turn images into bundles and label maps.
 
-    The UNet and text encoder run in `dtype`; the VAE stays in float32 (its encoder overflows in float16).
+    Any family `backbones.detect` knows: SD 1.x, SD 2.x (512 and 768 v-prediction), SDXL (base, Turbo), SSD-1B,
+    Segmind-Vega. The UNet and text encoders run in `dtype`; the VAE stays in float32 (its encoder overflows in
+    float16). Components are attributes, as in diffusers pipelines: `unet`, `vae`, `text_encoder`, `tokenizer`
+    (and, for SDXL, `text_encoder_2`, `tokenizer_2`), `scheduler`; `backbone` holds the family's facts.
     """
 
     def __init__(
@@ -190,20 +51,27 @@ class DiffSegPipeline:
         tokenizer,
         scheduler=None,
         *,
+        text_encoder_2=None,
+        tokenizer_2=None,
         model: str = "",
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
     ) -> None:
+        self.backbone = backbones.detect(unet.config, scheduler.config if scheduler is not None else None)
+        if self.backbone.family == "sdxl" and (text_encoder_2 is None or tokenizer_2 is None):
+            raise ValueError(f"A {self.backbone.name} UNet needs `text_encoder_2` and `tokenizer_2` as well.")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.unet = _place(unet, self.device, self.dtype)
+        self.unet = place(unet, self.device, self.dtype)
         # channels-last convolutions: the VAE encoder is the larger half of an encode on a CPU (15 % faster there).
-        self.vae = _place(vae, self.device, torch.float32).to(memory_format=torch.channels_last)
-        self.text_encoder = _place(text_encoder, self.device, self.dtype)
+        self.vae = place(vae, self.device, torch.float32).to(memory_format=torch.channels_last)
+        self.text_encoder = place(text_encoder, self.device, self.dtype)
         self.tokenizer = tokenizer
+        self.text_encoder_2 = None if text_encoder_2 is None else place(text_encoder_2, self.device, self.dtype)
+        self.tokenizer_2 = tokenizer_2
         self.scheduler = scheduler
         self.model = model
-        self._prompt_embeddings: dict[str, torch.Tensor] = {}
+        self._conditioning: dict[object, backbones.Conditioning] = {}
         # Capture swaps the UNet's processors for the length of a forward: one encode at a time per pipeline.
         self._lock = threading.Lock()
 
@@ -216,61 +84,41 @@ class DiffSegPipeline:
         dtype: str | torch.dtype = "auto",
         local_files_only: bool = False,
     ) -> DiffSegPipeline:
-        """Load a diffusers-format Stable Diffusion 1.x/2.x checkpoint: a hub id or a local folder.
+        """Load a diffusers-format Stable Diffusion checkpoint of any family diffseg knows: a hub id or a local folder.
 
         Raises:
-            FileNotFoundError: the folder or a component is missing, or the hub cannot be reached; the message says
-                how to pass a local folder instead.
+            FileNotFoundError: the folder, a component or the weights are missing, or the hub cannot be reached; the
+                message says how to pass a local folder instead.
+            ValueError: the checkpoint is not a Stable Diffusion family diffseg knows; the message says what is off.
         """
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        model = str(model)
-        _check_local_checkpoint(model)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        offline = False
-        if not Path(model).expanduser().is_dir() and not local_files_only and not _hub_reachable():
-            local_files_only = offline = True  # the hub cache may still hold it
-        loaded = {}
-        for name, loader, options in (
-            ("unet", UNet2DConditionModel, {"torch_dtype": dtype}),
-            ("vae", AutoencoderKL, {"torch_dtype": torch.float32}),
-            ("text_encoder", CLIPTextModel, {}),
-            ("tokenizer", CLIPTokenizer, {}),
-        ):
-            try:
-                loaded[name] = loader.from_pretrained(
-                    model, subfolder=name, local_files_only=local_files_only, **options
-                )
-            except (OSError, ValueError) as error:  # hub errors subclass OSError
-                raise _load_error(model, name, error, offline) from error
-        try:
-            scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=local_files_only)
-        except (OSError, ValueError):
-            scheduler = None  # only needed to add noise; Stable Diffusion's schedule is used then
-        return cls(**loaded, scheduler=scheduler, model=model, device=device, dtype=dtype)
+        _, components = backbones.load(model, dtype=dtype, local_files_only=local_files_only)
+        return cls(**components, model=str(model), device=device, dtype=dtype)
 
-    # ------------------------------------------------------------------ encode: the expensive step
+    # ------------------------------------------------------------------ conditioning
+
+    @property
+    def text_encoders(self) -> list:
+        return [getattr(self, name) for name in self.backbone.text_encoders]
+
+    @property
+    def tokenizers(self) -> list:
+        return [getattr(self, name) for name in self.backbone.tokenizers]
 
     @torch.inference_mode()
-    def prompt_embedding(self, prompt: str | Vocabulary = _ENCODE.prompt) -> torch.Tensor:
-        """(1, 77, C) text conditioning; the empty prompt's by default (reference `_UNCONDITIONAL_TOKENS`), or a
-        vocabulary's prompt (its token ids as built by `semantic.build_vocabulary`)."""
+    def prompt_embedding(self, prompt: str | Vocabulary = "") -> backbones.Conditioning:
+        """Text conditioning of a prompt, cached; the empty prompt's by default (reference `_UNCONDITIONAL_TOKENS`),
+        or a vocabulary's prompt (its token ids as built by `semantic.build_vocabulary`; SDXL's second tokenizer
+        reads the same words)."""
         key = prompt.input_ids if isinstance(prompt, Vocabulary) else prompt
-        if key not in self._prompt_embeddings:
+        if key not in self._conditioning:
+            ids = [backbones.prompt_ids(tokenizer, prompt if isinstance(prompt, str) else prompt.prompt)
+                   for tokenizer in self.tokenizers]
             if isinstance(prompt, Vocabulary):
-                ids = torch.tensor([prompt.input_ids])
-            else:
-                ids = self.tokenizer(
-                    prompt,
-                    padding="max_length",
-                    max_length=self.tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids
-            self._prompt_embeddings[key] = self.text_encoder(ids.to(self.device))[0]
-        return self._prompt_embeddings[key]
+                ids[0] = torch.tensor([prompt.input_ids])
+            self._conditioning[key] = backbones.encode_prompt(self.backbone, self.text_encoders, ids)
+        return self._conditioning[key]
 
     def vocabulary(self, words: Sequence[str] | str) -> Vocabulary:
         """A `Vocabulary` for `words` with this pipeline's tokenizer (see `semantic.build_vocabulary`)."""
@@ -281,87 +129,128 @@ class DiffSegPipeline:
             return self.scheduler
         from diffusers import DDPMScheduler
 
-        # Stable Diffusion 1.x/2.x training schedule.
+        # Stable Diffusion's training schedule (every family's).
         return DDPMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
         )
+
+    # ------------------------------------------------------------------ encode: the expensive step
+
+    def input_size(
+        self, image_size: tuple[int, int], resolution: int | None = None, resize: str = "native"
+    ) -> tuple[int, int]:
+        """(height, width) in pixels the UNet sees for an image of `image_size` (see `backbones.target_size`)."""
+        return backbones.target_size(image_size, self.backbone, resolution, resize)
 
     @torch.inference_mode()
     def encode(
         self,
         images: ImageLike | Sequence[ImageLike],
         *,
-        timestep: int = _ENCODE.timestep,
-        crop: str | None = _ENCODE.crop,
-        resolution: int = _ENCODE.resolution,
-        noise_seed: int | None = _ENCODE.noise_seed,
+        method: str = "diffseg",
+        timestep: int = METHOD_DEFAULT,
+        crop: str | None = None,
+        resolution: int | None = METHOD_DEFAULT,
+        resize: str = "native",
+        noise_seed: int | None = METHOD_DEFAULT,
         labels: Sequence[str] | str | None = None,
         segment_from: str = "unconditional",
     ) -> AttentionBundle | list[AttentionBundle]:
-        """Run the VAE and one UNet step; capture self-attention at every resolution.
+        """Run the VAE and one UNet step; keep what `method` segments.
 
         Args:
-            images: one image or a list (Pillow, (H, W, 3) uint8 array, or path); a list goes through the UNet as
-                one batch.
-            timestep: UNet timestep (paper: 300).
-            crop: None to resize the whole image, "center" to take the central square first (the benchmarks').
-            resolution: side the image is resized to (paper: 512; a multiple of 64).
-            noise_seed: None feeds the clean latent, as the paper does; an int adds seeded noise for `timestep`.
-            labels: words to name segments with (a list or a comma-separated string). The UNet then also runs
-                conditioned on a prompt of these words, in the same batch, and its cross-attention is captured.
-            segment_from: with `labels`, which pass the self-attention comes from: "unconditional" (default; the
+            images: one image or a list (Pillow, (H, W, 3) uint8 array, or path). Images of the same input size go
+                through the UNet as one batch.
+            method: "diffseg" (self-attention at every grid) or "diffcut" (one layer's features).
+            timestep: UNet timestep (default: DiffSeg 300, DiffCut 50, as their papers).
+            crop: None to use the whole image, "center" to take the central square first (the benchmarks').
+            resolution: about resolution² pixels reach the UNet (a multiple of the family's `size_multiple`).
+                Default: the model's native size for DiffSeg (SD 1.x 512, SD 2.x-768 768, SDXL 1024); 1024 for
+                DiffCut (its reference's input size).
+            resize: "native" keeps the aspect ratio (a 16:9 photo gives a 16:9 latent); "square" is the paper's
+                resolution×resolution. A square image gives the same input either way.
+            noise_seed: None feeds the clean latent (DiffSeg's paper); an int adds seeded noise for `timestep`
+                (DiffCut's reference: 42, drawn on the pipeline's device as the reference draws on its GPU).
+            labels: DiffSeg only: words to name segments with (a list or a comma-separated string). The UNet then
+                also runs conditioned on a prompt of these words, in the same batch, and its cross-attention is kept.
+            segment_from: with `labels`, the pass the self-attention comes from: "unconditional" (default; the
                 segments are exactly those without labels) or "conditional" (text changes the self-attention too).
 
         Returns:
-            An `AttentionBundle` per image (a list for a list).
+            A bundle per image (a list for a list).
         """
+        # 1. Check inputs.
+        settings = encode_settings(method, timestep=timestep, resolution=resolution, noise_seed=noise_seed)
+        timestep, resolution, noise_seed = settings.timestep, settings.resolution, settings.noise_seed
         single = isinstance(images, (Image.Image, np.ndarray, str, os.PathLike))
         batch = [images] if single else list(images)
         if not batch:
             raise ValueError("`images` is empty; pass at least one image.")
         if isinstance(timestep, bool) or not isinstance(timestep, int) or not 0 <= timestep < 1000:
             raise ValueError(f"`timestep` must be an integer in [0, 999] but is {timestep!r}.")
-        if resolution % 64 or resolution < 64:
-            raise ValueError(f"`resolution` must be a positive multiple of 64 but is {resolution}.")
-
-        # 1. Decode and crop: the region encoded is also what the labels will cover.
-        arrays = [crop_image(as_array(image), crop) for image in batch]
-        # 2. Resize and scale to [-1, 1], as the reference's data loaders.
-        pixels = to_model_input(arrays, resolution)
-        # 3-4. VAE and one UNet step with self-attention (and, for labels, cross-attention) captured.
+        if labels is not None and method != "diffseg":
+            raise ValueError("Naming segments with `labels` works with method 'diffseg' only.")
         vocabulary = self.vocabulary(labels) if labels is not None else None
-        maps, layers, cross = self.attend(
-            pixels, timestep=timestep, noise_seed=noise_seed, vocabulary=vocabulary, segment_from=segment_from
-        )
 
-        bundles = [
-            AttentionBundle(
-                attention={r: m[i].cpu() for r, m in maps.items()},
-                image=arrays[i],
-                timestep=timestep,
-                model=self.model,
-                layers=layers,
-                cross_attention=None if cross is None else {r: m[i].cpu() for r, m in cross.items()},
-                vocabulary=vocabulary,
+        # 2. Decode and crop: the region encoded is also what the labels will cover.
+        arrays = [crop_image(as_array(image), crop) for image in batch]
+        sizes = [self.input_size(a.shape[:2], resolution, resize) for a in arrays]
+
+        # 3. One UNet batch per input size (a list of photos of one camera is one batch).
+        bundles: list[AttentionBundle | None] = [None] * len(batch)
+        for size in dict.fromkeys(sizes):
+            members = [i for i, s in enumerate(sizes) if s == size]
+            pixels = to_model_input([arrays[i] for i in members], size)  # (B, 3, H, W) in [-1, 1]
+            common = {"timestep": timestep, "model": self.model}
+            if method == "diffcut":
+                tokens = self.features(pixels, timestep=timestep, noise_seed=noise_seed)  # (B, h, w, C)
+                for k, i in enumerate(members):
+                    bundles[i] = AttentionBundle({}, arrays[i], features=tokens[k].float().cpu(), **common)
+                continue
+            maps, layers, cross = self.attend(
+                pixels, timestep=timestep, noise_seed=noise_seed, vocabulary=vocabulary, segment_from=segment_from
             )
-            for i in range(len(batch))
-        ]
+            for k, i in enumerate(members):
+                bundles[i] = AttentionBundle(
+                    attention={g: m[k].cpu() for g, m in maps.items()},
+                    image=arrays[i],
+                    layers=layers,
+                    cross_attention=None if cross is None else {g: m[k].cpu() for g, m in cross.items()},
+                    vocabulary=vocabulary,
+                    **common,
+                )
         return bundles[0] if single else bundles
+
+    def _latents(self, pixels: torch.Tensor, timestep: int, noise_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior mean × scaling factor (reference: the encoder's last layer, no sampling), noised for
+        `timestep` when `noise_seed` is given; and the (B,) timesteps."""
+        batch = len(pixels)
+        pixels = pixels.to(self.device, torch.float32, memory_format=torch.channels_last)
+        latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor  # (B, 4, H/8, W/8)
+        t = torch.full((batch,), timestep, device=self.device, dtype=torch.long)
+        if noise_seed is not None:
+            # DiffCut reference: one (1, 4, h, w) draw from a generator seeded on the model's device, shared by the
+            # batch. On the CPU (no CUDA generator) the draw differs from a GPU's, with the same distribution.
+            generator_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+            generator = torch.Generator(device=generator_device).manual_seed(noise_seed)
+            noise = torch.randn((1, *latents.shape[1:]), generator=generator, device=generator_device)
+            latents = self._noise_schedule().add_noise(latents, noise.to(self.device).expand_as(latents), t)
+        return latents.to(self.dtype), t
 
     @torch.inference_mode()
     def attend(
         self,
         pixels: torch.Tensor,
         *,
-        timestep: int = _ENCODE.timestep,
-        noise_seed: int | None = _ENCODE.noise_seed,
+        timestep: int = ENCODE_DEFAULTS["diffseg"].timestep,
+        noise_seed: int | None = ENCODE_DEFAULTS["diffseg"].noise_seed,
         vocabulary: Vocabulary | None = None,
         segment_from: str = "unconditional",
-    ) -> tuple[dict[int, torch.Tensor], dict[int, int], dict[int, torch.Tensor] | None]:
-        """VAE and one UNet step on a prepared batch (see `images.to_model_input`), attention captured.
+    ) -> tuple[dict, dict, dict | None]:
+        """VAE and one UNet step on a prepared batch (see `images.to_model_input`), attention captured (DiffSeg).
 
         Args:
-            pixels: (B, 3, R, R) float32 in [-1, 1].
+            pixels: (B, 3, H, W) float32 in [-1, 1], H and W multiples of `backbone.size_multiple`.
             vocabulary: words to name segments with: the batch then runs twice through the UNet in one call,
                 unconditional (empty prompt) and conditioned on the words' prompt, and the conditional half's
                 cross-attention is captured.
@@ -369,52 +258,77 @@ class DiffSegPipeline:
                 "conditional").
 
         Returns:
-            (maps, layers, cross): r -> (B, r², r²) head- and layer-averaged self-attention; r -> number of
-            self-attention layers averaged; r -> (B, r², T) cross-attention over the prompt's T tokens (None
-            without a vocabulary). Tensors are on the pipeline's device.
+            (maps, layers, cross): (h, w) -> (B, h·w, h·w) head- and layer-averaged self-attention, finest first;
+            (h, w) -> number of self-attention layers averaged; (h, w) -> (B, h·w, T) cross-attention over the
+            prompt's T tokens (None without a vocabulary). Tensors are on the pipeline's device.
         """
         if segment_from not in ("unconditional", "conditional"):
             raise ValueError(f"`segment_from` must be 'unconditional' or 'conditional' but is {segment_from!r}.")
-        batch = len(pixels)
-        pixels = pixels.to(self.device, torch.float32, memory_format=torch.channels_last)
-        # VAE: posterior mean × scaling factor (reference: the encoder's last layer, no sampling).
-        latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
-        latents = latents.to(self.dtype)
-        t = torch.full((batch,), timestep, device=self.device, dtype=torch.long)
-        if noise_seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(noise_seed)
-            noise = torch.randn(latents.shape, generator=generator).to(self.device, self.dtype)
-            latents = self._noise_schedule().add_noise(latents, noise, t)
+        batch, size = len(pixels), tuple(pixels.shape[-2:])
+        latents, t = self._latents(pixels, timestep, noise_seed)
         # One UNet step conditioned on the empty prompt; with a vocabulary, the conditional copies in the same batch.
-        text = self.prompt_embedding().expand(batch, -1, -1)
+        inputs = backbones.unet_inputs(self.backbone, self.prompt_embedding(), batch, size)
         if vocabulary is not None:
+            named = backbones.unet_inputs(self.backbone, self.prompt_embedding(vocabulary), batch, size)
             latents, t = torch.cat([latents, latents]), torch.cat([t, t])
-            text = torch.cat([text, self.prompt_embedding(vocabulary).expand(batch, -1, -1)])
-        with self._lock, capture_attention(self.unet, cross=vocabulary is not None) as store:
-            self.unet(latents, t, encoder_hidden_states=text)
+            inputs = _concat(inputs, named)
+        with self._lock, capture_attention(self.unet, latents.shape[-2:], cross=vocabulary is not None) as store:
+            self.unet(latents, t, **inputs)
         maps = store.maps()
         if vocabulary is None:
             return maps, store.layers, None
         half = slice(0, batch) if segment_from == "unconditional" else slice(batch, 2 * batch)
-        cross = {r: m[batch:] for r, m in store.maps("cross").items()}
-        return {r: m[half] for r, m in maps.items()}, store.layers, cross
+        cross = {g: m[batch:] for g, m in store.maps("cross").items()}
+        return {g: m[half] for g, m in maps.items()}, store.layers, cross
+
+    @torch.inference_mode()
+    def features(
+        self,
+        pixels: torch.Tensor,
+        *,
+        timestep: int = ENCODE_DEFAULTS["diffcut"].timestep,
+        noise_seed: int | None = ENCODE_DEFAULTS["diffcut"].noise_seed,
+    ) -> torch.Tensor:
+        """VAE and one UNet step on a prepared batch, DiffCut's layer output kept (reference `LdmExtractor`).
+
+        The output of `attn1` of the last transformer block of `down_blocks[backbone.diffcut_block]`, on the empty
+        prompt. Only that output is recorded, so the UNet keeps its fused attention.
+
+        Returns:
+            (B, h, w, C) tokens on the pipeline's device, in the UNet's dtype.
+        """
+        batch, size = len(pixels), tuple(pixels.shape[-2:])
+        latents, t = self._latents(pixels, timestep, noise_seed)
+        inputs = backbones.unet_inputs(self.backbone, self.prompt_embedding(), batch, size)
+        layer = backbones.diffcut_layer(self.backbone, self.unet)
+        with capture_output(layer) as record:
+            self.unet(latents, t, **inputs)
+        tokens = record["output"]  # (B, h·w, C)
+        grid = token_grid(tokens.shape[1], latents.shape[-2:])
+        return tokens.reshape(batch, *grid, -1)
 
     # ------------------------------------------------------------------ segment: the cheap step
 
     def segment(self, bundle: AttentionBundle, **kwargs) -> Segmentation:
         """Segment a bundle; see `segment_bundle`. Needs no model: a loaded bundle works as well. On a GPU pipeline
-        the merging runs on the GPU."""
+        the work runs on the GPU."""
         if self.device.type == "cuda":
-            bundle = dataclasses.replace(bundle, attention={r: t.to(self.device) for r, t in bundle.attention.items()})
+            bundle = dataclasses.replace(
+                bundle,
+                attention={g: t.to(self.device) for g, t in bundle.attention.items()},
+                features=None if bundle.features is None else bundle.features.to(self.device),
+            )
         return segment_bundle(bundle, **kwargs)
 
-    def __call__(
-        self,
-        image: ImageLike,
-        *,
-        timestep: int = _ENCODE.timestep,
-        crop: str | None = _ENCODE.crop,
-        **segment_kwargs,
-    ) -> Segmentation:
-        """Encode and segment one image."""
-        return self.segment(self.encode(image, timestep=timestep, crop=crop), **segment_kwargs)
+    def __call__(self, image: ImageLike, *, method: str = "diffseg", crop: str | None = None, **kwargs) -> Segmentation:
+        """Encode and segment one image. Keywords of `encode` (timestep, resolution, resize, noise_seed) go to the
+        encode; the rest to `segment`."""
+        encode_keys = {"timestep", "resolution", "resize", "noise_seed", "labels", "segment_from"}
+        encode_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in encode_keys}
+        return self.segment(self.encode(image, method=method, crop=crop, **encode_kwargs), **kwargs)
+
+
+def _concat(a: dict, b: dict) -> dict:
+    """Two UNet input dicts (tensors, and nested dicts of tensors) joined along the batch axis."""
+    return {k: _concat(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]]) for k, v in a.items()}
+

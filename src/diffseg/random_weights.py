@@ -1,7 +1,7 @@
 """Stable Diffusion checkpoints of the real diffusers architectures with random weights.
 
-For tests (a tiny model: same structure, every resolution present, seconds on a CPU) and benchmarks (the full
-Stable Diffusion 1.5 sizes from its config: same shapes and cost as the real weights). The checkpoint is written
+For tests (tiny models of each family: same structure, seconds on a CPU) and benchmarks (the full Stable Diffusion
+1.5, 2.1 and SDXL sizes from their configs: same shapes and cost as the real weights). The checkpoint is written
 as a diffusers folder and loaded back through `DiffSegPipeline.from_pretrained`, the path users take.
 Segmentations made with random weights are meaningless; only shapes, cost and code paths are real.
 """
@@ -54,58 +54,163 @@ def write_tokenizer(folder: str | Path):
     return tokenizer
 
 
-# Per architecture: UNet, VAE and CLIP text encoder sizes. "sd15" is Stable Diffusion v1.5's published configs
-# (unet/, vae/, text_encoder/ config.json); "tiny" keeps its block structure (three cross-attention levels and a mid
-# block: 64², 32², 16², 8² attention at 512² input), shrunk in width and depth.
-_SIZES = {
+# Per architecture: family, UNet, VAE and text encoder sizes, scheduler. "sd15", "sd21" (768, v-prediction) and
+# "sdxl" are the published configs of Stable Diffusion v1.5, v2.1 and SDXL base 1.0 (unet/, vae/, text_encoder*/
+# config.json); the "tiny-*" ones keep their families' structure (SD: three cross-attention levels and a mid block,
+# 64², 32², 16², 8² attention at 512²; SDXL: no attention in the first block, more transformer layers deeper down,
+# two text encoders, the `text_time` added embedding), shrunk in width and depth.
+_SD_BLOCKS = {
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+_XL_BLOCKS = {
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+}
+_TINY_VAE = {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4}
+_SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2}
+_TINY_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+_CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_act": "quick_gelu",
+}
+_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+_ARCHITECTURES = {
     "tiny": {
         "unet": {
+            **_SD_BLOCKS,
+            "sample_size": 64,
             "block_out_channels": (16, 16, 32, 32),
             "layers_per_block": 1,
             "cross_attention_dim": 32,
             "attention_head_dim": 2,
             "norm_num_groups": 8,
         },
-        "vae": {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4},
-        "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "vae": _TINY_VAE,
+        "text": [_TINY_TEXT],
+    },
+    "tiny-sd2": {  # SD 2.x: 1024-wide text states (OpenCLIP ViT-H), linear projections, per-block head widths
+        "unet": {
+            **_SD_BLOCKS,
+            "sample_size": 64,
+            "block_out_channels": (16, 16, 32, 32),
+            "layers_per_block": 1,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": (2, 2, 4, 4),
+            "use_linear_projection": True,
+            "upcast_attention": True,
+            "norm_num_groups": 8,
+        },
+        "vae": _TINY_VAE,
+        "text": [{"hidden_size": 1024, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}],
+        "scheduler": {"prediction_type": "v_prediction"},
+    },
+    "tiny-sdxl": {  # sample_size 64: trained at 512², as SDXL-Turbo; 64/32 of SDXL's 128 would be 1024²
+        "unet": {
+            **_XL_BLOCKS,
+            "sample_size": 64,
+            "block_out_channels": (16, 32, 32),
+            "layers_per_block": 1,
+            "transformer_layers_per_block": (1, 1, 2),
+            "cross_attention_dim": 64,
+            "attention_head_dim": (2, 2, 4),
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + 32,
+            "norm_num_groups": 8,
+        },
+        "vae": _TINY_VAE,
+        "text": [_TINY_TEXT, {**_TINY_TEXT, "projection_dim": 32}],
     },
     "sd15": {
         "unet": {
+            **_SD_BLOCKS,
+            "sample_size": 64,
             "block_out_channels": (320, 640, 1280, 1280),
             "layers_per_block": 2,
             "cross_attention_dim": 768,
-            "attention_head_dim": 8,
-        },  # diffusers' name for the number of heads in SD 1.x UNets
-        "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2},
-        "text": {
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "hidden_act": "quick_gelu",
-            "vocab_size": 49408,
+            "attention_head_dim": 8,  # diffusers' name for the number of heads in SD 1.x UNets
         },
+        "vae": _SD_VAE,
+        "text": [{**_CLIP_L, "vocab_size": 49408}],
+    },
+    "sd21": {
+        "unet": {
+            **_SD_BLOCKS,
+            "sample_size": 96,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "layers_per_block": 2,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": (5, 10, 20, 20),
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        },
+        "vae": _SD_VAE,
+        "text": [
+            {
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 23,
+                "num_attention_heads": 16,
+                "hidden_act": "gelu",
+                "vocab_size": 49408,
+                "projection_dim": 512,
+            }
+        ],
+        "scheduler": {"prediction_type": "v_prediction"},
+    },
+    "sdxl": {
+        "unet": {
+            **_XL_BLOCKS,
+            "sample_size": 128,
+            "block_out_channels": (320, 640, 1280),
+            "layers_per_block": 2,
+            "transformer_layers_per_block": (1, 2, 10),
+            "cross_attention_dim": 2048,
+            "attention_head_dim": (5, 10, 20),
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+        },
+        "vae": {**_SD_VAE, "scaling_factor": 0.13025},
+        "text": [
+            {**_CLIP_L, "vocab_size": 49408},
+            {
+                "hidden_size": 1280,
+                "intermediate_size": 5120,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 20,
+                "hidden_act": "gelu",
+                "vocab_size": 49408,
+                "projection_dim": 1280,
+            },
+        ],
     },
 }
+ARCHITECTURES = tuple(_ARCHITECTURES)
 
 
-def build_components(architecture: str = "tiny", seed: int = 0) -> dict[str, torch.nn.Module]:
-    """UNet, VAE, CLIP text encoder and DDPM scheduler of `architecture` ("tiny" or "sd15"), seeded random weights."""
+def build_components(architecture: str = "tiny", seed: int = 0) -> dict[str, object]:
+    """UNet, VAE, text encoder(s) and DDPM scheduler of `architecture` (see `ARCHITECTURES`), seeded random weights.
+
+    Tokenizers are not included (see `write_tokenizer`).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    if architecture not in ARCHITECTURES:
+    if architecture not in _ARCHITECTURES:
         raise ValueError(f"`architecture` must be one of {ARCHITECTURES} but is {architecture!r}.")
-    sizes = _SIZES[architecture]
+    spec = _ARCHITECTURES[architecture]
     vocab_size = len(_byte_vocab())
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        **sizes["unet"],
-    )
-    if architecture == "tiny":
+    unet = UNet2DConditionModel(**spec["unet"])
+    if architecture.startswith("tiny"):
         # Random queries and keys give near-uniform attention and so one segment at any threshold; scaled up, the
         # attention is peaked as a trained model's is, and segment counts react to the threshold as they would.
         for name, module in unet.named_modules():
@@ -116,20 +221,22 @@ def build_components(architecture: str = "tiny", seed: int = 0) -> dict[str, tor
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
-        sample_size=512,
-        **sizes["vae"],
+        sample_size=spec["unet"]["sample_size"] * 8,
+        **spec["vae"],
     )
-    text = CLIPTextConfig(
-        **{"vocab_size": vocab_size, **sizes["text"]},
-        max_position_embeddings=77,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
-    )
-    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": CLIPTextModel(text).eval(), "scheduler": scheduler}
+    components = {"unet": unet.eval(), "vae": vae.eval()}
+    for k, sizes in enumerate(spec["text"]):
+        config = CLIPTextConfig(
+            **{"vocab_size": vocab_size, **sizes},
+            max_position_embeddings=77,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+        model = CLIPTextModelWithProjection(config) if k == 1 else CLIPTextModel(config)
+        components["text_encoder" if k == 0 else "text_encoder_2"] = model.eval()
+    components["scheduler"] = DDPMScheduler(**_SCHEDULE, **spec.get("scheduler", {}))
+    return components
 
 
 def random_pipeline(architecture: str = "tiny", *, seed: int = 0, device="cpu", dtype="auto"):
@@ -139,17 +246,21 @@ def random_pipeline(architecture: str = "tiny", *, seed: int = 0, device="cpu", 
     components = build_components(architecture, seed)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = write_tokenizer(folder)
+    if "text_encoder_2" in components:
+        components["tokenizer_2"] = tokenizer
     return DiffSegPipeline(
         **components, tokenizer=tokenizer, model=f"random {architecture}", device=device, dtype=dtype
     )
 
 
 def save_random_checkpoint(folder: str | Path, architecture: str = "tiny", seed: int = 0) -> Path:
-    """Write a diffusers-format checkpoint (unet/, vae/, text_encoder/, tokenizer/, scheduler/) with random weights."""
+    """Write a diffusers-format checkpoint (unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL family also
+    text_encoder_2/, tokenizer_2/) with random weights."""
     folder = Path(folder)
     for name, component in build_components(architecture, seed).items():
         component.save_pretrained(folder / name)
-    write_tokenizer(folder / "tokenizer")
+        if name.startswith("text_encoder"):
+            write_tokenizer(folder / name.replace("text_encoder", "tokenizer"))
     return folder
 
 

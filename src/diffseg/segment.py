@@ -33,13 +33,14 @@ def segment_attention(
     """Segment one image from its self-attention (reference `DiffSeg.segment`, for one image).
 
     Args:
-        attn: side length r -> array or tensor shaped (heads, r², r²) or (r², r²), query × key, rows summing to 1.
-            SD 1.x at 512² gives r in {64, 32, 16, 8}. Computed on the tensors' device (numpy: CPU).
+        attn: grid -> array or tensor shaped (heads, h·w, h·w) or (h·w, h·w), query × key, rows summing to 1; a
+            grid is (h, w), "HxW" or a side r for r×r (see `aggregation.as_attention_maps`). SD 1.x at 512² gives
+            64, 32, 16 and 8; a 16:9 image at native size gives 48x88 ... 6x11. Computed on the tensors' device.
         kl_threshold: merge threshold τ, one float or one per iteration (paper: 1.1 COCO-Stuff, 0.9 Cityscapes).
         iterations: number of merge iterations.
         num_points: anchors per side of the first iteration's M×M grid.
         refine: K-means refinement of the proposals (needs scikit-learn).
-        resolution_weights: r -> weight; None for the paper's weights proportional to r.
+        resolution_weights: grid -> weight; None for the paper's weights proportional to the side.
         output_size: (height, width) of the label map; the reference's is (512, 512).
         reference_float16: reproduce the reference's float16 first merge iteration, where maps with values that
             underflow float16 join no proposal (see `merging.merge_from_anchors`); False merges them in float32.
@@ -49,14 +50,14 @@ def segment_attention(
     """
     thresholds = merge_thresholds(kl_threshold, iterations)
     maps = as_attention_maps(attn)
-    side = max(maps)
-    # 1. Aggregate all resolutions at the largest: (S², S²) query × key.
+    height, width = next(iter(maps))  # the finest grid
+    # 1. Aggregate all grids at the finest: (H·W, H·W) query × key.
     aggregated = aggregate(maps, resolution_weights)
     # 2. Merge: anchors on the reference's grid, then greedy iterations.
-    grid = anchor_grid(num_points, side)
-    anchors = (grid[:, 0] * side + grid[:, 1]).to(aggregated.device)  # (M²,) row-major query indices
-    proposals = merge(aggregated, anchors, thresholds, reference_float16)  # (K, S²)
+    grid = anchor_grid(num_points, (height, width))
+    anchors = (grid[:, 0] * width + grid[:, 1]).to(aggregated.device)  # (M²,) row-major query indices
+    proposals = merge(aggregated, anchors, thresholds, reference_float16)  # (K, H·W)
     if refine:
         proposals = refine_kmeans(aggregated, proposals)
     # 3. Label: upsample, argmax, relabel.
-    return label_map(proposals.reshape(-1, side, side), output_size)
+    return label_map(proposals.reshape(-1, height, width), output_size)

@@ -75,36 +75,40 @@ def build_vocabulary(words: Sequence[str] | str, tokenizer) -> Vocabulary:
 
 @torch.inference_mode()
 def word_scores(
-    cross: Mapping[int, torch.Tensor],
+    cross: Mapping[tuple[int, int], torch.Tensor],
     vocabulary: Vocabulary,
-    weights: Mapping[int, float] | None = None,
+    weights: Mapping[tuple[int, int], float] | None = None,
     size: tuple[int, int] = SCORE_SIZE,
 ) -> torch.Tensor:
     """Each word's cross-attention over the image, L2-normalised over space.
 
-    Reference `aggregate_x_weights`: per resolution, the (r², tokens) maps are bilinearly upsampled to 512×512,
+    Reference `aggregate_x_weights`: per grid, the (h·w, tokens) maps are bilinearly upsampled to 512×512,
     normalised over the token axis and summed with weights (the reference's semantic notebooks weigh resolutions
     equally); `get_semantics` then normalises each word's map by its L2 norm over space. A word's map is the sum of
     its tokens' maps.
 
     Args:
-        cross: r -> (r², T) float cross-attention probabilities, queries × prompt tokens.
+        cross: (h, w) (or a side r for r×r) -> (h·w, T) float cross-attention probabilities, queries × prompt
+            tokens.
 
     Returns:
         (W, H·W) float32: row w is word w's normalised map, pixels row-major.
     """
-    sides = sorted(cross, reverse=True)
-    weights = {r: 1.0 for r in sides} if weights is None else {r: float(weights.get(r, 0.0)) for r in sides}
+    from .aggregation import grid_key
+
+    cross = {grid_key(g): m for g, m in cross.items()}
+    grids = list(cross)
+    weights = {g: 1.0 for g in grids} if weights is None else {g: float(weights.get(g, 0.0)) for g in grids}
     height, width = size
     total = torch.zeros(len(vocabulary.words), height, width)
-    for r in sides:
-        if weights[r] == 0:
+    for (h, w), maps in cross.items():
+        if weights[(h, w)] == 0:
             continue
-        maps = cross[r].float().cpu()  # (r², T)
-        words = torch.stack([maps[:, list(idx)].sum(1) for idx in vocabulary.token_indices])  # (W, r²)
-        both = torch.cat([words, maps.sum(1, keepdim=True).T])  # (W + 1, r²): words and the all-token total
-        up = F.interpolate(both.reshape(1, -1, r, r), size=size, mode="bilinear", align_corners=False)[0]
-        total += weights[r] * up[:-1] / up[-1:]  # normalised over the token axis, as the reference
+        maps = maps.float().cpu()  # (h·w, T)
+        words = torch.stack([maps[:, list(idx)].sum(1) for idx in vocabulary.token_indices])  # (W, h·w)
+        both = torch.cat([words, maps.sum(1, keepdim=True).T])  # (W + 1, h·w): words and the all-token total
+        up = F.interpolate(both.reshape(1, -1, h, w), size=size, mode="bilinear", align_corners=False)[0]
+        total += weights[(h, w)] * up[:-1] / up[-1:]  # normalised over the token axis, as the reference
     flat = total.reshape(len(vocabulary.words), -1)
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
 

@@ -1,0 +1,101 @@
+"""DiffCut's steps 2-3 as one function on a layer's tokens: recursive normalised cut, then label assignment.
+
+Couairon et al., NeurIPS 2024; reference `DiffCut.generate_masks` (`diffcut/recursive_normalized_cut.py`) and, for
+the optional refinement, `eval_diffcut.py`. Everything that segments with DiffCut (the pipeline, the CLI, the demo,
+the evaluation) goes through `segment_features`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DiffCutConfig
+from .labelling import label_map
+from .ncut import assemble_clusters, recursive_ncut
+
+_DEFAULTS = DiffCutConfig()
+
+
+def as_token_grid(features, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """(h, w, C) float32 tensor from (h·w, C) row-major tokens or an (h, w, C) grid (array or tensor).
+
+    (h·w, C) tokens are read as a square grid unless `grid` = (h, w) says otherwise.
+    """
+    t = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
+    if t.dim() == 2:
+        n = t.shape[0]
+        h, w = grid if grid is not None else (math.isqrt(n), math.isqrt(n))
+        if h * w != n:
+            raise ValueError(
+                f"`features` has {n} tokens, which is not a square grid; pass them shaped (h, w, C) or give `grid`."
+            )
+        t = t.reshape(h, w, -1)
+    if t.dim() != 3 or 0 in t.shape:
+        raise ValueError(f"`features` must be shaped (h·w, C) or (h, w, C) but is {tuple(t.shape)}.")
+    if not torch.isfinite(t).all():
+        raise ValueError("`features` hold NaN or infinite values; check the model's precision (try float32).")
+    return t.float()
+
+
+@torch.inference_mode()
+def segment_features(
+    features,
+    *,
+    tau: float = _DEFAULTS.tau,
+    alpha: float = _DEFAULTS.alpha,
+    output_size: tuple[int, int] = _DEFAULTS.output_size,
+    image: torch.Tensor | None = None,
+    pamr: bool = _DEFAULTS.pamr,
+) -> np.ndarray:
+    """Segment one image from one UNet layer's tokens (reference `DiffCut.generate_masks`, for one image).
+
+    Args:
+        features: (h·w, C) row-major tokens (read as a square grid) or (h, w, C), array or tensor; computed on the
+            tensor's device (numpy: CPU).
+        tau: a cut is accepted while its normalised-cut cost is below `tau` (paper: 0.5; lower gives fewer segments).
+        alpha: exponent of the min-max normalised cosine affinity (paper: 10).
+        output_size: (height, width) of the label map; the reference evaluates at (128, 128).
+        image: (1, 3, H, W) float in [0, 1], needed with `pamr`; resized bilinearly to `output_size` if needed.
+        pamr: refine with PAMR and a 3×3 median filter, as the reference's evaluation does with `--refinement`.
+
+    Returns:
+        (height, width) int32 label map, ids 0..K-1, each present.
+    """
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"`tau` must be a positive number but is {tau!r}.")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"`alpha` must be a positive number but is {alpha!r}.")
+    height, width = (int(v) for v in output_size)
+    if pamr and image is None:
+        raise ValueError("`pamr=True` needs the `image`: a (1, 3, H, W) float tensor in [0, 1].")
+    grid = as_token_grid(features)  # (h, w, C)
+    h, w, c = grid.shape
+    # Reference: the (1, C, h, w) float32 features are L2-normalised over channels (`feats_norm`).
+    feats = F.normalize(grid.permute(2, 0, 1)[None], dim=1)  # (1, C, h, w)
+    tokens = feats.reshape(c, h * w)  # (C, N)
+
+    # 1. Recursive normalised cut; clusters numbered as the reference's `assemble_clusters`.
+    clusters = assemble_clusters(recursive_ncut(tokens, tau=tau, alpha=alpha), h * w).to(tokens.device)  # (N,)
+    # 2. Each cluster's mean normalised feature (reference `MaskPooling`: masked sum / (count + 1e-8)).
+    onehot = F.one_hot(clusters).T.float()  # (K, N)
+    pooled = (onehot / (onehot.sum(dim=1, keepdim=True) + 1e-8)) @ tokens.T  # (K, C)
+    # 3. Similarity of every token to every cluster, bilinearly upsampled and arg-maxed (reference: upsamples the
+    #    features, then multiplies; both steps are linear, so upsampling the K score maps is the same at K/C of the
+    #    cost and memory, which is what lets a 12-megapixel label map fit).
+    scores = (pooled @ tokens).reshape(-1, h, w)  # (K, h, w)
+    labels = label_map(scores, (height, width))  # (H, W) int32, bilinear (align_corners=False), first maximum
+    if pamr:
+        from .pamr import refine_labels
+
+        image = image.float()
+        if image.dim() != 4 or image.shape[:2] != (1, 3):
+            raise ValueError(f"`image` must be shaped (1, 3, H, W) but is {tuple(image.shape)}.")
+        if image.shape[-2:] != (height, width):  # reference: `F.interpolate(image, size=(128, 128), mode="bilinear")`
+            image = F.interpolate(image, size=(height, width), mode="bilinear", align_corners=False)
+        refined = refine_labels(torch.from_numpy(labels), image)
+        labels = np.unique(refined.numpy(), return_inverse=True)[1].reshape(height, width).astype(np.int32)
+    return labels
