@@ -72,20 +72,54 @@ def naive_ncut(feats, tau, dims, alpha=10, max_depth=200):
     return out
 
 
-def naive_segment_features(tokens, h, w, tau=0.5, alpha=10, size=(128, 128)):
-    """tokens: (h·w, C). Returns the (H, W) int label map as the reference computes it."""
+def naive_segment_features(tokens, h, w, tau=0.5, alpha=10, size=(128, 128), exact=False):
+    """tokens: (h·w, C). Returns the (H, W) int label map as the reference computes it; with `exact`, the clusters
+    are assembled with Python integers instead of float32 (the same ids wherever float32 is exact)."""
     tokens = torch.as_tensor(tokens, dtype=torch.float32)
     feats = F.normalize(tokens.reshape(1, h, w, -1).permute(0, 3, 1, 2), dim=1)  # (1, C, h, w)
     c = feats.shape[1]
     clusters = naive_ncut(feats.reshape(c, h * w), tau, (h, w), alpha)
     if not clusters:
         clusters = [torch.zeros(h, w)]
-    total, top = torch.zeros(h, w), 1
-    for m in clusters:
-        total += top * m
-        top = total.max() + 1
+    if exact:
+        sums, top = [0] * (h * w), 1
+        for m in clusters:
+            sums = [v + top * int(b) for v, b in zip(sums, m.reshape(-1).tolist())]
+            top = max(sums) + 1
+        order = {v: i for i, v in enumerate(sorted(set(sums)))}
+        total = torch.tensor([order[v] for v in sums], dtype=torch.float64).reshape(h, w)
+    else:
+        total, top = torch.zeros(h, w), 1
+        for m in clusters:
+            total += top * m
+            top = total.max() + 1
     values = torch.unique(total)
     embeddings = torch.stack([(feats[0] * (total == v)).sum((1, 2)) / ((total == v).sum() + 1e-8) for v in values])
     up = F.interpolate(feats, size=size, mode="bilinear")  # (1, C, H, W)
     scores = up.reshape(c, -1).T @ embeddings.T  # (H·W, K)
     return scores.argmax(dim=1).reshape(size).numpy()
+
+
+def naive_pamr(image, masks, iterations=10, dilations=(1, 2, 4, 8)):
+    """PAMR as shift convolutions (the reference's `LocalAffinity*` kernels): image (B, 3, H, W), masks (B, K, H, W)."""
+    def kernels(centre: bool, neighbour: float, with_centre: bool):
+        spots = [(i, j) for i in range(3) for j in range(3) if with_centre or (i, j) != (1, 1)]
+        weight = torch.zeros(len(spots), 1, 3, 3)
+        for n, (i, j) in enumerate(spots):
+            if centre:
+                weight[n, 0, 1, 1] = 1
+            weight[n, 0, i, j] += neighbour
+        return weight
+
+    def shifted(x, weight):
+        b, k, hh, ww = x.shape
+        x = x.reshape(b * k, 1, hh, ww)
+        out = [F.conv2d(F.pad(x, [d] * 4, mode="replicate"), weight, dilation=d) for d in dilations]
+        return torch.cat(out, 1).reshape(b, k, -1, hh, ww)
+
+    std = shifted(image, kernels(False, 1.0, True)).std(2, keepdim=True)
+    x = -shifted(image, kernels(True, -1.0, False)).abs() / (1e-8 + 0.1 * std)
+    x = x.mean(1, keepdim=True).softmax(2)
+    for _ in range(iterations):
+        masks = (shifted(masks, kernels(False, 1.0, False)) * x).sum(2)
+    return masks

@@ -1,10 +1,13 @@
-"""DiffSeg: segment any image from Stable Diffusion self-attention, with no labels, training or prompt.
+"""diffseg: segment any image with a frozen Stable Diffusion, with no labels, training or prompt.
 
-Tian et al., "Diffuse, Attend, and Segment: Unsupervised Zero-Shot Segmentation using Stable Diffusion", CVPR 2024.
+Two methods, one API (a pure function on what the UNet produced, a bundle that caches it, one pipeline):
+DiffSeg (Tian et al., "Diffuse, Attend, and Segment", CVPR 2024): self-attention merged by KL divergence;
+DiffCut (Couairon et al., NeurIPS 2024): one UNet layer's features cut by a recursive normalised cut.
 """
 
 from .bundle import AttentionBundle
-from .config import DEFAULT_MODEL, EncodeConfig, SegmentConfig
+from .config import DEFAULT_MODEL, DiffCutConfig, EncodeConfig, SegmentConfig
+from .diffcut import segment_features
 from .pipeline import DiffSegPipeline, Segmentation
 from .segment import segment_attention
 
@@ -14,7 +17,9 @@ __all__ = [
     "DiffSegPipeline",
     "EncodeConfig",
     "SegmentConfig",
+    "DiffCutConfig",
     "Segmentation",
     "segment_attention",
+    "segment_features",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""DiffCut's recursive normalised cut and label assignment against a literal transcription of its reference."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from diffseg import segment_features
+from diffseg.ncut import assemble_clusters, recursive_ncut
+from diffseg.pamr import pamr
+
+from naive_diffcut import naive_pamr, naive_segment_features
+
+
+def blob_features(seed: int, h: int = 16, w: int = 16, c: int = 32, noise: float = 0.5) -> np.ndarray:
+    """(h·w, C) float32 tokens: a few random regions (nearest of k random centres), each a random vector plus noise."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(3, 7))
+    centres, points = rng.normal(size=(k, c)), rng.uniform(0, 1, size=(k, 2))
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    regions = ((yy[None] - points[:, 0, None, None]) ** 2 + (xx[None] - points[:, 1, None, None]) ** 2).argmin(0)
+    return (centres[regions] + noise * rng.normal(size=(h, w, c))).reshape(h * w, c).astype(np.float32)
+
+
+def agreement(ours: np.ndarray, reference: np.ndarray) -> float:
+    """Share of pixels with the same id, the reference's ids made contiguous in their order (as ours are)."""
+    contiguous = np.unique(reference, return_inverse=True)[1].reshape(reference.shape)
+    return float((ours == contiguous).mean())
+
+
+def test_segment_features_agrees_with_the_literal_reference_on_random_feature_maps():
+    scores = []
+    for seed in range(24):
+        features = blob_features(seed, noise=[0.3, 0.6, 1.0][seed % 3])
+        ours = segment_features(features, output_size=(64, 64))
+        reference = naive_segment_features(features, 16, 16, size=(64, 64), exact=True)
+        scores.append(agreement(ours, reference))
+    # Where both compute the same tree, ids and pixels match; eigenvector rounding may move a boundary pixel.
+    assert np.mean(scores) >= 0.995 and min(scores) >= 0.98, scores
+
+
+def test_shallow_trees_match_the_reference_float32_assembly_exactly():
+    """With few accepted cuts the reference's float32 sums are exact, and its own assembly gives our ids."""
+    for seed in range(6):
+        features = blob_features(seed, noise=0.3)
+        tokens = torch.nn.functional.normalize(torch.from_numpy(features).T, dim=0)
+        assert len(recursive_ncut(tokens, tau=0.5, alpha=10)) < 20  # sums below 2²⁴
+        ours = segment_features(features, output_size=(32, 32))
+        assert agreement(ours, naive_segment_features(features, 16, 16, size=(32, 32))) == 1.0
+
+
+def test_deep_trees_get_one_label_per_distinct_set_of_masks_where_float32_collapses():
+    features = blob_features(1, noise=2.0)  # noisy: a cut is accepted almost everywhere, hundreds of masks
+    tokens = torch.nn.functional.normalize(torch.from_numpy(features).T, dim=0)
+    masks = recursive_ncut(tokens, tau=0.5, alpha=10)
+    assert len(masks) > 60  # float32 `max_value` sums are past 2²⁴ long before the end
+    ids = assemble_clusters(masks, 256)
+    membership = torch.stack(masks, dim=1)  # (N, M)
+    distinct = torch.unique(membership, dim=0)
+    assert int(ids.max()) + 1 == len(distinct)
+    for k in range(len(distinct)):  # tokens share an id exactly when they share their masks
+        same = (membership == membership[ids == k][0]).all(dim=1)
+        assert torch.equal(same, ids == k)
+    ours = segment_features(features, output_size=(16, 16))
+    exact = naive_segment_features(features, 16, 16, size=(16, 16), exact=True)
+    collapsed = naive_segment_features(features, 16, 16, size=(16, 16))
+    assert agreement(ours, exact) >= 0.98
+    assert len(np.unique(collapsed)) < len(np.unique(exact))  # the reference's float32 assembly merges clusters
+
+
+def _looping_features(seed: int) -> tuple[np.ndarray, float, float]:
+    """Tight clusters: the Fiedler vector of a branch comes out all positive and the reference recurses on it
+    without end (found by searching seeds)."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 5))
+    centres, regions = rng.normal(size=(k, 16)), rng.integers(0, k, size=64)
+    features = (centres[regions] + rng.uniform(1e-4, 0.3) * rng.normal(size=(64, 16))).astype(np.float32)
+    return features, float(rng.choice([10, 20, 40])), float(rng.choice([0.5, 1.0]))
+
+
+@pytest.mark.parametrize("seed", [141, 150, 162])
+def test_ends_every_branch_where_the_reference_recurses_forever(seed):
+    features, alpha, tau = _looping_features(seed)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(400)
+    try:
+        with pytest.raises(RecursionError):
+            naive_segment_features(features, 8, 8, tau=tau, alpha=alpha, size=(16, 16))
+    finally:
+        sys.setrecursionlimit(limit)
+    labels = segment_features(features, tau=tau, alpha=alpha, output_size=(16, 16))
+    assert labels.shape == (16, 16) and labels.max() + 1 >= 2
+    assert set(np.unique(labels)) == set(range(labels.max() + 1))
+
+
+def test_degenerate_inputs_give_a_real_segmentation():
+    rng = np.random.default_rng(0)
+    assert segment_features(np.ones((64, 8), np.float32), output_size=(8, 8)).max() == 0  # constant: one segment
+    assert segment_features(np.ones((1, 8), np.float32), output_size=(4, 4)).max() == 0  # one token
+    two = np.repeat(rng.normal(size=(2, 8)), 32, axis=0).astype(np.float32)  # duplicate tokens, two values
+    labels = segment_features(two, output_size=(8, 8))
+    np.testing.assert_array_equal(labels, np.repeat([0, 1], 32).reshape(8, 8))
+    zeros = np.zeros((16, 4), np.float32)  # all-zero features: no affinity to cut
+    assert segment_features(zeros, output_size=(4, 4)).max() == 0
+
+
+def test_features_are_read_as_tokens_or_grids_arrays_or_tensors():
+    features = blob_features(3, h=8, w=12)
+    grid = features.reshape(8, 12, -1)
+    a = segment_features(grid, output_size=(16, 24))
+    np.testing.assert_array_equal(a, segment_features(torch.from_numpy(grid), output_size=(16, 24)))
+    assert a.shape == (16, 24) and a.dtype == np.int32
+    square = blob_features(3)
+    np.testing.assert_array_equal(
+        segment_features(square, output_size=(32, 32)), segment_features(square.reshape(16, 16, -1), output_size=(32, 32))
+    )
+    with pytest.raises(ValueError, match="not a square grid"):
+        segment_features(features)  # 96 tokens: pass (h, w, C)
+    with pytest.raises(ValueError, match="NaN"):
+        segment_features(np.full((16, 4), np.nan, np.float32))
+    with pytest.raises(ValueError, match="tau"):
+        segment_features(square, tau=float("inf"))
+    with pytest.raises(ValueError, match="needs the `image`"):
+        segment_features(square, pamr=True)
+
+
+def test_pamr_equals_the_reference_shift_convolutions():
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.uniform(0, 1, size=(1, 3, 24, 20))).float()
+    masks = torch.from_numpy(rng.uniform(0, 1, size=(1, 3, 24, 20))).float()
+    torch.testing.assert_close(pamr(image, masks), naive_pamr(image, masks), atol=1e-6, rtol=1e-5)
+
+
+def test_pamr_refines_labels_towards_image_edges():
+    """An image split in two colours and labels whose boundary is off by a few pixels: PAMR moves it to the edge."""
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, :, 16:] = 1.0
+    features = np.zeros((8, 8, 4), np.float32)
+    features[:, :5, 0] = 1  # the features' boundary sits at x = 20 of 32, the image's at 16
+    features[:, 5:, 1] = 1
+    plain = segment_features(features, output_size=(32, 32))
+    refined = segment_features(features, output_size=(32, 32), image=image, pamr=True)
+    truth = (np.arange(32) >= 16)[None].repeat(32, 0)
+    assert ((refined == refined[0, -1]) == truth).mean() > ((plain == plain[0, -1]) == truth).mean()
