@@ -22,6 +22,33 @@ def tiny_pipeline(tiny_checkpoint):
     return DiffSegPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd2_checkpoint(tmp_path_factory):
+    """Tiny SD 2.x (1024-wide OpenCLIP-style text states, linear projections, v-prediction schedule)."""
+    return save_random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny-sd2", "tiny-sd2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(tmp_path_factory):
+    """Tiny SDXL (two CLIP text encoders, `text_time` added embedding, no attention in the first block)."""
+    return save_random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny-sdxl", "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tiny_sdxl_checkpoint):
+    return DiffSegPipeline.from_pretrained(tiny_sdxl_checkpoint, device="cpu", dtype="float32")
+
+
+def matched_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of pixels on which two label maps agree once their ids are matched one-to-one (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+
+    k = int(max(a.max(), b.max())) + 1
+    hist = np.bincount(a.ravel().astype(np.int64) * k + b.ravel(), minlength=k * k).reshape(k, k)
+    rows, cols = linear_sum_assignment(hist, maximize=True)
+    return float(hist[rows, cols].sum() / a.size)
+
+
 def run_cli(*argv) -> int:
     """Run `diffseg ARGV...` in this process (paths and numbers as they are); returns the exit status."""
     return main([str(a) for a in argv])
