@@ -73,7 +73,7 @@ def segment_bundle(
     if image.shape[:2] != size:
         image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
     if bundle.method == "diffcut":
-        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 if settings.get("pamr") else None
+        pixels = torch.tensor(image).permute(2, 0, 1)[None].float() / 255 if settings.get("pamr") else None
         labels = segment_features(bundle.features, output_size=size, image=pixels, **settings)
     else:
         labels = segment_attention(bundle.attention, output_size=size, **settings)
