@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from common import arguments, peak_rss_gib, report, timeit
-from diffseg.capture import capture_self_attention
+from diffseg.capture import capture_attention
 from diffseg.random_weights import random_pipeline
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
     latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(pipe.device, pipe.dtype)
     t = torch.tensor([300], device=pipe.device)
-    text = pipe.prompt_embedding()
+    text = pipe.prompt_embedding().hidden
 
     @torch.inference_mode()
     def plain():
@@ -35,12 +35,12 @@ def main() -> None:
 
     @torch.inference_mode()
     def captured():
-        with capture_self_attention(pipe.unet):
+        with capture_attention(pipe.unet, (64, 64)):
             pipe.unet(latents, t, encoder_hidden_states=text)
         sync()
 
     def encode():
-        pipe.encode(image)
+        pipe.encode(image, resize="square")
         sync()
 
     rows = []

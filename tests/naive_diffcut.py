@@ -102,6 +102,7 @@ def naive_segment_features(tokens, h, w, tau=0.5, alpha=10, size=(128, 128), exa
 
 def naive_pamr(image, masks, iterations=10, dilations=(1, 2, 4, 8)):
     """PAMR as shift convolutions (the reference's `LocalAffinity*` kernels): image (B, 3, H, W), masks (B, K, H, W)."""
+
     def kernels(centre: bool, neighbour: float, with_centre: bool):
         spots = [(i, j) for i in range(3) for j in range(3) if with_centre or (i, j) != (1, 1)]
         weight = torch.zeros(len(spots), 1, 3, 3)

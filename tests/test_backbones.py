@@ -29,12 +29,33 @@ def xl(layers, sample=128):
 @pytest.mark.parametrize(
     "config, scheduler, family, name, native, multiple, sides",
     [
-        ({"down_block_types": SD_BLOCKS, "sample_size": 64, "cross_attention_dim": 768}, {}, "sd1",
-         "Stable Diffusion 1.x", 512, 64, (64, 32, 16, 8)),
-        ({"down_block_types": SD_BLOCKS, "sample_size": 64, "cross_attention_dim": 1024}, {}, "sd2",
-         "Stable Diffusion 2.x", 512, 64, (64, 32, 16, 8)),
-        ({"down_block_types": SD_BLOCKS, "sample_size": 96, "cross_attention_dim": 1024},
-         {"prediction_type": "v_prediction"}, "sd2", "Stable Diffusion 2.x (v-prediction)", 768, 64, (96, 48, 24, 12)),
+        (
+            {"down_block_types": SD_BLOCKS, "sample_size": 64, "cross_attention_dim": 768},
+            {},
+            "sd1",
+            "Stable Diffusion 1.x",
+            512,
+            64,
+            (64, 32, 16, 8),
+        ),
+        (
+            {"down_block_types": SD_BLOCKS, "sample_size": 64, "cross_attention_dim": 1024},
+            {},
+            "sd2",
+            "Stable Diffusion 2.x",
+            512,
+            64,
+            (64, 32, 16, 8),
+        ),
+        (
+            {"down_block_types": SD_BLOCKS, "sample_size": 96, "cross_attention_dim": 1024},
+            {"prediction_type": "v_prediction"},
+            "sd2",
+            "Stable Diffusion 2.x (v-prediction)",
+            768,
+            64,
+            (96, 48, 24, 12),
+        ),
         (xl([1, 2, 10]), {}, "sdxl", "SDXL", 1024, 32, (64, 32)),
         (xl([1, 2, 10], sample=64), {}, "sdxl", "SDXL", 512, 32, (32, 16)),  # SDXL-Turbo: trained at 512²
         (xl([1, 2, 4]), {}, "sdxl", "SSD-1B", 1024, 32, (64, 32)),
@@ -102,9 +123,7 @@ def test_sdxl_conditioning_is_what_the_diffusers_sdxl_pipeline_computes(tiny_sdx
     assert inputs["added_cond_kwargs"]["text_embeds"].shape == (2, 32)
 
 
-def test_each_family_encodes_its_grids_and_exposes_its_components(
-    tiny_sd2_checkpoint, tiny_sdxl_pipeline
-):
+def test_each_family_encodes_its_grids_and_exposes_its_components(tiny_sd2_checkpoint, tiny_sdxl_pipeline):
     sd2 = DiffSegPipeline.from_pretrained(tiny_sd2_checkpoint, device="cpu", dtype="float32")
     assert sd2.backbone.family == "sd2" and sd2.backbone.prediction_type == "v_prediction"
     assert sd2.text_encoder_2 is None and sd2.unet is not None and sd2.vae is not None
@@ -146,7 +165,9 @@ def test_half_precision_label_maps_agree_with_float32(tiny_checkpoint, tiny_pipe
     image = quadrants_image()
     ours, reference = half.encode(image), tiny_pipeline.encode(image)
     for grid in reference.attention:
-        torch.testing.assert_close(ours.attention[grid], reference.attention[grid], atol=1e-2 if dtype == "float16" else 1e-1, rtol=0)
+        torch.testing.assert_close(
+            ours.attention[grid], reference.attention[grid], atol=1e-2 if dtype == "float16" else 1e-1, rtol=0
+        )
     a, b = half.segment(ours, kl_threshold=0.9).labels, tiny_pipeline.segment(reference, kl_threshold=0.9).labels
     assert a.max() > 0 and matched_agreement(a, b) >= tolerance
     cut, cut32 = half.encode(image, method="diffcut"), tiny_pipeline.encode(image, method="diffcut")

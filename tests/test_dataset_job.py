@@ -157,3 +157,30 @@ def test_a_killed_worker_loses_at_most_its_batch(local_ray, tiny_checkpoint, tmp
         if row["status"] == "done":
             assert (out / "labels" / f"{name}.png").is_file()
     assert code == (0 if all(r["status"] == "done" for r in manifest.values()) else 1)
+
+
+@pytest.mark.parametrize("method", ["diffseg", "diffcut"])
+def test_segment_dataset_runs_sdxl_with_mixed_shapes_and_matches_segment(
+    local_ray, tiny_sdxl_checkpoint, tmp_path, method
+):
+    """The tiny SDXL, a wide, a tall and a square image in one worker batch (one UNet call per input shape):
+    every label map has its image's size and equals `diffseg segment`'s."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, (h, w) in {"wide": (120, 240), "tall": (200, 100), "square": (96, 96)}.items():
+        Image.fromarray(quadrants_image(h, w)).save(folder / f"{name}.png")
+    out = tmp_path / "job"
+    extra = ("--method", method, "--batch-size", "3")
+    assert run_job(folder, out, tiny_sdxl_checkpoint, *extra) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Ray's workers: float reductions depend on the thread count
+    try:
+        cli = ("--method", method, "--kl-threshold", "0.5", "--no-overlay")
+        assert run_cli("segment", folder, "-o", tmp_path / "cli", *tiny_model(tiny_sdxl_checkpoint), *cli) == 0
+    finally:
+        torch.set_num_threads(threads)
+    manifest = read_manifest(out)
+    for name, size in {"wide": (120, 240), "tall": (200, 100), "square": (96, 96)}.items():
+        labels = read_labels(out / "labels" / f"{name}.png")
+        assert manifest[name]["status"] == "done" and labels.shape == size
+        np.testing.assert_array_equal(labels, read_labels(tmp_path / "cli" / "labels" / f"{name}.png"))

@@ -113,7 +113,8 @@ def test_features_are_read_as_tokens_or_grids_arrays_or_tensors():
     assert a.shape == (16, 24) and a.dtype == np.int32
     square = blob_features(3)
     np.testing.assert_array_equal(
-        segment_features(square, output_size=(32, 32)), segment_features(square.reshape(16, 16, -1), output_size=(32, 32))
+        segment_features(square, output_size=(32, 32)),
+        segment_features(square.reshape(16, 16, -1), output_size=(32, 32)),
     )
     with pytest.raises(ValueError, match="not a square grid"):
         segment_features(features)  # 96 tokens: pass (h, w, C)

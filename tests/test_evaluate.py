@@ -277,3 +277,18 @@ def test_misplaced_dataset_names_the_expected_path(tmp_path):
     (tmp_path / "cs" / "leftImg8bit").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"leftImg8bit/val"):
         BENCHMARKS["cityscapes"].samples(tmp_path / "cs")
+
+
+def test_evaluate_diffcut_under_its_own_protocol_scores_at_128(tiny_checkpoint, tiny_pipeline, tmp_path, capsys):
+    ids = make_coco(tmp_path / "coco", n=2)
+    out = tmp_path / "run"
+    argv = ("evaluate", "cocostuff27", "--root", tmp_path / "coco", "--limit", "2", "-o", out)
+    assert run_cli(*argv, *tiny_model(tiny_checkpoint), "--method", "diffcut", "--protocol", "diffcut") == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["method"].startswith("diffcut:") and settings["timestep"] == 50 and settings["tau"] == 0.5
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ids
+    # Each image's counts cover exactly its 128×128 labelled pixels (DiffCut's `eval_diffcut.py` protocol).
+    for record in records:
+        assert 128 * 128 * 0.8 < record["all"] <= 128 * 128  # labelled pixels: all but the unlabelled strip
+    assert "DiffCut (Couairon et al. 2024)" in capsys.readouterr().out

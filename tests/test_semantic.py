@@ -99,7 +99,9 @@ def test_labels_never_alter_the_label_map_by_default(tiny_pipeline):
     assert [n.id for n in result.names] == list(range(result.num_segments))
     conditional = tiny_pipeline.encode(image, labels="red, green, blue, yellow", segment_from="conditional")
     finest = next(iter(named.attention))
-    assert not torch.allclose(conditional.attention[finest], named.attention[finest], atol=1e-4)  # text changes self-attention
+    assert not torch.allclose(
+        conditional.attention[finest], named.attention[finest], atol=1e-4
+    )  # text changes self-attention
 
 
 def test_bundles_keep_their_vocabulary(tiny_pipeline, tmp_path):

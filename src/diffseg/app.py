@@ -250,9 +250,7 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                 raise ValueError("Naming segments works with DiffSeg only: clear the words or choose DiffSeg.")
             entry, encoded = cache.get(image, int(timestep), parse_words(words), method)
             encode_seconds = time.perf_counter() - start
-            view = render(
-                entry, out_dir, kl_threshold, iterations, num_points, refine, weights, tau, alpha, pamr
-            )
+            view = render(entry, out_dir, kl_threshold, iterations, num_points, refine, weights, tau, alpha, pamr)
         except (ValueError, ImportError, OSError) as error:
             raise gr.Error(str(error)) from error
         source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
@@ -264,7 +262,6 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
             return None, None, "Upload an image or pick an example.", None, None, ""
         return run(path, *settings)
 
-
     def apply_preset(name, *settings):
         weights = preset_weights(name, sides)
         return (*weights, *run(*settings[:11], *weights))
@@ -272,7 +269,12 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
     def on_method(method, path, _timestep, *settings):
         timestep = ENCODE_DEFAULTS[method].timestep  # each method's paper's timestep
         outputs = on_image(path, method, timestep, *settings)
-        return (gr.update(value=timestep), gr.update(visible=method == "diffseg"), gr.update(visible=method == "diffcut"), *outputs)
+        return (
+            gr.update(value=timestep),
+            gr.update(visible=method == "diffseg"),
+            gr.update(visible=method == "diffcut"),
+            *outputs,
+        )
 
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
@@ -288,11 +290,18 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id="input-image")
                 gr.Examples(examples=examples, inputs=image)
                 method = gr.Radio(
-                    list(METHODS), value="diffseg", label="Method (re-encodes)", elem_id="method",
-                    info="DiffSeg: self-attention merged by KL; DiffCut: one layer's features, recursive normalised cut",
+                    list(METHODS),
+                    value="diffseg",
+                    label="Method (re-encodes)",
+                    elem_id="method",
+                    info="DiffSeg: self-attention merged by KL; DiffCut: a layer's features, recursive normalised cut",
                 )
                 timestep = gr.Slider(
-                    0, 999, value=ENCODE_DEFAULTS["diffseg"].timestep, step=1, label="Timestep (re-encodes)",
+                    0,
+                    999,
+                    value=ENCODE_DEFAULTS["diffseg"].timestep,
+                    step=1,
+                    label="Timestep (re-encodes)",
                     elem_id="timestep",
                 )
                 words = gr.Textbox(
@@ -302,14 +311,25 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                 )
                 with gr.Group(visible=False) as diffcut_controls:
                     tau = gr.Slider(
-                        0.05, 1.5, value=_DIFFCUT.tau, step=0.01, label="Cut threshold τ (lower: fewer segments)",
+                        0.05,
+                        1.5,
+                        value=_DIFFCUT.tau,
+                        step=0.01,
+                        label="Cut threshold τ (lower: fewer segments)",
                         elem_id="tau",
                     )
-                    alpha = gr.Slider(1, 20, value=_DIFFCUT.alpha, step=0.5, label="Affinity exponent α", elem_id="alpha")
+                    alpha = gr.Slider(
+                        1, 20, value=_DIFFCUT.alpha, step=0.5, label="Affinity exponent α", elem_id="alpha"
+                    )
                     pamr = gr.Checkbox(value=_DIFFCUT.pamr, label="PAMR refinement", elem_id="pamr")
                 with gr.Group() as diffseg_controls:
                     kl = gr.Slider(
-                        0.05, 3.0, value=_SEGMENT.kl_threshold, step=0.05, label="KL threshold τ", elem_id="kl-threshold"
+                        0.05,
+                        3.0,
+                        value=_SEGMENT.kl_threshold,
+                        step=0.05,
+                        label="KL threshold τ",
+                        elem_id="kl-threshold",
                     )
                     iterations = gr.Slider(
                         1, 6, value=_SEGMENT.iterations, step=1, label="Merge iterations", elem_id="iterations"
@@ -323,8 +343,14 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                     )
                     sliders = [
                         gr.Slider(
-                            0, 1, value=w, step=0.01, visible=k < len(sides),
-                            label=f"Weight of grid {k + 1} ({sides[k]}² at native size; normalised)" if k < len(sides) else "",
+                            0,
+                            1,
+                            value=w,
+                            step=0.01,
+                            visible=k < len(sides),
+                            label=f"Weight of grid {k + 1} ({sides[k]}² at native size; normalised)"
+                            if k < len(sides)
+                            else "",
                             elem_id=f"weight-{k}",
                         )
                         for k, w in enumerate(preset_weights("proportional", sides))
@@ -336,7 +362,9 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                     label_view = gr.Image(label="Label map", format="png", interactive=False, elem_id="label-map")
                 with gr.Row():
                     label_file = gr.File(label="Label map (PNG of ids)", elem_id="label-download")
-                    bundle_file = gr.File(label="Bundle: what the UNet produced (safetensors)", elem_id="bundle-download")
+                    bundle_file = gr.File(
+                        label="Bundle: what the UNet produced (safetensors)", elem_id="bundle-download"
+                    )
                 table = gr.HTML(elem_id="segments")
 
         settings = [image, method, timestep, words, kl, iterations, points, refine, tau, alpha, pamr, *sliders]

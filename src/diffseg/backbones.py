@@ -118,8 +118,8 @@ def detect(unet_config: Mapping, scheduler_config: Mapping | None = None) -> Bac
         return Backbone("sdxl", name, **FAMILIES["sdxl"], **common)
     if added is not None:
         raise ValueError(
-            f"The checkpoint's UNet has `addition_embed_type={added!r}`, which no Stable Diffusion family diffseg knows "
-            "uses (SD 1.x, SD 2.x, SDXL, SSD-1B, Segmind-Vega)."
+            f"The checkpoint's UNet has `addition_embed_type={added!r}`, which none of the Stable Diffusion "
+            "families diffseg knows uses (SD 1.x, SD 2.x, SDXL, SSD-1B, Segmind-Vega)."
         )
     width = unet_config.get("cross_attention_dim", 768)
     family = "sd2" if width == 1024 else "sd1"
@@ -210,7 +210,9 @@ def _inspect(model: str, local_files_only: bool, offline: bool) -> tuple[Backbon
     if unet_config is None:
         folder = Path(model).expanduser()
         present = [f"{n}/" for n in ("vae", "text_encoder", "tokenizer") if not (folder / n).is_dir()]
-        raise _missing_weights(model, "the UNet config", f"the folder lacks {', '.join(['unet/config.json', *present])}.")
+        raise _missing_weights(
+            model, "the UNet config", f"the folder lacks {', '.join(['unet/config.json', *present])}."
+        )
     return detect(unet_config, scheduler_config), scheduler_config
 
 
@@ -340,7 +342,9 @@ def unet_inputs(backbone: Backbone, conditioning: Conditioning, batch: int, size
     inputs = {"encoder_hidden_states": conditioning.hidden.expand(batch, -1, -1)}
     if backbone.family == "sdxl":
         h, w = size
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=conditioning.hidden.dtype, device=conditioning.hidden.device)
+        time_ids = torch.tensor(
+            [[h, w, 0, 0, h, w]], dtype=conditioning.hidden.dtype, device=conditioning.hidden.device
+        )
         inputs["added_cond_kwargs"] = {
             "text_embeds": conditioning.pooled.expand(batch, -1),
             "time_ids": time_ids.expand(batch, -1),

@@ -117,7 +117,9 @@ class AttentionBundle:
             try:
                 return read()
             except (KeyError, ValueError, TypeError, AttributeError) as error:
-                raise ValueError(f"Bundle `{path}` has a malformed `{name}` ({error!r}); re-encode the image.") from None
+                raise ValueError(
+                    f"Bundle `{path}` has a malformed `{name}` ({error!r}); re-encode the image."
+                ) from None
 
         def grids(prefix):
             return {grid_key(k.split(".", 1)[1]): t for k, t in tensors.items() if k.startswith(prefix)}
@@ -136,7 +138,9 @@ class AttentionBundle:
             image=field_of("image", lambda: tensors["image"].numpy()),
             timestep=field_of("timestep", lambda: int(metadata["timestep"])),
             model=metadata.get("model", ""),
-            layers=field_of("layers", lambda: {grid_key(r): int(n) for r, n in json.loads(metadata.get("layers", "{}")).items()}),
+            layers=field_of(
+                "layers", lambda: {grid_key(r): int(n) for r, n in json.loads(metadata.get("layers", "{}")).items()}
+            ),
             cross_attention={g: cross[g] for g in by_size(cross)} or None,
             vocabulary=field_of("vocabulary", lambda: _vocabulary(metadata.get("vocabulary"))),
             features=tensors.get("features"),

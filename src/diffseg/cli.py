@@ -139,8 +139,9 @@ def encode_kwargs(args: argparse.Namespace) -> dict:
     if not 0 <= settings.timestep <= 999:
         raise ValueError(f"`--timestep` must be in [0, 999] but is {settings.timestep}.")
     if settings.resolution is not None and not 32 <= settings.resolution <= 4096:
-        raise ValueError(f"`--resolution` must be from 32 to 4096 (a multiple of 64, or 32 for SDXL) but is "
-                         f"{settings.resolution}.")
+        raise ValueError(
+            f"`--resolution` must be from 32 to 4096 (a multiple of 64, or 32 for SDXL) but is {settings.resolution}."
+        )
     kwargs = {"method": args.method, **{k: getattr(settings, k) for k in given}}
     if hasattr(args, "crop"):
         kwargs.update(crop=None if args.crop == "none" else args.crop, resize=args.resize)
@@ -191,9 +192,7 @@ def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT
         default=_DIFFCUT.tau,
         help="accept a cut while its normalised-cut cost is below τ; lower gives fewer segments (default: %(default)s)",
     )
-    cut.add_argument(
-        "--alpha", type=float, default=_DIFFCUT.alpha, help="affinity exponent α (default: %(default)s)"
-    )
+    cut.add_argument("--alpha", type=float, default=_DIFFCUT.alpha, help="affinity exponent α (default: %(default)s)")
     cut.add_argument("--pamr", action="store_true", help="refine with PAMR and a 3×3 median filter (reference option)")
 
 
@@ -259,7 +258,9 @@ def segment_kwargs(args: argparse.Namespace) -> dict:
     if args.resolution_preset is not None:
         weights = args.resolution_preset  # weights by rank: resolved on each bundle's grids
     if not 2 <= args.num_points <= 64:
-        raise ValueError(f"`--num-points` must be from 2 to 64 (and at most the finest grid's side) but is {args.num_points}.")
+        raise ValueError(
+            f"`--num-points` must be from 2 to 64 (and at most the finest grid's side) but is {args.num_points}."
+        )
     kwargs = {
         "kl_threshold": args.kl_threshold,
         "iterations": args.iterations,

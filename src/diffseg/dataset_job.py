@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import inspect as inspect_backbone, target_size
+from .backbones import Backbone, inspect as inspect_backbone, target_size
 from .config import DEFAULT_MODEL, METHOD_DEFAULT, EncodeConfig, encode_settings
 from .images import crop as crop_image, decode_image, find_images, to_model_input
 from .outputs import OutputPaths, atomic_path, label_image, read_labels, save_image
@@ -173,22 +173,17 @@ def _failed(path: str, name: str, output: Path, error: str) -> dict:
 # ------------------------------------------------------------------------------------------------ Ray stages
 
 
-def decode_row(
-    row: dict, crop: str | None, resolution: int, resize: str, size_multiple: int, native_size: int
-) -> dict:
+def decode_row(row: dict, crop: str | None, resolution: int | None, resize: str, backbone: Backbone) -> dict:
     """CPU stage (a Ray task per row): read, decode, crop and resize one image into the UNet's input, float32, as
-    `diffseg segment` prepares it (`backbones.target_size`, from the family's facts the driver read). A failure is
-    carried as the row's error, never raised."""
-    from .backbones import Backbone, target_size
-
-    family = Backbone("", "", native_size, size_multiple, (), (), 0)
+    `diffseg segment` prepares it (`backbones.target_size`, with the family the driver read from the checkpoint's
+    configs). A failure is carried as the row's error, never raised."""
     try:
         image = crop_image(np.asarray(decode_image(read_bytes(row["path"]), row["path"])), crop)
-        size = target_size(image.shape[:2], family, resolution, resize)
+        size = target_size(image.shape[:2], backbone, resolution, resize)
         pixels = to_model_input([image], size)[0].numpy()
         return {**row, "pixels": pixels, "height": image.shape[0], "width": image.shape[1], "error": ""}
     except (OSError, ValueError) as error:
-        empty = np.zeros((3, size_multiple, size_multiple), np.float32)
+        empty = np.zeros((3, backbone.size_multiple, backbone.size_multiple), np.float32)
         return {**row, "pixels": empty, "height": 0, "width": 0, "error": str(error)}
 
 
@@ -380,13 +375,7 @@ def segment_dataset(
     data = ray.data.from_items(todo)
     # Half a CPU per decode task: more decodes run beside the workers, and (unlike the workers' one CPU) it keeps
     # Ray from fusing decoding into the model actors, so the accelerator is not kept waiting on JPEG decoding.
-    decode = {
-        "crop": crop,
-        "resolution": resolution or backbone.native_size,
-        "resize": resize,
-        "size_multiple": backbone.size_multiple,
-        "native_size": backbone.native_size,
-    }
+    decode = {"crop": crop, "resolution": resolution, "resize": resize, "backbone": backbone}
     data = data.map(decode_row, fn_kwargs=decode, num_cpus=0.5)
     data = data.map_batches(
         SegmentWorker,

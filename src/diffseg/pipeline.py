@@ -113,8 +113,10 @@ class DiffSegPipeline:
         reads the same words)."""
         key = prompt.input_ids if isinstance(prompt, Vocabulary) else prompt
         if key not in self._conditioning:
-            ids = [backbones.prompt_ids(tokenizer, prompt if isinstance(prompt, str) else prompt.prompt)
-                   for tokenizer in self.tokenizers]
+            ids = [
+                backbones.prompt_ids(tokenizer, prompt if isinstance(prompt, str) else prompt.prompt)
+                for tokenizer in self.tokenizers
+            ]
             if isinstance(prompt, Vocabulary):
                 ids[0] = torch.tensor([prompt.input_ids])
             self._conditioning[key] = backbones.encode_prompt(self.backbone, self.text_encoders, ids)
@@ -221,7 +223,9 @@ class DiffSegPipeline:
                 )
         return bundles[0] if single else bundles
 
-    def _latents(self, pixels: torch.Tensor, timestep: int, noise_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latents(
+        self, pixels: torch.Tensor, timestep: int, noise_seed: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE posterior mean × scaling factor (reference: the encoder's last layer, no sampling), noised for
         `timestep` when `noise_seed` is given; and the (B,) timesteps."""
         batch = len(pixels)
@@ -331,4 +335,3 @@ class DiffSegPipeline:
 def _concat(a: dict, b: dict) -> dict:
     """Two UNet input dicts (tensors, and nested dicts of tensors) joined along the batch axis."""
     return {k: _concat(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]]) for k, v in a.items()}
-

@@ -67,7 +67,7 @@ def segment_bundle(
     unknown = set(settings) - method_settings(bundle.method)
     if unknown:
         raise ValueError(
-            f"{sorted(unknown)} are not settings of {bundle.method} (it takes {sorted(method_settings(bundle.method))})."
+            f"{sorted(unknown)} are not settings of {bundle.method}; it takes {sorted(method_settings(bundle.method))}."
         )
     image = bundle.image
     if image.shape[:2] != size:
