@@ -96,6 +96,15 @@ def _free_port() -> int:
 
 @pytest.fixture
 def app_server(tiny_checkpoint, tmp_path):
+    yield from _serve(tiny_checkpoint, tmp_path)
+
+
+@pytest.fixture
+def sdxl_app_server(tiny_sdxl_checkpoint, tmp_path):
+    yield from _serve(tiny_sdxl_checkpoint, tmp_path)
+
+
+def _serve(tiny_checkpoint, tmp_path):
     port = _free_port()
     log = tmp_path / "app.log"
     with open(log, "w") as stderr:
@@ -229,3 +238,25 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         assert count(_status(page)) == count(recut) and encodes() == 2
         browser.close()
     assert external == []  # nothing fetched from outside the server: works offline
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (Debian package `chromium`); .ci/run installs it"
+)
+def test_demo_on_sdxl_shows_only_its_two_grids(sdxl_app_server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    url, _ = sdxl_app_server
+    image_path = tmp_path / "wide.png"
+    Image.fromarray(quadrants_image(200, 400)).save(image_path)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.set_input_files("#input-image input[type=file]", str(image_path))
+        assert "encoded in" in _wait_status(page)
+        assert page.locator("#weight-0").is_visible() and page.locator("#weight-1").is_visible()
+        assert not page.locator("#weight-2").is_visible() and not page.locator("#weight-3").is_visible()
+        page.locator("#preset input").click()
+        options = page.get_by_role("option").all_inner_texts()
+        assert "two finest" in options and "third and fourth" not in options
+        browser.close()

@@ -86,3 +86,12 @@ def test_traceback_on_request(tmp_path, image_folder, monkeypatch):
     monkeypatch.setenv("DIFFSEG_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         run_cli("segment", image_folder, "-o", tmp_path / "o", "--model", tmp_path / "no-model")
+
+
+def test_outputs_get_the_mode_of_any_new_file_not_0600(tiny_checkpoint, tmp_path):
+    from diffseg.outputs import _UMASK
+
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "a.png")
+    assert run_cli("segment", tmp_path / "a.png", "-o", tmp_path / "out", *tiny_model(tiny_checkpoint)) == 0
+    modes = {path.stat().st_mode & 0o777 for path in (tmp_path / "out").rglob("*.png")}
+    assert modes == {0o666 & ~_UMASK}  # 0o644 under the usual umask: others sharing the folder can read them

@@ -184,3 +184,17 @@ def test_segment_dataset_runs_sdxl_with_mixed_shapes_and_matches_segment(
         labels = read_labels(out / "labels" / f"{name}.png")
         assert manifest[name]["status"] == "done" and labels.shape == size
         np.testing.assert_array_equal(labels, read_labels(tmp_path / "cli" / "labels" / f"{name}.png"))
+
+
+def test_ray_address_local_starts_a_local_instance_whatever_ray_address_says():
+    import subprocess
+    import sys
+
+    script = (
+        "import ray; from diffseg.dataset_job import _connect; _connect('local'); "
+        "print('nodes', len(ray.nodes())); ray.shutdown()"
+    )
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there: joining it would hang or fail
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nodes 1" in done.stdout

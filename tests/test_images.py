@@ -4,6 +4,7 @@ from PIL import Image
 
 from diffseg.images import as_array, center_crop, find_images, load_image, to_model_input
 
+from conftest import quadrants_image
 from naive import tf_bilinear
 
 
@@ -60,3 +61,34 @@ def test_find_images_walks_folders_globs_and_files(image_folder, tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "photo.png")
     with pytest.raises(ValueError, match="would both be written as `photo`"):
         find_images([image_folder / "photo.jpg", tmp_path / "photo.png"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: Image.fromarray(v.astype(np.uint16) * 257),  # 16-bit grayscale ("I;16")
+        lambda v: Image.fromarray(v.astype(np.int32) * 257),  # "I": how Pillow reads many 16-bit PNGs
+        lambda v: Image.fromarray(v.astype(np.float32) / 255),  # "F": float TIFF in [0, 1]
+    ],
+    ids=["I;16", "I", "F"],
+)
+def test_high_bit_depth_grayscale_keeps_its_content(make, tmp_path):
+    values = np.tile(np.linspace(0, 255, 64).round().astype(np.uint8), (16, 1))  # a ramp, dark to light
+    image = make(values)
+    path = tmp_path / ("deep.tif" if image.mode == "F" else "deep.png")  # 16-bit PNGs, float TIFFs
+    image.save(path)
+    rgb = np.asarray(load_image(path))
+    assert rgb.shape == (16, 64, 3) and np.abs(rgb[..., 0].astype(int) - values).max() <= 1
+
+
+def test_other_modes_reach_the_model_with_their_content(tmp_path):
+    base = quadrants_image(32, 32)
+    Image.fromarray(base).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert np.abs(np.asarray(load_image(tmp_path / "cmyk.jpg")).astype(int) - base).mean() < 20
+    la = Image.fromarray(base[..., 0]).convert("LA")
+    la.save(tmp_path / "la.png")
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "la.png"))[..., 0], base[..., 0])
+    frames = [Image.fromarray(base), Image.fromarray(255 - base)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    first = np.asarray(load_image(tmp_path / "anim.gif")).astype(int)
+    assert np.abs(first - base).mean() < 30  # the first frame (GIF palette), not the inverted second

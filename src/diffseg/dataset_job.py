@@ -279,8 +279,8 @@ def _connect(address: str):
 
     if ray.is_initialized():
         return ray
-    if address == "local":
-        ray.init(include_dashboard=False, log_to_driver=False)
+    if address == "local":  # always a new local instance, whatever RAY_ADDRESS says
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
     return ray

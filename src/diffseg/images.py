@@ -61,8 +61,29 @@ def decode_image(data: bytes | BinaryIO, name: str, *, exif_transpose: bool = Tr
         ) from error
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """An "L" image from a 16-bit, 32-bit integer or float grayscale one, keeping its content.
+
+    Pillow's own conversion clips these to [0, 255], which turns a 16-bit scan almost entirely white. 16-bit modes
+    scale by 255/65535; 32-bit integers the same when they fit 16 bits (Pillow reads 16-bit PNGs as "I"), else by
+    their range; floats by 255 when in [0, 1], else by their range.
+    """
+    array = np.asarray(image, dtype=np.float64)
+    low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535 and high > 255):
+        array = array * (255 / 65535)
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        array = array * 255
+    elif high > 255 or low < 0:
+        array = (array - low) * (255 / max(high - low, 1e-12))
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of a Pillow image, compositing any transparency over white."""
+    """RGB copy of a Pillow image, compositing any transparency over white; 16-bit, 32-bit and float grayscale
+    keep their content (see `_to_8bit`)."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

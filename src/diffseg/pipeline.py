@@ -72,7 +72,7 @@ class DiffSegPipeline:
         self.scheduler = scheduler
         self.model = model
         self._conditioning: dict[object, backbones.Conditioning] = {}
-        # Capture swaps the UNet's processors for the length of a forward: one encode at a time per pipeline.
+        # Capture swaps processors (DiffSeg) or hooks a layer (DiffCut) for one forward: one UNet step at a time.
         self._lock = threading.Lock()
 
     @classmethod
@@ -223,6 +223,12 @@ class DiffSegPipeline:
                 )
         return bundles[0] if single else bundles
 
+    def _step_inputs(self, pixels: torch.Tensor, timestep: int, noise_seed: int | None) -> tuple:
+        """(latents, timesteps, conditioning) of one UNet step on `pixels`, conditioned on the empty prompt."""
+        latents, t = self._latents(pixels, timestep, noise_seed)
+        size = tuple(pixels.shape[-2:])
+        return latents, t, backbones.unet_inputs(self.backbone, self.prompt_embedding(), len(pixels), size)
+
     def _latents(
         self, pixels: torch.Tensor, timestep: int, noise_seed: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,9 +275,8 @@ class DiffSegPipeline:
         if segment_from not in ("unconditional", "conditional"):
             raise ValueError(f"`segment_from` must be 'unconditional' or 'conditional' but is {segment_from!r}.")
         batch, size = len(pixels), tuple(pixels.shape[-2:])
-        latents, t = self._latents(pixels, timestep, noise_seed)
         # One UNet step conditioned on the empty prompt; with a vocabulary, the conditional copies in the same batch.
-        inputs = backbones.unet_inputs(self.backbone, self.prompt_embedding(), batch, size)
+        latents, t, inputs = self._step_inputs(pixels, timestep, noise_seed)
         if vocabulary is not None:
             named = backbones.unet_inputs(self.backbone, self.prompt_embedding(vocabulary), batch, size)
             latents, t = torch.cat([latents, latents]), torch.cat([t, t])
@@ -301,15 +306,13 @@ class DiffSegPipeline:
         Returns:
             (B, h, w, C) tokens on the pipeline's device, in the UNet's dtype.
         """
-        batch, size = len(pixels), tuple(pixels.shape[-2:])
-        latents, t = self._latents(pixels, timestep, noise_seed)
-        inputs = backbones.unet_inputs(self.backbone, self.prompt_embedding(), batch, size)
+        latents, t, inputs = self._step_inputs(pixels, timestep, noise_seed)
         layer = backbones.diffcut_layer(self.backbone, self.unet)
-        with capture_output(layer) as record:
+        with self._lock, capture_output(layer) as record:  # one forward at a time: the hook sees every forward
             self.unet(latents, t, **inputs)
         tokens = record["output"]  # (B, h·w, C)
         grid = token_grid(tokens.shape[1], latents.shape[-2:])
-        return tokens.reshape(batch, *grid, -1)
+        return tokens.reshape(len(pixels), *grid, -1)
 
     # ------------------------------------------------------------------ segment: the cheap step
 
