@@ -95,3 +95,37 @@ def test_outputs_get_the_mode_of_any_new_file_not_0600(tiny_checkpoint, tmp_path
     assert run_cli("segment", tmp_path / "a.png", "-o", tmp_path / "out", *tiny_model(tiny_checkpoint)) == 0
     modes = {path.stat().st_mode & 0o777 for path in (tmp_path / "out").rglob("*.png")}
     assert modes == {0o666 & ~_UMASK}  # 0o644 under the usual umask: others sharing the folder can read them
+
+
+def test_resume_knows_which_input_made_an_output(tiny_checkpoint, tmp_path, capsys):
+    from diffseg.outputs import label_source
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(folder / "a.jpg")
+    argv = ("segment", folder, "-o", out, *tiny_model(tiny_checkpoint), "--resume")
+    assert run_cli(*argv) == 0
+    assert label_source(out / "labels" / "a.png") == str((folder / "a.jpg").resolve())
+    (folder / "a.jpg").unlink()
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(folder / "a.png")  # same stem, another image
+    capsys.readouterr()
+    assert run_cli(*argv) == 0
+    assert "Segmented 1 images" in capsys.readouterr().err  # not skipped as done
+    assert label_source(out / "labels" / "a.png") == str((folder / "a.png").resolve())
+    assert run_cli(*argv) == 0 and "Nothing to do" in capsys.readouterr().err  # now it is done
+
+
+def test_an_unwritable_output_folder_is_refused_before_the_model_loads(tiny_checkpoint, tmp_path, capsys):
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "file").write_text("not a folder")
+    assert run_cli("segment", tmp_path / "a.png", "-o", tmp_path / "file" / "out", *tiny_model(tiny_checkpoint)) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_temporary_files_left_by_a_killed_run_are_removed(tiny_checkpoint, tmp_path):
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    stale = tmp_path / "out" / "labels" / ".a.png.k1ll3d.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a PNG")
+    assert run_cli("segment", tmp_path / "a.png", "-o", tmp_path / "out", *tiny_model(tiny_checkpoint)) == 0
+    assert not stale.exists() and not list((tmp_path / "out").rglob("*.tmp"))

@@ -198,3 +198,22 @@ def test_ray_address_local_starts_a_local_instance_whatever_ray_address_says():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "nodes 1" in done.stdout
+
+
+def test_resume_adopts_an_orphan_label_map_while_naming_segments(local_ray, tiny_checkpoint, tmp_path, capsys):
+    """A label PNG whose manifest row was lost is adopted on resume, also when the run names segments."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(2):
+        Image.fromarray(quadrants_image(64, 64 + 32 * k)).save(folder / f"{k}.png")
+    out = tmp_path / "job"
+    assert run_job(folder, out, tiny_checkpoint, "--labels", "red, green") == 0
+    table = pq.read_table(out / "manifest.parquet").to_pylist()
+    pq.write_table(pq.read_table(out / "manifest.parquet").slice(0, 1), out / "manifest.parquet")  # a row lost
+    capsys.readouterr()
+    assert run_job(folder, out, tiny_checkpoint, "--labels", "red, green") == 0
+    assert "skipped 2 (already done), failed 0" in capsys.readouterr().err
+    manifest = read_manifest(out)
+    assert {row["name"] for row in table} == set(manifest) and all(r["status"] == "done" for r in manifest.values())

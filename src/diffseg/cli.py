@@ -281,6 +281,22 @@ def check_output_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
     return size
 
 
+def check_writable(folder) -> None:
+    """Create the output folder and make sure files can be written there, before any model loads."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".diffseg-write-check-"):
+            pass
+    except OSError as error:
+        raise OSError(
+            f"Output folder `{folder}` is not writable ({error.strerror or error}); choose another."
+        ) from None
+
+
 def check_batch_size(value: int) -> int:
     if value < 1:
         raise ValueError(f"`--batch-size` must be at least 1 but is {value}.")
@@ -312,7 +328,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .images import crop as crop_array, find_images, load_image
-    from .outputs import OutputPaths, label_image, save_array, save_image, save_json
+    from .outputs import OutputPaths, label_image, save_array, save_image, save_json, source_id
 
     # 1. Check inputs.
     batch_size = check_batch_size(args.batch_size)
@@ -330,7 +346,8 @@ def run_segment(args: argparse.Namespace) -> int:
     if args.labels is not None and args.caption:
         raise ValueError("Pass either --labels or --caption, not both.")
     wanted = {"overlay": not args.no_overlay, "array": args.npy, "semantics": naming}
-    todo = [(p, n) for p, n in found if not (args.resume and outputs[n].done(**wanted))]
+    todo = [(p, n) for p, n in found if not (args.resume and outputs[n].done(**wanted, source=source_id(p)))]
+    check_writable(args.output)
     skipped = len(found) - len(todo)
     if not todo:
         print(f"Nothing to do: {len(found)} images found, {skipped} already done.", file=sys.stderr)
@@ -381,7 +398,7 @@ def run_segment(args: argparse.Namespace) -> int:
                 out = outputs[name]
                 try:
                     result = pipe.segment(bundle, output_size=output_size, **kwargs, **label_kwargs(args))
-                    save_image(label_image(result.labels), out.labels)
+                    save_image(label_image(result.labels), out.labels, source=source_id(path))
                     if not args.no_overlay:
                         save_image(result.overlay, out.overlay)
                     if args.npy:
@@ -470,6 +487,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"`--limit` must be at least 1 but is {args.limit}.")
     output = args.output or f"eval-{args.dataset}"
+    check_writable(output)
     if not args.predictions:
         check_model(args)
     pipeline = None if args.predictions else load_pipeline(args)
@@ -583,6 +601,8 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
     encode = encode_kwargs(args)
     if args.method != "diffseg" and args.labels is not None:
         raise ValueError("Naming segments (--labels) works with --method diffseg only.")
+    if "://" not in str(args.output):
+        check_writable(args.output)
     summary = segment_dataset(
         args.input,
         args.output,

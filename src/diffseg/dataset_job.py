@@ -23,7 +23,7 @@ import numpy as np
 from .backbones import Backbone, inspect as inspect_backbone, target_size
 from .config import DEFAULT_MODEL, METHOD_DEFAULT, EncodeConfig, encode_settings
 from .images import crop as crop_image, decode_image, find_images, to_model_input
-from .outputs import OutputPaths, atomic_path, label_image, read_labels, save_image
+from .outputs import OutputPaths, atomic_path, label_image, label_source, read_labels, save_image, source_id
 
 _ENCODE = EncodeConfig()
 MANIFEST = "manifest.parquet"
@@ -258,7 +258,7 @@ class SegmentWorker:
                 try:
                     features_or_maps, cross = encoded[j]
                     labels = self._segment(features_or_maps, pixels[j], size)
-                    save_image(label_image(labels), rows[i]["output"])
+                    save_image(label_image(labels), rows[i]["output"], source=source_id(rows[i]["path"]))
                     if cross is not None:
                         scores = word_scores(cross, self.vocabulary)
                         names = assign_labels(labels, scores, self.vocabulary.words, **self.label_kwargs)
@@ -345,15 +345,15 @@ def segment_dataset(
         row = manifest.get(name)
         if target.is_file() and row is not None and row["status"] == "done":
             summary.skipped += 1
-        elif target.is_file() and row is None:  # written by a run that died before its manifest update
-            labels = read_labels(target)
+        elif target.is_file() and row is None and label_source(target) in (None, source_id(path)):
+            adopted = read_labels(target)  # written by a run that died before its manifest update
             manifest[name] = {
                 "path": path,
                 "name": name,
                 "output": str(target),
-                "height": labels.shape[0],
-                "width": labels.shape[1],
-                "num_segments": int(labels.max()) + 1,
+                "height": adopted.shape[0],
+                "width": adopted.shape[1],
+                "num_segments": int(adopted.max()) + 1,
                 "labels": None,
                 "status": "done",
                 "error": "",

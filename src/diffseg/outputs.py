@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -19,6 +20,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a run killed while writing it
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -58,9 +61,35 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     return (array[..., 0] if array.ndim == 3 else array).astype(np.int64)
 
 
-def save_image(image: Image.Image, path: str | os.PathLike) -> None:
+SOURCE_KEY = "diffseg-source"  # PNG text chunk of a label map: the input it was made from
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
+    """Write a PNG; with `source`, record the input it was made from in the PNG (see `label_source`)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if source is not None:
+        info = PngInfo()
+        info.add_text(SOURCE_KEY, str(source))
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def source_id(path: str | os.PathLike) -> str:
+    """How a label map records its input: a URI as given, a local path made absolute (so that a resumed run from
+    another working folder still recognises it)."""
+    text = str(path)
+    return text if "://" in text else os.path.abspath(text)
+
+
+def label_source(path: str | os.PathLike) -> str | None:
+    """The input a label PNG records it was made from (None: not recorded, or not readable)."""
+    try:
+        with Image.open(path) as image:
+            return image.text.get(SOURCE_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def save_json(data, path: str | os.PathLike) -> None:
@@ -94,8 +123,14 @@ class OutputPaths:
             out_dir / "semantics" / f"{name}.json",
         )
 
-    def done(self, *, overlay: bool = True, array: bool = False, semantics: bool = False) -> bool:
-        """Whether every requested output already exists (for `--resume`)."""
+    def done(
+        self, *, overlay: bool = True, array: bool = False, semantics: bool = False, source: str | None = None
+    ) -> bool:
+        """Whether every requested output already exists (for `--resume`) and, given `source`, the label map was
+        made from that input (a map recording another input is not this one's; one recording none is trusted)."""
         wanted = [self.labels] + ([self.overlay] if overlay else []) + ([self.array] if array else [])
         wanted += [self.semantics] if semantics else []
-        return all(p.is_file() for p in wanted)
+        if not all(p.is_file() for p in wanted):
+            return False
+        recorded = label_source(self.labels) if source is not None else None
+        return recorded is None or recorded == source
