@@ -92,3 +92,14 @@ def test_other_modes_reach_the_model_with_their_content(tmp_path):
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     first = np.asarray(load_image(tmp_path / "anim.gif")).astype(int)
     assert np.abs(first - base).mean() < 30  # the first frame (GIF palette), not the inverted second
+
+
+def test_globs_do_not_follow_folder_link_loops(tmp_path):
+    (tmp_path / "set" / "sub").mkdir(parents=True)
+    Image.fromarray(quadrants_image(8, 8)).save(tmp_path / "set" / "a.jpg")
+    Image.fromarray(quadrants_image(8, 8)).save(tmp_path / "set" / "sub" / "b.jpg")
+    (tmp_path / "set" / "sub" / "loop").symlink_to(tmp_path / "set", target_is_directory=True)
+    found, missing = find_images([str(tmp_path / "set" / "**" / "*.jpg")])
+    assert sorted(p.name for p, _ in found) == ["a.jpg", "b.jpg"] and not missing
+    found, _ = find_images([tmp_path / "set"])
+    assert sorted(name for _, name in found) == ["a", "sub/b"]

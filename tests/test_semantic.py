@@ -142,3 +142,20 @@ def test_cli_writes_names_per_image(tiny_checkpoint, image_folder, tmp_path):
         assert seg["label"] in {"red", "green", "blue"} and 0 <= seg["score"] <= 1
         assert seg["area"] == pytest.approx((labels == int(i)).mean(), abs=1e-5)
     assert run_cli("segment", image_folder, "-o", out, "--model", tiny_checkpoint, "--labels", ", ") == 2
+
+
+def test_majority_is_the_mode_of_the_votes_not_the_references_median():
+    """A segment whose pixels vote 40 % word 0, 35 % word 2, 25 % word 3: the mode is word 0, whatever the word
+    order; the reference's median of vote indices would say word 2, and another order would change its answer."""
+    words = ["sky", "road", "tree", "car"]
+    votes = np.array([0] * 40 + [2] * 35 + [3] * 25)  # best word per pixel, 100 pixels of one segment
+    scores = torch.zeros(len(words), 100)
+    scores[torch.from_numpy(votes), torch.arange(100)] = 1.0
+    labels = np.zeros((10, 10), np.int64)
+    (name,) = assign_labels(labels, scores, words, voting="majority", score_size=(10, 10))
+    assert name.label == "sky" and name.score == pytest.approx(0.4)
+    assert words[int(np.median(votes))] == "tree"  # what the reference's median vote would name it
+    order = [3, 2, 1, 0]  # the same votes with the words listed backwards
+    reordered = scores[order]
+    (again,) = assign_labels(labels, reordered, [words[i] for i in order], voting="majority", score_size=(10, 10))
+    assert again.label == "sky"

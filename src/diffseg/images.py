@@ -143,6 +143,16 @@ def to_model_input(arrays: list[np.ndarray], size: int | tuple[int, int]) -> tor
     return torch.cat(batch) / 127.5 - 1.0  # reference `Rescaling(scale=1 / 127.5, offset=-1)`
 
 
+def _glob(pattern: str) -> list[Path]:
+    """Paths matching a glob pattern; `**` does not follow symbolic links to folders (pathlib's rule), so a link
+    loop such as `dir/loop -> dir` cannot make `dir/**/*.jpg` endless."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    rest = str(Path(*parts[fixed:])) if fixed < len(parts) else ""
+    return list(root.glob(rest)) if rest else [root]
+
+
 def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
     """Expand files, folders (searched recursively) and glob patterns into images to process.
 
@@ -166,7 +176,7 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[tuple[Path, s
         elif path.exists():
             found.append((path, path.stem))
         elif glob.has_magic(item):
-            files = sorted(Path(p) for p in glob.glob(os.path.expanduser(item), recursive=True) if os.path.isfile(p))
+            files = sorted(p for p in _glob(os.path.expanduser(item)) if p.is_file())
             found += [(p, p.stem) for p in files]
             if not files:
                 missing.append((item, "pattern matched no files"))

@@ -5,6 +5,11 @@ step conditioned on a prompt made of the words, capture the cross-attention (`at
 aggregate it over layers and resolutions at 512×512, normalise each word's map over space (L2), and give each
 segment the word it holds most. The words come from the user (`--labels "road,car,sky"`, offline) or from an
 automatic caption (`captioning.py`).
+
+Where we differ from the reference on purpose: its `get_semantics` "majority" takes the *median* of the segment's
+per-pixel best-word indices, so the answer depends on the order the words are given in (a segment voting 40 % word
+0, 35 % word 2 and 25 % word 3 is named word 2). Ours takes the mode, the word most pixels vote for (word 0), which
+does not depend on word order.
 """
 
 from __future__ import annotations
@@ -137,7 +142,8 @@ def assign_labels(
 ) -> list[SegmentLabel]:
     """Name every segment of `labels` with one of `words`.
 
-    Voting "majority": each pixel votes for its highest-scoring word; the segment takes the most votes and its score
+    Voting "majority": each pixel votes for its highest-scoring word; the segment takes the most votes (the mode;
+    the reference's `get_semantics` takes the median vote index, see the module docstring) and its score
     is the winning share of votes. Voting "mean": the segment takes the word with the highest mean score; its score is
     that mean's share of all words' means. Segments scoring below `min_confidence` are left unlabelled.
 
