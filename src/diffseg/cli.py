@@ -324,29 +324,28 @@ def load_pipeline(args: argparse.Namespace):
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    import numpy as np
     from tqdm import tqdm
 
-    from .images import crop as crop_array, find_images, load_image
-    from .outputs import OutputPaths, label_image, save_array, save_image, save_json, source_id
+    from .images import find_images
+    from .jobs import Job
+    from .outputs import outputs_done, write_outputs
 
-    # 1. Check inputs.
+    # 1. Check inputs and arguments, before anything loads.
     batch_size = check_batch_size(args.batch_size)
-    kwargs = segment_kwargs(args)
+    settings = {**segment_kwargs(args), **label_kwargs(args), "output_size": check_output_size(args.output_size)}
     encode = encode_kwargs(args)
-    output_size = check_output_size(args.output_size)
-    if args.method != "diffseg" and (args.labels is not None or args.caption):
+    naming = args.labels is not None or args.caption
+    if args.method != "diffseg" and naming:
         raise ValueError("Naming segments (--labels, --caption) works with --method diffseg only.")
+    if args.labels is not None and args.caption:
+        raise ValueError("Pass either --labels or --caption, not both.")
+    writers = output_writers(args, naming)
+    check_model(args, encode)  # the checkpoint's configs only: a resolution it cannot take fails here
     found, missing = find_images(args.paths)
     failures = list(missing)
     for item, reason in missing:
         print(f"diffseg: skipped {item}: {reason}", file=sys.stderr)
-    outputs = {name: OutputPaths.for_name(args.output, name) for _, name in found}
-    naming = args.labels is not None or args.caption
-    if args.labels is not None and args.caption:
-        raise ValueError("Pass either --labels or --caption, not both.")
-    wanted = {"overlay": not args.no_overlay, "array": args.npy, "semantics": naming}
-    todo = [(p, n) for p, n in found if not (args.resume and outputs[n].done(**wanted, source=source_id(p)))]
+    todo = [(str(p), n) for p, n in found if not (args.resume and outputs_done(args.output, n, writers, str(p)))]
     check_writable(args.output)
     skipped = len(found) - len(todo)
     if not todo:
@@ -354,63 +353,30 @@ def run_segment(args: argparse.Namespace) -> int:
         return 1 if failures else 0
 
     # 2. Load the model.
-    check_model(args, encode)
     pipe = load_pipeline(args)
-    crop = encode["crop"]
     if args.labels is not None:
         pipe.vocabulary(args.labels)  # fail before any image: empty, too long
     captioner = load_captioner(args, pipe.device) if args.caption else None
     if args.method == "diffseg":
         encode["segment_from"] = args.segment_from
+    job = Job(pipe, encode=encode, segment=settings, labels=args.labels, captioner=captioner, batch_size=batch_size)
 
     # 3. Decode, encode in batches, segment, write.
     start = time.perf_counter()
     done = 0
     with tqdm(total=len(todo), unit="img", desc="segment", dynamic_ncols=True) as progress:
-        for first in range(0, len(todo), batch_size):
-            batch = []
-            for path, name in todo[first : first + batch_size]:
+        for outcome in job.run(todo):
+            if outcome.ok:
                 try:
-                    batch.append((load_image(path), name, path))
-                except (OSError, ValueError) as error:
-                    failures.append((str(path), str(error)))
-                    progress.write(f"diffseg: skipped {path}: {error}", file=sys.stderr)
-                    progress.update(1)
-            if not batch:
-                continue
-            captions = [None] * len(batch)
-            try:
-                if captioner is None:
-                    labels = {"labels": args.labels} if args.labels is not None else {}
-                    bundles = pipe.encode([image for image, _, _ in batch], **labels, **encode)
-                else:  # each image has its own words: one encode each
-                    bundles = []
-                    for k, (image, _, _) in enumerate(batch):
-                        captions[k], words = captioner.vocabulary(crop_array(np.asarray(image), crop))
-                        bundles.append(pipe.encode(image, labels=words or None, **encode))
-            except (RuntimeError, ValueError) as error:  # e.g. out of memory: report the batch, carry on
-                for _, _, path in batch:
-                    failures.append((str(path), f"encoding failed: {error}"))
-                    progress.write(f"diffseg: failed {path}: {error}", file=sys.stderr)
-                progress.update(len(batch))
-                continue
-            for bundle, caption, (_, name, path) in zip(bundles, captions, batch):
-                out = outputs[name]
-                try:
-                    result = pipe.segment(bundle, output_size=output_size, **kwargs, **label_kwargs(args))
-                    save_image(label_image(result.labels), out.labels, source=source_id(path))
-                    if not args.no_overlay:
-                        save_image(result.overlay, out.overlay)
-                    if args.npy:
-                        save_array(result.labels, out.array)
-                    if naming:
-                        save_json(semantics_record(path, bundle, result, caption, args.voting), out.semantics)
+                    write_outputs(outcome, args.output, writers)
                     done += 1
-                    progress.set_postfix(segments=result.num_segments)
-                except (OSError, ValueError) as error:  # e.g. disk full: report the image, carry on
-                    failures.append((str(path), str(error)))
-                    progress.write(f"diffseg: failed {path}: {error}", file=sys.stderr)
-                progress.update(1)
+                    progress.set_postfix(segments=outcome.result.num_segments)
+                except (OSError, ValueError, ImportError) as error:  # e.g. disk full: report the image, carry on
+                    outcome.error = f"writing failed: {error}"
+            if not outcome.ok:
+                failures.append((outcome.source, outcome.error))
+                progress.write(f"diffseg: failed {outcome.source}: {outcome.error}", file=sys.stderr)
+            progress.update(1)
 
     seconds = time.perf_counter() - start
     print(
@@ -425,16 +391,27 @@ def run_segment(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def semantics_record(path, bundle, result, caption: str | None, voting: str) -> dict:
-    """The per-image JSON of segment names: id -> label (None: unlabelled), score, area (fraction of the image)."""
-    names = result.names or []
-    return {
-        "image": str(path),
-        "caption": caption,
-        "vocabulary": list(bundle.vocabulary.words) if bundle.vocabulary else [],
-        "voting": voting,
-        "segments": {str(n.id): {"label": n.label, "score": n.score, "area": n.area} for n in names},
-    }
+def output_writers(args: argparse.Namespace, naming: bool = False) -> list:
+    """The output formats asked for on the command line (the same options for `segment` and `segment-dataset`)."""
+    from .outputs import writers_for
+
+    if args.coco:
+        try:
+            import pycocotools  # noqa: F401
+        except ImportError as error:
+            raise ImportError("--coco needs pycocotools: pip install 'diffseg[coco]' (or pycocotools).") from error
+    return writers_for(overlay=not args.no_overlay, npy=args.npy, names=naming, coco=args.coco)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("outputs (each written atomically: whole or not at all)")
+    group.add_argument("--no-overlay", action="store_true", help="do not write colour overlays (overlays/NAME.png)")
+    group.add_argument("--npy", action="store_true", help="also write the label map as arrays/NAME.npy")
+    group.add_argument(
+        "--coco",
+        action="store_true",
+        help="also write coco/NAME.json: one COCO RLE mask per segment, for detectron2/mmdetection (pycocotools)",
+    )
 
 
 def load_captioner(args: argparse.Namespace, device):
@@ -452,8 +429,7 @@ def add_segment_command(commands) -> None:
     )
     p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--npy", action="store_true", help="also write the label map as a .npy array")
-    p.add_argument("--no-overlay", action="store_true", help="do not write colour overlays")
+    add_output_arguments(p)
     p.add_argument(
         "--output-size",
         type=_size,
@@ -603,6 +579,7 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
         raise ValueError("Naming segments (--labels) works with --method diffseg only.")
     if "://" not in str(args.output):
         check_writable(args.output)
+    formats = [w.key for w in output_writers(args, naming=args.labels is not None)]
     summary = segment_dataset(
         args.input,
         args.output,
@@ -617,6 +594,7 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
         **encode,
         labels=args.labels,
         label_kwargs=label_kwargs(args),
+        formats=tuple(formats),
     )
     print(
         f"Done {summary.done}, skipped {summary.skipped} (already done), failed {len(summary.failed)} in "
@@ -650,6 +628,7 @@ def add_segment_dataset_command(commands) -> None:
         help="GPUs per model worker (default: 1 if the cluster has GPUs, else 0)",
     )
     p.add_argument("--concurrency", type=int, default=1, help="number of model workers (default: %(default)s)")
+    add_output_arguments(p)
     add_model_arguments(p)
     add_encode_arguments(p)
     p.set_defaults(batch_size=4)

@@ -23,7 +23,7 @@ import numpy as np
 from .backbones import Backbone, inspect as inspect_backbone, target_size
 from .config import DEFAULT_MODEL, METHOD_DEFAULT, EncodeConfig, encode_settings
 from .images import crop as crop_image, decode_image, find_images, to_model_input
-from .outputs import OutputPaths, atomic_path, label_image, label_source, read_labels, save_image, source_id
+from .outputs import WRITERS, atomic_path, label_source, read_labels, source_id
 
 _ENCODE = EncodeConfig()
 MANIFEST = "manifest.parquet"
@@ -160,7 +160,7 @@ def _failed(path: str, name: str, output: Path, error: str) -> dict:
     return {
         "path": path,
         "name": name,
-        "output": str(OutputPaths.for_name(output, name).labels),
+        "output": str(WRITERS["labels"].path(output, name)),
         "height": None,
         "width": None,
         "num_segments": None,
@@ -174,71 +174,58 @@ def _failed(path: str, name: str, output: Path, error: str) -> dict:
 
 
 def decode_row(row: dict, crop: str | None, resolution: int | None, resize: str, backbone: Backbone) -> dict:
-    """CPU stage (a Ray task per row): read, decode, crop and resize one image into the UNet's input, float32, as
-    `diffseg segment` prepares it (`backbones.target_size`, with the family the driver read from the checkpoint's
-    configs). A failure is carried as the row's error, never raised."""
+    """CPU stage (a Ray task per row): read, decode and crop one image, and resize it into the UNet's input, float32,
+    as `diffseg segment` prepares it (`backbones.target_size`, with the family the driver read from the checkpoint's
+    configs). The cropped image travels too: the label map covers it, the overlay is drawn on it. A failure is
+    carried as the row's error, never raised."""
     try:
         image = crop_image(np.asarray(decode_image(read_bytes(row["path"]), row["path"])), crop)
         size = target_size(image.shape[:2], backbone, resolution, resize)
         pixels = to_model_input([image], size)[0].numpy()
-        return {**row, "pixels": pixels, "height": image.shape[0], "width": image.shape[1], "error": ""}
+        return {**row, "pixels": pixels, "image": image, "height": image.shape[0], "width": image.shape[1], "error": ""}
     except (OSError, ValueError) as error:
         empty = np.zeros((3, backbone.size_multiple, backbone.size_multiple), np.float32)
-        return {**row, "pixels": empty, "height": 0, "width": 0, "error": str(error)}
+        return {
+            **row,
+            "pixels": empty,
+            "image": np.zeros((1, 1, 3), np.uint8),
+            "height": 0,
+            "width": 0,
+            "error": str(error),
+        }
 
 
 class SegmentWorker:
-    """GPU (or CPU) stage: one pipeline per actor; encodes a batch (one UNet call per input shape in it), segments
-    each image with the method, writes its label PNG."""
+    """GPU (or CPU) stage: one pipeline per actor. Encodes a batch (one UNet call per input shape in it), then
+    segments and writes each image as `diffseg segment` does: the job runner's segment stage and error policy
+    (`jobs.Job.finish`), the same writers."""
 
     def __init__(
         self,
         model: str,
         device: str,
         dtype: str,
-        timestep: int,
-        segment_kwargs: dict,
+        encode: dict,
+        segment: dict,
         output: str,
-        noise_seed: int | None = None,
+        formats: list[str],
         labels: str | None = None,
-        label_kwargs: dict | None = None,
-        method: str = "diffseg",
     ) -> None:
+        from .jobs import Job
+        from .outputs import WRITERS
         from .pipeline import DiffSegPipeline
 
         self.pipe = DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype)
-        self.timestep, self.noise_seed, self.kwargs, self.output = timestep, noise_seed, segment_kwargs, Path(output)
-        self.method = method
+        self.encode = {k: encode[k] for k in ("method", "timestep", "noise_seed") if k in encode}
+        self.job = Job(self.pipe, encode=encode, segment=segment, labels=labels)
         self.vocabulary = self.pipe.vocabulary(labels) if labels is not None else None
-        self.label_kwargs = label_kwargs or {}
-
-    def _encode(self, pixels) -> list:
-        """Per image: its attention maps and cross-attention (DiffSeg) or its features (DiffCut)."""
-        if self.method == "diffcut":
-            tokens = self.pipe.features(pixels, timestep=self.timestep, noise_seed=self.noise_seed)
-            return [(tokens[j], None) for j in range(len(pixels))]
-        maps, _, cross = self.pipe.attend(
-            pixels, timestep=self.timestep, noise_seed=self.noise_seed, vocabulary=self.vocabulary
-        )
-        return [
-            ({g: m[j] for g, m in maps.items()}, None if cross is None else {g: m[j] for g, m in cross.items()})
-            for j in range(len(pixels))
-        ]
-
-    def _segment(self, encoded, pixels, size):
-        from .diffcut import segment_features
-        from .segment import segment_attention
-
-        if self.method == "diffcut":
-            # PAMR reads the image the model saw, as the reference's evaluation does.
-            image = (pixels[None] + 1) / 2 if self.kwargs.get("pamr") else None
-            return segment_features(encoded, output_size=size, image=image, **self.kwargs)
-        return segment_attention(encoded, output_size=size, **self.kwargs)
+        self.output, self.writers = Path(output), [WRITERS[f] for f in formats]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         import torch
 
-        from .semantic import assign_labels, word_scores
+        from .jobs import MODEL_ERRORS, encoding_failed
+        from .outputs import write_outputs
 
         n = len(batch["path"])
         rows = [_failed(batch["path"][i], batch["name"][i], self.output, str(batch["error"][i])) for i in range(n)]
@@ -246,28 +233,33 @@ class SegmentWorker:
         shapes = {i: tuple(np.shape(batch["pixels"][i])) for i in good}
         for shape in dict.fromkeys(shapes.values()):  # images of one input shape share a UNet call
             group = [i for i in good if shapes[i] == shape]
-            pixels = torch.from_numpy(np.stack([np.asarray(batch["pixels"][i], np.float32) for i in group]))
+            items = [(str(batch["path"][i]), str(batch["name"][i])) for i in group]
             try:
-                encoded = self._encode(pixels)
-            except (RuntimeError, ValueError) as error:  # e.g. out of memory: the group fails, the job goes on
-                for i in group:
-                    rows[i]["error"] = f"encoding failed: {error}"
-                continue
-            for j, i in enumerate(group):
-                size = (int(batch["height"][i]), int(batch["width"][i]))
-                try:
-                    features_or_maps, cross = encoded[j]
-                    labels = self._segment(features_or_maps, pixels[j], size)
-                    save_image(label_image(labels), rows[i]["output"], source=source_id(rows[i]["path"]))
-                    if cross is not None:
-                        scores = word_scores(cross, self.vocabulary)
-                        names = assign_labels(labels, scores, self.vocabulary.words, **self.label_kwargs)
-                        rows[i]["labels"] = json.dumps({str(n.id): n.label for n in names})
-                    rows[i].update(
-                        height=size[0], width=size[1], num_segments=int(labels.max()) + 1, status="done", error=""
-                    )
-                except (OSError, ValueError) as error:
-                    rows[i]["error"] = str(error)
+                pixels = torch.from_numpy(np.stack([np.asarray(batch["pixels"][i], np.float32) for i in group]))
+                images = [np.asarray(batch["image"][i], np.uint8) for i in group]
+                bundles = self.pipe.encode_pixels(pixels, images, vocabulary=self.vocabulary, **self.encode)
+                outcomes = self.job.finish(items, bundles)
+            except MODEL_ERRORS as error:  # e.g. out of memory: the group fails, the job goes on
+                outcomes = encoding_failed(items, error)
+            for i, outcome in zip(group, outcomes):
+                if outcome.ok:
+                    try:
+                        write_outputs(outcome, self.output, self.writers)
+                    except (OSError, ValueError, ImportError) as error:
+                        outcome.error = f"writing failed: {error}"
+                if not outcome.ok:
+                    rows[i]["error"] = outcome.error
+                    continue
+                result = outcome.result
+                names = json.dumps({str(s.id): s.label for s in result.names}) if result.names is not None else None
+                rows[i].update(
+                    height=int(result.labels.shape[0]),
+                    width=int(result.labels.shape[1]),
+                    num_segments=result.num_segments,
+                    labels=names,
+                    status="done",
+                    error="",
+                )
         return {c: [row[c] for row in rows] for c in COLUMNS}
 
 
@@ -306,6 +298,7 @@ def segment_dataset(
     segment_kwargs: dict | None = None,
     labels: str | None = None,
     label_kwargs: dict | None = None,
+    formats: tuple[str, ...] = ("labels",),
     progress: bool = True,
 ) -> JobSummary:
     """Segment every image of `source` into `output` with Ray Data; see the module docstring.
@@ -323,6 +316,7 @@ def segment_dataset(
         resize: "native" (aspect ratio kept) or "square" (the paper's); see `DiffSegPipeline.encode`.
         labels: comma-separated words to name segments with; the manifest's `labels` column then holds each
             image's segment id -> word as JSON.
+        formats: keys of `outputs.WRITERS` to write besides the label PNG ("overlay", "npy", "names", "coco").
     """
     from tqdm import tqdm
 
@@ -341,7 +335,7 @@ def segment_dataset(
     summary = JobSummary()
     todo = []
     for path, name in items:
-        target = OutputPaths.for_name(output, name).labels
+        target = WRITERS["labels"].path(output, name)
         row = manifest.get(name)
         if target.is_file() and row is not None and row["status"] == "done":
             summary.skipped += 1
@@ -383,13 +377,11 @@ def segment_dataset(
             "model": str(model),
             "device": device,
             "dtype": dtype,
-            "timestep": timestep,
-            "noise_seed": noise_seed,
-            "segment_kwargs": segment_kwargs,
+            "encode": {"method": method, "timestep": timestep, "noise_seed": noise_seed},
+            "segment": {**segment_kwargs, **(label_kwargs or {})},
             "output": str(output),
+            "formats": ["labels", *(f for f in formats if f != "labels")],
             "labels": labels,
-            "label_kwargs": label_kwargs,
-            "method": method,
         },
         batch_size=batch_size,
         concurrency=concurrency,

@@ -187,6 +187,21 @@ def evaluate(
             tmp.write_text(json.dumps(settings, indent=2))
 
     size = (RESOLUTION, RESOLUTION) if protocol == "diffseg" else DIFFCUT_SCORE_SIZE
+    job = None
+    if pipeline is not None:
+        from .jobs import Job
+
+        protocol_encode = {
+            "method": method,
+            "timestep": encode.timestep,
+            "crop": encode.crop,
+            "resize": encode.resize,
+            "resolution": encode.resolution or RESOLUTION,  # DiffSeg's protocol: 512 whatever the model
+            "noise_seed": encode.noise_seed,
+        }
+        job = Job(
+            pipeline, encode=protocol_encode, segment={**segment_kwargs, "output_size": size}, batch_size=batch_size
+        )
 
     # 2. Read back what is already scored.
     results = ResultsFile(output / "results.jsonl")
@@ -243,17 +258,13 @@ def evaluate(
                 bar.update(len(batch))
                 continue
             start = time.perf_counter()
-            if pipeline is not None:
-                bundles = pipeline.encode(
-                    [image for _, image, _ in loaded],
-                    method=method,
-                    timestep=encode.timestep,
-                    crop=encode.crop,
-                    resize=encode.resize,
-                    resolution=encode.resolution or RESOLUTION,  # DiffSeg's protocol: 512 whatever the model
-                    noise_seed=encode.noise_seed,
-                )
-                preds = [pipeline.segment(b, output_size=size, **segment_kwargs).labels for b in bundles]
+            if job is not None:  # the job runner: an encode or segment failure skips the image, named
+                images = {sample.id: image for sample, image, _ in loaded}
+                preds = []
+                for outcome in job.run([(sample.id, sample.id) for sample, _, _ in loaded], load=images.__getitem__):
+                    preds.append(outcome.result.labels if outcome.ok else None)
+                    if not outcome.ok:
+                        skip(next(s for s, _, _ in loaded if s.id == outcome.source), outcome.error)
             else:
                 preds = []
                 for sample, image, _ in loaded:

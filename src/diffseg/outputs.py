@@ -6,7 +6,7 @@ import glob
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,35 +102,98 @@ def save_array(array: np.ndarray, path: str | os.PathLike) -> None:
         np.save(f, array)
 
 
+# ------------------------------------------------------------------------------------------------ writers
+
+
 @dataclass(frozen=True)
-class OutputPaths:
-    """Where one image's results go: `labels/NAME.png`, `overlays/NAME.png`, `arrays/NAME.npy` and
-    `semantics/NAME.json` under the output folder, NAME being the image's path relative to the folder it was found
-    in, without its suffix."""
+class Writer:
+    """One output format: where it goes (`FOLDER/NAME.SUFFIX` under the output folder, NAME being the image's path
+    relative to the folder it was found in, without its suffix) and how it is written from a job's `Outcome`."""
 
-    labels: Path
-    overlay: Path
-    array: Path
-    semantics: Path
+    key: str
+    folder: str
+    suffix: str
+    write: Callable  # (outcome, path) -> None; writes atomically
 
-    @classmethod
-    def for_name(cls, out_dir: str | os.PathLike, name: str) -> OutputPaths:
-        out_dir = Path(out_dir)
-        return cls(
-            out_dir / "labels" / f"{name}.png",
-            out_dir / "overlays" / f"{name}.png",
-            out_dir / "arrays" / f"{name}.npy",
-            out_dir / "semantics" / f"{name}.json",
+    def path(self, output: str | os.PathLike, name: str) -> Path:
+        return Path(output) / self.folder / f"{name}{self.suffix}"
+
+
+def _write_labels(outcome, path: Path) -> None:
+    save_image(label_image(outcome.result.labels), path, source=source_id(outcome.source))
+
+
+def _write_overlay(outcome, path: Path) -> None:
+    save_image(outcome.result.overlay, path)
+
+
+def _write_array(outcome, path: Path) -> None:
+    save_array(outcome.result.labels, path)
+
+
+def _write_names(outcome, path: Path) -> None:
+    names, vocabulary = outcome.result.names or [], outcome.bundle.vocabulary
+    save_json(
+        {
+            "image": str(outcome.source),
+            "caption": outcome.caption,
+            "vocabulary": list(vocabulary.words) if vocabulary else [],
+            "voting": outcome.voting,
+            "segments": {str(n.id): {"label": n.label, "score": n.score, "area": n.area} for n in names},
+        },
+        path,
+    )
+
+
+def _write_coco(outcome, path: Path) -> None:
+    save_json(coco_record(outcome.source, outcome.result.labels, outcome.result.names), path)
+
+
+def coco_record(source, labels: np.ndarray, names=None) -> dict:
+    """COCO-style annotations of one label map: one compressed-RLE mask per segment (pycocotools), with its area
+    and box, for detectron2 / mmdetection pseudo-label training. Segment names, when there are any, go in `label`."""
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError as error:
+        raise ImportError("COCO RLE output needs pycocotools: pip install 'diffseg[coco]' (or pycocotools).") from error
+    height, width = labels.shape
+    named = {n.id: n.label for n in names or []}
+    annotations = []
+    for k in range(int(labels.max()) + 1):
+        rle = coco_mask.encode(np.asfortranarray(labels == k, dtype=np.uint8))
+        rle["counts"] = rle["counts"].decode("ascii")
+        box = [float(v) for v in coco_mask.toBbox(rle)]
+        annotations.append(
+            {"id": k, "segmentation": rle, "area": int(coco_mask.area(rle)), "bbox": box, "label": named.get(k)}
         )
+    return {"image": {"file_name": str(source), "height": height, "width": width}, "annotations": annotations}
 
-    def done(
-        self, *, overlay: bool = True, array: bool = False, semantics: bool = False, source: str | None = None
-    ) -> bool:
-        """Whether every requested output already exists (for `--resume`) and, given `source`, the label map was
-        made from that input (a map recording another input is not this one's; one recording none is trusted)."""
-        wanted = [self.labels] + ([self.overlay] if overlay else []) + ([self.array] if array else [])
-        wanted += [self.semantics] if semantics else []
-        if not all(p.is_file() for p in wanted):
-            return False
-        recorded = label_source(self.labels) if source is not None else None
-        return recorded is None or recorded == source
+
+WRITERS = {
+    "labels": Writer("labels", "labels", ".png", _write_labels),  # always written: what resume checks
+    "overlay": Writer("overlay", "overlays", ".png", _write_overlay),
+    "npy": Writer("npy", "arrays", ".npy", _write_array),
+    "names": Writer("names", "semantics", ".json", _write_names),  # with --labels / --caption
+    "coco": Writer("coco", "coco", ".json", _write_coco),
+}
+
+
+def writers_for(*, overlay: bool = True, npy: bool = False, names: bool = False, coco: bool = False) -> list[Writer]:
+    """The writers of the formats asked for; the label PNG always comes first."""
+    chosen = {"overlay": overlay, "npy": npy, "names": names, "coco": coco}
+    return [WRITERS["labels"]] + [WRITERS[key] for key, on in chosen.items() if on]
+
+
+def outputs_done(output: str | os.PathLike, name: str, writers: list[Writer], source: str | None = None) -> bool:
+    """Whether every writer's file exists (for `--resume`) and, given `source`, the label map was made from that
+    input (a map recording another input is not this one's; one recording none is trusted)."""
+    if not all(w.path(output, name).is_file() for w in writers):
+        return False
+    recorded = label_source(WRITERS["labels"].path(output, name)) if source is not None else None
+    return recorded is None or recorded == source_id(source)
+
+
+def write_outputs(outcome, output: str | os.PathLike, writers: list[Writer]) -> None:
+    """Write one outcome in every format, each file atomically (raises OSError or ValueError on failure)."""
+    for writer in writers:
+        writer.write(outcome, writer.path(output, outcome.name))

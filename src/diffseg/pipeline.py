@@ -203,25 +203,52 @@ class DiffSegPipeline:
         for size in dict.fromkeys(sizes):
             members = [i for i, s in enumerate(sizes) if s == size]
             pixels = to_model_input([arrays[i] for i in members], size)  # (B, 3, H, W) in [-1, 1]
-            common = {"timestep": timestep, "model": self.model}
-            if method == "diffcut":
-                tokens = self.features(pixels, timestep=timestep, noise_seed=noise_seed)  # (B, h, w, C)
-                for k, i in enumerate(members):
-                    bundles[i] = AttentionBundle({}, arrays[i], features=tokens[k].float().cpu(), **common)
-                continue
-            maps, layers, cross = self.attend(
-                pixels, timestep=timestep, noise_seed=noise_seed, vocabulary=vocabulary, segment_from=segment_from
+            made = self.encode_pixels(
+                pixels,
+                [arrays[i] for i in members],
+                method=method,
+                timestep=timestep,
+                noise_seed=noise_seed,
+                vocabulary=vocabulary,
+                segment_from=segment_from,
             )
-            for k, i in enumerate(members):
-                bundles[i] = AttentionBundle(
-                    attention={g: m[k].cpu() for g, m in maps.items()},
-                    image=arrays[i],
-                    layers=layers,
-                    cross_attention=None if cross is None else {g: m[k].cpu() for g, m in cross.items()},
-                    vocabulary=vocabulary,
-                    **common,
-                )
+            for i, bundle in zip(members, made):
+                bundles[i] = bundle
         return bundles[0] if single else bundles
+
+    @torch.inference_mode()
+    def encode_pixels(
+        self,
+        pixels: torch.Tensor,
+        images: Sequence[np.ndarray],
+        *,
+        method: str = "diffseg",
+        timestep: int = ENCODE_DEFAULTS["diffseg"].timestep,
+        noise_seed: int | None = None,
+        vocabulary: Vocabulary | None = None,
+        segment_from: str = "unconditional",
+    ) -> list[AttentionBundle]:
+        """Bundles of a prepared batch (see `images.to_model_input`) whose (H, W, 3) uint8 `images` (after any
+        crop) the labels will cover; what `encode` does once images are decoded and resized, and what the Ray
+        worker calls on the batches its decode tasks prepared."""
+        common = {"timestep": timestep, "model": self.model}
+        if method == "diffcut":
+            tokens = self.features(pixels, timestep=timestep, noise_seed=noise_seed)  # (B, h, w, C)
+            return [AttentionBundle({}, image, features=t.float().cpu(), **common) for t, image in zip(tokens, images)]
+        maps, layers, cross = self.attend(
+            pixels, timestep=timestep, noise_seed=noise_seed, vocabulary=vocabulary, segment_from=segment_from
+        )
+        return [
+            AttentionBundle(
+                attention={g: m[k].cpu() for g, m in maps.items()},
+                image=image,
+                layers=layers,
+                cross_attention=None if cross is None else {g: m[k].cpu() for g, m in cross.items()},
+                vocabulary=vocabulary,
+                **common,
+            )
+            for k, image in enumerate(images)
+        ]
 
     def _step_inputs(self, pixels: torch.Tensor, timestep: int, noise_seed: int | None) -> tuple:
         """(latents, timesteps, conditioning) of one UNet step on `pixels`, conditioned on the empty prompt."""
