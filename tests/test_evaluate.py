@@ -184,6 +184,8 @@ def test_a_killed_run_resumes_to_the_same_summary(tiny_checkpoint, tiny_pipeline
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    scored = (run / "results.jsonl").read_text().count("\n")
+    assert process.returncode == -signal.SIGKILL and 1 <= scored < 4  # the kill happened mid-run
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
     assert summary is None or summary["images"] >= 1  # whatever was on disk is whole JSON
     assert run_cli(*argv[3:]) == 0
