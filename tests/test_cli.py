@@ -129,3 +129,24 @@ def test_temporary_files_left_by_a_killed_run_are_removed(tiny_checkpoint, tmp_p
     stale.write_bytes(b"half a PNG")
     assert run_cli("segment", tmp_path / "a.png", "-o", tmp_path / "out", *tiny_model(tiny_checkpoint)) == 0
     assert not stale.exists() and not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_coco_output_holds_one_rle_mask_per_segment_that_decodes_to_the_label_map(tiny_checkpoint, tmp_path):
+    import json
+
+    from pycocotools import mask as coco_mask
+
+    Image.fromarray(np.kron(np.arange(4, dtype=np.uint8).reshape(2, 2) * 60, np.ones((40, 48), np.uint8))).save(
+        tmp_path / "a.png"
+    )
+    out = tmp_path / "out"
+    argv = ("segment", tmp_path / "a.png", "-o", out, *tiny_model(tiny_checkpoint), "--coco", "--kl-threshold", "0.5")
+    assert run_cli(*argv) == 0
+    labels = read_labels(out / "labels" / "a.png")
+    record = json.loads((out / "coco" / "a.json").read_text())
+    assert (record["image"]["height"], record["image"]["width"]) == labels.shape
+    assert [a["id"] for a in record["annotations"]] == list(range(labels.max() + 1))
+    for annotation in record["annotations"]:
+        rle = {**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()}
+        np.testing.assert_array_equal(coco_mask.decode(rle).astype(bool), labels == annotation["id"])
+        assert annotation["area"] == int((labels == annotation["id"]).sum())

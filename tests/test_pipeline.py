@@ -126,3 +126,19 @@ def test_other_resolutions_discover_their_attention_sides(tiny_pipeline):
     assert {g: tuple(m.shape) for g, m in bundle.attention.items()}[(32, 32)] == (1024, 1024)
     result = tiny_pipeline.segment(bundle, num_points=8)
     assert result.labels.shape == (256, 320) and result.num_segments >= 1
+
+
+def test_settings_can_be_passed_as_the_config_objects(tiny_pipeline):
+    from diffseg import DiffCutConfig, SegmentConfig
+
+    bundle = tiny_pipeline.encode(quadrants_image(128, 128))
+    np.testing.assert_array_equal(
+        tiny_pipeline.segment(bundle, SegmentConfig(kl_threshold=0.5, num_points=8)).labels,
+        tiny_pipeline.segment(bundle, kl_threshold=0.5, num_points=8).labels,
+    )
+    cut = tiny_pipeline.encode(quadrants_image(128, 128), method="diffcut")
+    np.testing.assert_array_equal(
+        tiny_pipeline.segment(cut, DiffCutConfig(tau=0.3)).labels, tiny_pipeline.segment(cut, tau=0.3).labels
+    )
+    with pytest.raises(ValueError, match="takes a DiffCutConfig"):
+        tiny_pipeline.segment(cut, SegmentConfig())

@@ -21,12 +21,15 @@ from .config import (
     AppConfig,
     DiffCutConfig,
     EncodeConfig,
+    VOTING,
+    NamingConfig,
     SegmentConfig,
 )
 
 _ENCODE = EncodeConfig()
 _SEGMENT = SegmentConfig()
 _DIFFCUT = DiffCutConfig()
+_NAMING = NamingConfig()
 _APP = AppConfig()
 MAX_OUTPUT_PIXELS = 400_000_000  # --output-size: a label map larger than this (20000×20000) is refused
 
@@ -213,21 +216,21 @@ def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) 
         group.add_argument("--caption-model", default=None, help="BLIP captioning checkpoint (hub id or folder)")
     group.add_argument(
         "--voting",
-        choices=["majority", "mean"],
-        default="majority",
+        choices=list(VOTING),
+        default=_NAMING.voting,
         help="majority vote of per-pixel best words, or highest mean score (default: %(default)s)",
     )
     group.add_argument(
         "--min-confidence",
         type=float,
-        default=0.0,
+        default=_NAMING.min_confidence,
         help="leave segments scoring below this unlabelled (default: %(default)s)",
     )
     if captions:
         group.add_argument(
             "--segment-from",
             choices=["unconditional", "conditional"],
-            default="unconditional",
+            default=_NAMING.segment_from,
             help="which pass the segments come from when labelling (default: %(default)s, as without labels)",
         )
 

@@ -68,6 +68,7 @@ class SegmentConfig:
     # peaked attention) join no proposal and their anchors give none. True reproduces that, as the paper's numbers
     # did; False merges every map in float32 (log(0) guarded).
     reference_float16: bool = True
+    output_size: tuple[int, int] = (512, 512)  # reference: label maps at 512×512 (`segment_attention`'s default)
     # None: proportional to the grid's side, normalised over those present (reference `get_weight_rato`). Keys are
     # grids: (h, w), "HxW", or a side r for r×r.
     resolution_weights: Mapping[object, float] | str | None = field(default=None)  # or a preset's name
@@ -93,6 +94,27 @@ def merge_thresholds(kl_threshold: float | Sequence[float], iterations: int) -> 
     if any(not t > 0 for t in values):
         raise ValueError(f"`kl_threshold` values must be positive but are {values}.")
     return values
+
+
+VOTING = ("majority", "mean")  # each pixel votes for its best word (the mode wins), or the best mean score
+
+
+@dataclass(frozen=True)
+class NamingConfig:
+    """How segments are named from a vocabulary's cross-attention (the paper's experimental extension)."""
+
+    voting: str = "majority"  # reference `get_semantics` (ours is the mode of the votes; see `semantic`)
+    min_confidence: float = 0.0  # every segment gets a word
+    segment_from: str = "unconditional"  # segments from the unconditional pass: naming never changes them
+
+
+# Stable Diffusion's training noise schedule (SD 1.x, 2.x and SDXL share it), for checkpoints without a scheduler.
+NOISE_SCHEDULE = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+}
 
 
 @dataclass(frozen=True)

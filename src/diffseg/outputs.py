@@ -159,13 +159,11 @@ def coco_record(source, labels: np.ndarray, names=None) -> dict:
     height, width = labels.shape
     named = {n.id: n.label for n in names or []}
     annotations = []
-    for k in range(int(labels.max()) + 1):
-        rle = coco_mask.encode(np.asfortranarray(labels == k, dtype=np.uint8))
+    for k in range(int(labels.max()) + 1):  # one segment at a time: a (H, W, K) stack would be K full-size masks
+        (rle,) = coco_mask.encode(np.asfortranarray((labels == k)[:, :, None], dtype=np.uint8))
+        area, box = int(coco_mask.area([rle])[0]), [float(v) for v in coco_mask.toBbox([rle])[0]]
         rle["counts"] = rle["counts"].decode("ascii")
-        box = [float(v) for v in coco_mask.toBbox(rle)]
-        annotations.append(
-            {"id": k, "segmentation": rle, "area": int(coco_mask.area(rle)), "bbox": box, "label": named.get(k)}
-        )
+        annotations.append({"id": k, "segmentation": rle, "area": area, "bbox": box, "label": named.get(k)})
     return {"image": {"file_name": str(source), "height": height, "width": width}, "annotations": annotations}
 
 

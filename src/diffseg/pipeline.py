@@ -23,7 +23,7 @@ from PIL import Image
 from . import backbones
 from .bundle import AttentionBundle
 from .capture import capture_attention, capture_output, token_grid
-from .config import DEFAULT_MODEL, ENCODE_DEFAULTS, METHOD_DEFAULT, encode_settings
+from .config import DEFAULT_MODEL, ENCODE_DEFAULTS, METHOD_DEFAULT, NOISE_SCHEDULE, NamingConfig, encode_settings
 from .devices import place, resolve_device, resolve_dtype
 from .images import as_array, crop as crop_image, to_model_input
 from .segmentation import Segmentation, segment_bundle
@@ -31,6 +31,7 @@ from .semantic import Vocabulary, build_vocabulary
 
 __all__ = ["DiffSegPipeline", "Segmentation", "segment_bundle", "resolve_device", "resolve_dtype"]
 
+_NAMING = NamingConfig()
 ImageLike = Image.Image | np.ndarray | str | os.PathLike
 
 
@@ -131,10 +132,7 @@ class DiffSegPipeline:
             return self.scheduler
         from diffusers import DDPMScheduler
 
-        # Stable Diffusion's training schedule (every family's).
-        return DDPMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
-        )
+        return DDPMScheduler(**NOISE_SCHEDULE)
 
     # ------------------------------------------------------------------ encode: the expensive step
 
@@ -156,7 +154,7 @@ class DiffSegPipeline:
         resize: str = "native",
         noise_seed: int | None = METHOD_DEFAULT,
         labels: Sequence[str] | str | None = None,
-        segment_from: str = "unconditional",
+        segment_from: str = _NAMING.segment_from,
     ) -> AttentionBundle | list[AttentionBundle]:
         """Run the VAE and one UNet step; keep what `method` segments.
 
@@ -226,7 +224,7 @@ class DiffSegPipeline:
         timestep: int = ENCODE_DEFAULTS["diffseg"].timestep,
         noise_seed: int | None = None,
         vocabulary: Vocabulary | None = None,
-        segment_from: str = "unconditional",
+        segment_from: str = _NAMING.segment_from,
     ) -> list[AttentionBundle]:
         """Bundles of a prepared batch (see `images.to_model_input`) whose (H, W, 3) uint8 `images` (after any
         crop) the labels will cover; what `encode` does once images are decoded and resized, and what the Ray
@@ -282,7 +280,7 @@ class DiffSegPipeline:
         timestep: int = ENCODE_DEFAULTS["diffseg"].timestep,
         noise_seed: int | None = ENCODE_DEFAULTS["diffseg"].noise_seed,
         vocabulary: Vocabulary | None = None,
-        segment_from: str = "unconditional",
+        segment_from: str = _NAMING.segment_from,
     ) -> tuple[dict, dict, dict | None]:
         """VAE and one UNet step on a prepared batch (see `images.to_model_input`), attention captured (DiffSeg).
 
@@ -343,16 +341,16 @@ class DiffSegPipeline:
 
     # ------------------------------------------------------------------ segment: the cheap step
 
-    def segment(self, bundle: AttentionBundle, **kwargs) -> Segmentation:
-        """Segment a bundle; see `segment_bundle`. Needs no model: a loaded bundle works as well. On a GPU pipeline
-        the work runs on the GPU."""
+    def segment(self, bundle: AttentionBundle, config=None, **kwargs) -> Segmentation:
+        """Segment a bundle, with a `SegmentConfig`/`DiffCutConfig` and/or keyword settings; see `segment_bundle`.
+        Needs no model: a loaded bundle works as well. On a GPU pipeline the work runs on the GPU."""
         if self.device.type == "cuda":
             bundle = dataclasses.replace(
                 bundle,
                 attention={g: t.to(self.device) for g, t in bundle.attention.items()},
                 features=None if bundle.features is None else bundle.features.to(self.device),
             )
-        return segment_bundle(bundle, **kwargs)
+        return segment_bundle(bundle, config, **kwargs)
 
     def __call__(self, image: ImageLike, *, method: str = "diffseg", crop: str | None = None, **kwargs) -> Segmentation:
         """Encode and segment one image. Keywords of `encode` (timestep, resolution, resize, noise_seed) go to the

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .config import NOISE_SCHEDULE
+
 ARCHITECTURES = ("tiny", "sd15")
 
 
@@ -77,7 +79,6 @@ _CLIP_L = {
     "num_attention_heads": 12,
     "hidden_act": "quick_gelu",
 }
-_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 _ARCHITECTURES = {
     "tiny": {
@@ -235,7 +236,7 @@ def build_components(architecture: str = "tiny", seed: int = 0) -> dict[str, obj
         )
         model = CLIPTextModelWithProjection(config) if k == 1 else CLIPTextModel(config)
         components["text_encoder" if k == 0 else "text_encoder_2"] = model.eval()
-    components["scheduler"] = DDPMScheduler(**_SCHEDULE, **spec.get("scheduler", {}))
+    components["scheduler"] = DDPMScheduler(**NOISE_SCHEDULE, **spec.get("scheduler", {}))
     return components
 
 

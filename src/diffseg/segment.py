@@ -27,7 +27,7 @@ def segment_attention(
     num_points: int = _DEFAULTS.num_points,
     refine: bool = _DEFAULTS.refine,
     resolution_weights: Mapping[int, float] | None = _DEFAULTS.resolution_weights,
-    output_size: tuple[int, int] = (512, 512),
+    output_size: tuple[int, int] = _DEFAULTS.output_size,
     reference_float16: bool = _DEFAULTS.reference_float16,
 ) -> np.ndarray:
     """Segment one image from its self-attention (reference `DiffSeg.segment`, for one image).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -10,11 +11,13 @@ import torch
 from PIL import Image
 
 from .bundle import AttentionBundle
+from .config import DiffCutConfig, NamingConfig, SegmentConfig
 from .diffcut import segment_features
 from .segment import segment_attention
 from .semantic import SegmentLabel, assign_labels, word_scores
 from .visualisation import overlay
 
+_NAMING = NamingConfig()
 SEGMENTERS = {"diffseg": segment_attention, "diffcut": segment_features}
 
 
@@ -49,18 +52,26 @@ def method_settings(method: str) -> set[str]:
 
 def segment_bundle(
     bundle: AttentionBundle,
+    config: SegmentConfig | DiffCutConfig | None = None,
     *,
     output_size: tuple[int, int] | None = None,
-    voting: str = "majority",
-    min_confidence: float = 0.0,
+    voting: str = _NAMING.voting,
+    min_confidence: float = _NAMING.min_confidence,
     **settings,
 ) -> Segmentation:
-    """Segment a bundle with its method: `segment_attention` (DiffSeg) or `segment_features` (DiffCut), whose
-    keyword settings `settings` are. Labels at the image's size unless `output_size` is given.
+    """Segment a bundle with its method: `segment_attention` (DiffSeg) or `segment_features` (DiffCut), with the
+    settings of `config` (a `SegmentConfig` or `DiffCutConfig`, the method's) and any keyword `settings` over them.
+    Labels at the image's size unless `output_size` is given.
 
     A bundle encoded with labels also gets its segments named (`semantic.assign_labels`, with `voting` and
     `min_confidence`); naming never changes the label map.
     """
+    if config is not None:
+        expected = DiffCutConfig if bundle.method == "diffcut" else SegmentConfig
+        if not isinstance(config, expected):
+            raise ValueError(f"A {bundle.method} bundle takes a {expected.__name__}, not a {type(config).__name__}.")
+        given = {k: v for k, v in dataclasses.asdict(config).items() if k in method_settings(bundle.method)}
+        settings = {**given, **settings}
     size = tuple(int(v) for v in output_size) if output_size is not None else bundle.image_size
     if len(size) != 2 or min(size) < 1 or size[0] * size[1] > 2**31 - 1:
         raise ValueError(f"`output_size` must be two positive integers with fewer than 2³¹ pixels but is {size}.")

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import VOTING, NamingConfig
+
 SCORE_SIZE = (512, 512)  # reference: cross-attention aggregated at 512 × 512
-VOTING = ("majority", "mean")
+_NAMING = NamingConfig()
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,8 @@ def assign_labels(
     scores: torch.Tensor,
     words: Sequence[str],
     *,
-    voting: str = "majority",
-    min_confidence: float = 0.0,
+    voting: str = _NAMING.voting,
+    min_confidence: float = _NAMING.min_confidence,
     score_size: tuple[int, int] = SCORE_SIZE,
 ) -> list[SegmentLabel]:
     """Name every segment of `labels` with one of `words`.
