@@ -148,5 +148,5 @@ def test_coco_output_holds_one_rle_mask_per_segment_that_decodes_to_the_label_ma
     assert [a["id"] for a in record["annotations"]] == list(range(labels.max() + 1))
     for annotation in record["annotations"]:
         rle = {**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()}
-        np.testing.assert_array_equal(coco_mask.decode(rle).astype(bool), labels == annotation["id"])
+        np.testing.assert_array_equal(coco_mask.decode([rle])[:, :, 0].astype(bool), labels == annotation["id"])
         assert annotation["area"] == int((labels == annotation["id"]).sum())
