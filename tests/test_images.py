@@ -75,7 +75,7 @@ def test_find_images_walks_folders_globs_and_files(image_folder, tmp_path):
 def test_high_bit_depth_grayscale_keeps_its_content(make, tmp_path):
     values = np.tile(np.linspace(0, 255, 64).round().astype(np.uint8), (16, 1))  # a ramp, dark to light
     image = make(values)
-    path = tmp_path / ("deep.tif" if image.mode == "F" else "deep.png")  # 16-bit PNGs, float TIFFs
+    path = tmp_path / ("deep.png" if image.mode == "I;16" else "deep.tif")  # 16-bit PNG; 32-bit and float TIFFs
     image.save(path)
     rgb = np.asarray(load_image(path))
     assert rgb.shape == (16, 64, 3) and np.abs(rgb[..., 0].astype(int) - values).max() <= 1
