@@ -150,3 +150,24 @@ def test_coco_output_holds_one_rle_mask_per_segment_that_decodes_to_the_label_ma
         rle = {**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()}
         np.testing.assert_array_equal(coco_mask.decode([rle])[:, :, 0].astype(bool), labels == annotation["id"])
         assert annotation["area"] == int((labels == annotation["id"]).sum())
+
+
+def test_an_unreadable_sub_folder_is_reported_and_fails_the_run(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """Tests run as root, whom permissions do not stop: the folder's listing is made to fail as it would for a user."""
+    import os
+
+    folder = tmp_path / "in"
+    (folder / "locked").mkdir(parents=True)
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(folder / "locked" / "b.png")
+    scandir = os.scandir
+
+    def denied(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    assert run_cli("segment", folder, "-o", tmp_path / "out", *tiny_model(tiny_checkpoint)) == 1
+    err = capsys.readouterr().err
+    assert "locked" in err and "could not be read" in err and "Segmented 1 images" in err

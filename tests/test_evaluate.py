@@ -294,3 +294,23 @@ def test_evaluate_diffcut_under_its_own_protocol_scores_at_128(tiny_checkpoint, 
     for record in records:
         assert 128 * 128 * 0.8 < record["all"] <= 128 * 128  # labelled pixels: all but the unlabelled strip
     assert "DiffCut (Couairon et al. 2024)" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_refused_before_settings_are_written(tiny_checkpoint, tmp_path, capsys):
+    make_coco(tmp_path / "coco", n=1)
+    out = tmp_path / "run"
+    argv = (
+        "evaluate",
+        "cocostuff27",
+        "--root",
+        tmp_path / "coco",
+        "--limit",
+        "1",
+        "-o",
+        out,
+        *tiny_model(tiny_checkpoint),
+    )
+    for bad, message in ((("--num-points", "1"), "--num-points"), (("--timestep", "5000"), "--timestep")):
+        assert run_cli(*argv, *bad) == 2 and message in capsys.readouterr().err
+        assert not (out / "settings.json").exists()
+    assert run_cli(*argv) == 0  # the corrected command is not refused as "other settings"

@@ -143,6 +143,19 @@ def to_model_input(arrays: list[np.ndarray], size: int | tuple[int, int]) -> tor
     return torch.cat(batch) / 127.5 - 1.0  # reference `Rescaling(scale=1 / 127.5, offset=-1)`
 
 
+def _walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files below `folder` (sorted; symbolic links to folders not followed), and the sub-folders that could
+    not be read, with the reason (a silent skip would pass for an empty folder)."""
+    files, unreadable = [], []
+
+    def report(error: OSError) -> None:
+        unreadable.append((error.filename or str(folder), error.strerror or str(error)))
+
+    for root, _, names in os.walk(folder, onerror=report, followlinks=False):
+        files += [Path(root) / n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in files if p.is_file()), unreadable
+
+
 def _glob(pattern: str) -> list[Path]:
     """Paths matching a glob pattern; `**` does not follow symbolic links to folders (pathlib's rule), so a link
     loop such as `dir/loop -> dir` cannot make `dir/**/*.jpg` endless."""
@@ -169,9 +182,12 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[tuple[Path, s
         item = str(item)
         path = Path(item).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files, unreadable = _walk_images(path)
             found += [(p, p.relative_to(path).with_suffix("").as_posix()) for p in files]
-            if not files:
+            missing += [
+                (folder, f"folder could not be read ({reason}); check its permissions") for folder, reason in unreadable
+            ]
+            if not files and not unreadable:
                 missing.append((item, f"folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"))
         elif path.exists():
             found.append((path, path.stem))
