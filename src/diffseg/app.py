@@ -201,8 +201,10 @@ def render(
     tau=_DIFFCUT.tau,
     alpha=_DIFFCUT.alpha,
     pamr=_DIFFCUT.pamr,
+    segment=segment_bundle,
 ) -> View:
-    """The slider path: cached bundle -> segmentation (its method's) -> overlay, label map, label PNG and table."""
+    """The slider path: cached bundle -> segmentation (its method's) -> overlay, label map, label PNG and table.
+    `segment` is the pipeline's, so that on a GPU server slider moves run where the model runs."""
     start = time.perf_counter()
     if entry.bundle.method == "diffcut":
         settings = {"tau": float(tau), "alpha": float(alpha), "pamr": bool(pamr)}
@@ -214,7 +216,7 @@ def render(
             "refine": bool(refine),
             "resolution_weights": slider_weights(entry.bundle, list(weights)),
         }
-    result = segment_bundle(entry.bundle, **settings)
+    result = segment(entry.bundle, **settings)
     label_file = Path(out_dir) / f"{entry.file.stem}-labels.png"
     save_image(label_image(result.labels), label_file)
     view = View(
@@ -250,11 +252,24 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                 raise ValueError("Naming segments works with DiffSeg only: clear the words or choose DiffSeg.")
             entry, encoded = cache.get(image, int(timestep), parse_words(words), method)
             encode_seconds = time.perf_counter() - start
-            view = render(entry, out_dir, kl_threshold, iterations, num_points, refine, weights, tau, alpha, pamr)
+            view = render(
+                entry,
+                out_dir,
+                kl_threshold,
+                iterations,
+                num_points,
+                refine,
+                weights,
+                tau,
+                alpha,
+                pamr,
+                segment=pipeline.segment,  # on a GPU server, slider moves run on the GPU
+            )
         except (ValueError, ImportError, OSError) as error:
             raise gr.Error(str(error)) from error
         source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
-        status = f"**{view.num_segments} segments** · segmented in {view.seconds:.2f} s · {source}"
+        count = f"{view.num_segments} segment" + ("" if view.num_segments == 1 else "s")
+        status = f"**{count}** · segmented in {view.seconds:.2f} s · {source}"
         return view.overlay, view.label_map, status, str(view.label_file), str(entry.file), view.table
 
     def on_image(path, *settings):
