@@ -427,8 +427,9 @@ def add_segment_command(commands) -> None:
     p = commands.add_parser(
         "segment",
         help="segment images, folders or globs into label maps and overlays",
-        description="Segment images with DiffSeg. Writes OUTPUT/labels/NAME.png (integer ids), "
-        "OUTPUT/overlays/NAME.png and, with --npy, OUTPUT/arrays/NAME.npy.",
+        description="Segment images with DiffSeg (default) or DiffCut (--method diffcut). Writes "
+        "OUTPUT/labels/NAME.png (integer ids), OUTPUT/overlays/NAME.png and, with --npy, OUTPUT/arrays/NAME.npy; with "
+        "--coco, OUTPUT/coco/NAME.json (COCO RLE masks).",
     )
     p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -614,7 +615,8 @@ def add_segment_dataset_command(commands) -> None:
         "segment-dataset",
         help="segment a large image collection on a Ray cluster (resumable)",
         description="Segment a folder, glob, or .txt/.parquet list of image paths or URIs with Ray "
-        "Data. Writes OUTPUT/labels/NAME.png and OUTPUT/manifest.parquet; re-running resumes. "
+        "Data. Writes OUTPUT/labels/NAME.png (and the formats asked for, as `segment`) and OUTPUT/manifest.parquet; "
+        "re-running resumes. "
         "Needs the ray extra: pip install 'diffseg[ray]'.",
     )
     p.add_argument("input", help="folder, glob, or .txt/.lst/.parquet file listing image paths or URIs")
