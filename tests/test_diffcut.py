@@ -116,6 +116,10 @@ def test_features_are_read_as_tokens_or_grids_arrays_or_tensors():
         segment_features(square, output_size=(32, 32)),
         segment_features(square.reshape(16, 16, -1), output_size=(32, 32)),
     )
+    batch_of_one = torch.from_numpy(square)[None]  # the reference's `features[j:j+1]`, (1, h·w, C)
+    np.testing.assert_array_equal(
+        segment_features(batch_of_one, output_size=32), segment_features(square, output_size=(32, 32))
+    )
     with pytest.raises(ValueError, match="not a square grid"):
         segment_features(features)  # 96 tokens: pass (h, w, C)
     with pytest.raises(ValueError, match="NaN"):

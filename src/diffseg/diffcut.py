@@ -23,9 +23,12 @@ _DEFAULTS = DiffCutConfig()
 def as_token_grid(features, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """(h, w, C) float32 tensor from (h·w, C) row-major tokens or an (h, w, C) grid (array or tensor).
 
-    (h·w, C) tokens are read as a square grid unless `grid` = (h, w) says otherwise.
+    (h·w, C) tokens are read as a square grid unless `grid` = (h, w) says otherwise; (1, h·w, C), one image of the
+    reference's batch, is read as tokens.
     """
     t = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
+    if t.dim() == 3 and t.shape[0] == 1 and t.shape[1] > 1 and math.isqrt(t.shape[1]) ** 2 == t.shape[1]:
+        t = t[0]  # (1, h·w, C): the reference's per-image `features[j:j+1]`
     if t.dim() == 2:
         n = t.shape[0]
         h, w = grid if grid is not None else (math.isqrt(n), math.isqrt(n))
@@ -69,7 +72,9 @@ def segment_features(
         raise ValueError(f"`tau` must be a positive number but is {tau!r}.")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"`alpha` must be a positive number but is {alpha!r}.")
-    height, width = (int(v) for v in output_size)
+    height, width = (output_size, output_size) if isinstance(output_size, int) else (int(v) for v in output_size)
+    if height < 1 or width < 1:
+        raise ValueError(f"`output_size` must be positive but is {output_size!r}.")
     if pamr and image is None:
         raise ValueError("`pamr=True` needs the `image`: a (1, 3, H, W) float tensor in [0, 1].")
     grid = as_token_grid(features)  # (h, w, C)
