@@ -1,3 +1,4 @@
+import os
 import re
 import shutil
 import socket
@@ -106,6 +107,8 @@ def sdxl_app_server(tiny_sdxl_checkpoint, tmp_path):
 
 def _serve(tiny_checkpoint, tmp_path):
     port = _free_port()
+    temp = tmp_path / "server-tmp"  # the server's temporary folders go here: checked after it exits
+    temp.mkdir()
     log = tmp_path / "app.log"
     with open(log, "w") as stderr:
         process = subprocess.Popen(
@@ -125,6 +128,7 @@ def _serve(tiny_checkpoint, tmp_path):
             ],
             stdout=stderr,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "TMPDIR": str(temp)},
         )
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -138,6 +142,7 @@ def _serve(tiny_checkpoint, tmp_path):
     yield f"http://127.0.0.1:{port}/", log
     process.terminate()
     process.wait(timeout=30)
+    assert not list(temp.glob("diffseg-app-*")), "the server left its temporary folders behind"
 
 
 _STATUS_LINE = r"\d+ segments? · segmented in [\d.]+ s · [^\n]+"

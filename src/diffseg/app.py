@@ -8,9 +8,12 @@ The page fetches nothing from outside this server (system fonts, no analytics), 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import html
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -58,7 +61,7 @@ class BundleCache:
         self.encodes = 0
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self._lock = threading.Lock()
-        self._folder = Path(folder or tempfile.mkdtemp(prefix="diffseg-app-"))
+        self.folder = self._folder = Path(folder or tempfile.mkdtemp(prefix="diffseg-app-"))
 
     @staticmethod
     def key(
@@ -238,6 +241,8 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
 
     cache = BundleCache(pipeline, cache_size)
     out_dir = Path(tempfile.mkdtemp(prefix="diffseg-app-labels-"))
+    for folder in (cache.folder, out_dir):  # bundles are hundreds of MB: removed when the server exits
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     examples = sorted(
         str(p) for p in resources.files("diffseg").joinpath("examples").iterdir() if str(p).endswith(".jpg")
     )
@@ -373,8 +378,21 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
             with gr.Column(scale=2):
                 status = gr.Markdown("Upload an image or pick an example.", elem_id="status")
                 with gr.Row():
-                    overlay = gr.Image(label="Overlay", format="png", interactive=False, elem_id="overlay")
-                    label_view = gr.Image(label="Label map", format="png", interactive=False, elem_id="label-map")
+                    # No "share" button: it works only on Hugging Face Spaces.
+                    overlay = gr.Image(
+                        label="Overlay",
+                        format="png",
+                        interactive=False,
+                        elem_id="overlay",
+                        buttons=["download", "fullscreen"],
+                    )
+                    label_view = gr.Image(
+                        label="Label map",
+                        format="png",
+                        interactive=False,
+                        elem_id="label-map",
+                        buttons=["download", "fullscreen"],
+                    )
                 with gr.Row():
                     label_file = gr.File(label="Label map (PNG of ids)", elem_id="label-download")
                     bundle_file = gr.File(
@@ -415,6 +433,8 @@ def launch(
 ) -> None:
     """Serve the demo until interrupted."""
     blocks, _ = build_app(pipeline, cache_size=cache_size)
+    # A plain `kill` (SIGTERM) exits like Ctrl-C, so the temporary folders are removed (atexit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     blocks.queue(default_concurrency_limit=1)  # one segmentation at a time; the model has its own lock
     blocks.launch(
         server_name=host,
