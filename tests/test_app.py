@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffseg.app import BundleCache, preset_weights, presets_for, read_upload, segment_table, slider_weights
+from diffseg.app import (
+    BundleCache,
+    preset_weights,
+    presets_for,
+    read_upload,
+    render,
+    segment_table,
+    slider_weights,
+)
 from diffseg.outputs import read_labels
 from diffseg.semantic import SegmentLabel
 
@@ -49,8 +57,11 @@ def test_cache_keys_files_by_everything_that_defines_a_bundle(tiny_pipeline, tmp
     cut, _ = cache.get(a, 50, (), "diffcut")
     assert len({plain.file, named.file, cut.file}) == 3 and cut.bundle.method == "diffcut"
     assert plain.bundle.vocabulary is None and named.bundle.vocabulary.words == ("red", "green")
-    cache.get(quadrants_image(64, 96), 300)  # evicts the plain bundle only
+    view = render(plain, tmp_path, 1.1, 3, 16, False, [1, 1, 1, 1], name="photo")
+    assert view.label_file.name == "photo-labels.png" and view.label_file.parent == tmp_path / plain.file.stem
+    cache.get(quadrants_image(64, 96), 300)  # evicts the plain bundle only, and its downloads
     assert not plain.file.exists() and named.file.exists() and cut.file.exists()
+    assert not view.label_file.exists()
     again, encoded = cache.get(a, 300, ("red", "green"))
     assert not encoded and again.file.exists()
 
@@ -220,6 +231,7 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         with page.expect_download() as download:
             page.locator("#label-download a").first.click()
         saved = tmp_path / "labels.png"
+        assert download.value.suggested_filename == "upload-labels.png"  # named after the image, not a hash
         download.value.save_as(saved)
         labels = read_labels(saved)
         assert labels.shape == (240, 320) and labels.max() + 1 == count(preset)

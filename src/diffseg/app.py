@@ -92,6 +92,7 @@ class BundleCache:
             while len(self._entries) > self.capacity:
                 _, old = self._entries.popitem(last=False)
                 old.file.unlink(missing_ok=True)
+                shutil.rmtree(self._folder / old.file.stem, ignore_errors=True)  # its downloads (see `render`)
         print(
             f"diffseg app: encoded image {key[0][:12]} with {method} at t={timestep} (encode #{self.encodes})",
             file=sys.stderr,
@@ -132,6 +133,17 @@ def slider_weights(bundle: AttentionBundle, values: list[float]) -> dict[tuple[i
     if total <= 0:
         raise ValueError("All resolution weights are 0: give at least one resolution a positive weight.")
     return {r: w / total for r, w in weights.items()}
+
+
+def named_copy(file: Path, target: Path) -> Path:
+    """`file` under the name `target` for a download (a hard link where the file system allows, else a copy)."""
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, target)
+        except OSError:
+            shutil.copyfile(file, target)
+    return target
 
 
 def parse_words(text: str | None) -> tuple[str, ...]:
@@ -205,9 +217,11 @@ def render(
     alpha=_DIFFCUT.alpha,
     pamr=_DIFFCUT.pamr,
     segment=segment_bundle,
+    name: str | None = None,
 ) -> View:
     """The slider path: cached bundle -> segmentation (its method's) -> overlay, label map, label PNG and table.
-    `segment` is the pipeline's, so that on a GPU server slider moves run where the model runs."""
+    `segment` is the pipeline's, so that on a GPU server slider moves run where the model runs. Downloads are named
+    after the image (`name`), in a folder of their own per bundle."""
     start = time.perf_counter()
     if entry.bundle.method == "diffcut":
         settings = {"tau": float(tau), "alpha": float(alpha), "pamr": bool(pamr)}
@@ -220,7 +234,8 @@ def render(
             "resolution_weights": slider_weights(entry.bundle, list(weights)),
         }
     result = segment(entry.bundle, **settings)
-    label_file = Path(out_dir) / f"{entry.file.stem}-labels.png"
+    folder = Path(out_dir) / entry.file.stem  # one per bundle: two sessions' "photo.jpg" never collide
+    label_file = folder / f"{name or entry.file.stem}-labels.png"
     save_image(label_image(result.labels), label_file)
     view = View(
         result.overlay,
@@ -240,9 +255,8 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
     import gradio as gr
 
     cache = BundleCache(pipeline, cache_size)
-    out_dir = Path(tempfile.mkdtemp(prefix="diffseg-app-labels-"))
-    for folder in (cache.folder, out_dir):  # bundles are hundreds of MB: removed when the server exits
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    out_dir = cache.folder  # downloads live beside their bundle and go with it when it is evicted
+    atexit.register(shutil.rmtree, cache.folder, ignore_errors=True)  # hundreds of MB: removed when the server exits
     examples = sorted(
         str(p) for p in resources.files("diffseg").joinpath("examples").iterdir() if str(p).endswith(".jpg")
     )
@@ -269,13 +283,15 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                 alpha,
                 pamr,
                 segment=pipeline.segment,  # on a GPU server, slider moves run on the GPU
+                name=Path(path).stem,  # Gradio keeps the upload's own file name
             )
+            bundle_file = named_copy(entry.file, view.label_file.parent / f"{Path(path).stem}.safetensors")
         except (ValueError, ImportError, OSError) as error:
             raise gr.Error(str(error)) from error
         source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
         count = f"{view.num_segments} segment" + ("" if view.num_segments == 1 else "s")
         status = f"**{count}** · segmented in {view.seconds:.2f} s · {source}"
-        return view.overlay, view.label_map, status, str(view.label_file), str(entry.file), view.table
+        return view.overlay, view.label_map, status, str(view.label_file), str(bundle_file), view.table
 
     def on_image(path, *settings):
         if not path:  # cleared: reset the outputs quietly
