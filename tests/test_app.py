@@ -253,6 +253,8 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         page.set_input_files("#input-image input[type=file]", str(big))
         page.get_by_text("exceed the maximum allowed size").wait_for(timeout=30_000)
         assert count(_status(page)) == count(recut) and encodes() == 2
+        time.sleep(1.0)  # any clearing of the result would have happened by now
+        assert page.locator("#overlay img").first.is_visible() and count(_status(page)) == count(recut)
         browser.close()
     assert external == []  # nothing fetched from outside the server: works offline
 

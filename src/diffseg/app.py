@@ -294,8 +294,8 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
         return view.overlay, view.label_map, status, str(view.label_file), str(bundle_file), view.table
 
     def on_image(path, *settings):
-        if not path:  # cleared: reset the outputs quietly
-            return None, None, "Upload an image or pick an example.", None, None, ""
+        if not path:  # cleared, or an upload refused for its size: the page keeps its result
+            return (gr.skip(),) * 6
         return run(path, *settings)
 
     def apply_preset(name, *settings):
@@ -423,7 +423,6 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
         image.change(on_image, settings, outputs, trigger_mode="always_last")  # upload, example, clear
         timestep.release(run, settings, outputs, trigger_mode="always_last")
         words.submit(run, settings, outputs, trigger_mode="always_last")
-        words.blur(run, settings, outputs, trigger_mode="always_last")
         for control in (kl, iterations, points, tau, alpha, *sliders):
             control.input(run, settings, outputs, trigger_mode="always_last", show_progress="minimal")
         refine.input(run, settings, outputs, trigger_mode="always_last")
