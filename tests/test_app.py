@@ -227,6 +227,7 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         preset = _wait_status(page, moved)
         assert "from cache" in preset and encodes() == 1
         assert page.locator("#weight-2 input[type=number]").input_value().startswith("0.6")
+        assert "closer than τ merge" in page.locator("#kl-threshold").inner_text()  # each control says what it does
         # 4. Download the label map: ids at the image's size.
         with page.expect_download() as download:
             page.locator("#label-download a").first.click()
@@ -237,6 +238,17 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         assert labels.shape == (240, 320) and labels.max() + 1 == count(preset)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app.png"))
+        # Reset: the paper's settings come back, from the cache; then the preset again for the steps below.
+        page.locator("#reset").click()
+        page.wait_for_function("document.querySelector('#kl-threshold input[type=number]').value === '1.1'")
+        page.wait_for_function(
+            "n => { const t = document.querySelector('#status').innerText;"
+            " return !/processing|queue/.test(t) && t.includes(n + ' segment'); }",
+            arg=str(count(first)),
+            timeout=120_000,
+        )
+        reset = _status(page)
+        assert "from cache" in reset and count(reset) == count(first) and encodes() == 1
         # 5. Switch to DiffCut: one more encode (its layer's features), then τ re-segments from the cache.
         page.get_by_label("diffcut").check()
         cut = _wait_status(page, _status(page))

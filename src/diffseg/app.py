@@ -302,6 +302,15 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
         weights = preset_weights(name, sides)
         return (*weights, *run(*settings[:11], *weights))
 
+    def reset_settings(method, path, words):
+        """Every segmentation control back to its paper's default, then a re-run (the timestep's may re-encode)."""
+        weights = preset_weights("proportional", sides)
+        timestep = ENCODE_DEFAULTS[method].timestep
+        defaults = [_SEGMENT.kl_threshold, _SEGMENT.iterations, _SEGMENT.num_points, _SEGMENT.refine]
+        defaults += [_DIFFCUT.tau, _DIFFCUT.alpha, _DIFFCUT.pamr]
+        outputs = on_image(path, method, timestep, words, *defaults, *weights)
+        return (timestep, *defaults[:4], "proportional", *defaults[4:], *weights, *outputs)
+
     def on_method(method, path, _timestep, *settings):
         timestep = ENCODE_DEFAULTS[method].timestep  # each method's paper's timestep
         outputs = on_image(path, method, timestep, *settings)
@@ -339,6 +348,7 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                     step=1,
                     label="Timestep (re-encodes)",
                     elem_id="timestep",
+                    info="The noise level of the one UNet step (papers: DiffSeg 300, DiffCut 50)",
                 )
                 words = gr.Textbox(
                     label="Name segments with (comma-separated words, optional; re-encodes)",
@@ -351,13 +361,25 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                         1.5,
                         value=_DIFFCUT.tau,
                         step=0.01,
-                        label="Cut threshold τ (lower: fewer segments)",
+                        label="Cut threshold τ",
                         elem_id="tau",
+                        info="A region is cut while the cut costs less than τ: lower gives fewer segments",
                     )
                     alpha = gr.Slider(
-                        1, 20, value=_DIFFCUT.alpha, step=0.5, label="Affinity exponent α", elem_id="alpha"
+                        1,
+                        20,
+                        value=_DIFFCUT.alpha,
+                        step=0.5,
+                        label="Affinity exponent α",
+                        elem_id="alpha",
+                        info="Sharpens feature similarity: higher separates more",
                     )
-                    pamr = gr.Checkbox(value=_DIFFCUT.pamr, label="PAMR refinement", elem_id="pamr")
+                    pamr = gr.Checkbox(
+                        value=_DIFFCUT.pamr,
+                        label="PAMR refinement",
+                        elem_id="pamr",
+                        info="Snaps segment edges to the image's colour edges (slower)",
+                    )
                 with gr.Group() as diffseg_controls:
                     kl = gr.Slider(
                         0.05,
@@ -366,16 +388,38 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                         step=0.05,
                         label="KL threshold τ",
                         elem_id="kl-threshold",
+                        info="Attention maps closer than τ merge: higher gives fewer, larger segments",
                     )
                     iterations = gr.Slider(
-                        1, 6, value=_SEGMENT.iterations, step=1, label="Merge iterations", elem_id="iterations"
+                        1,
+                        6,
+                        value=_SEGMENT.iterations,
+                        step=1,
+                        label="Merge iterations",
+                        elem_id="iterations",
+                        info="Rounds of merging the proposals with each other",
                     )
                     points = gr.Slider(
-                        2, 32, value=_SEGMENT.num_points, step=1, label="Anchor grid (M×M)", elem_id="num-points"
+                        2,
+                        32,
+                        value=_SEGMENT.num_points,
+                        step=1,
+                        label="Anchor grid (M×M)",
+                        elem_id="num-points",
+                        info="Starting points of the first merge: more can find smaller segments",
                     )
-                    refine = gr.Checkbox(value=_SEGMENT.refine, label="K-means refinement", elem_id="refine")
+                    refine = gr.Checkbox(
+                        value=_SEGMENT.refine,
+                        label="K-means refinement",
+                        elem_id="refine",
+                        info="Re-assigns every attention map to its nearest proposal (slower)",
+                    )
                     preset = gr.Dropdown(
-                        presets_for(sides), value="proportional", label="Resolution preset", elem_id="preset"
+                        presets_for(sides),
+                        value="proportional",
+                        label="Resolution preset",
+                        elem_id="preset",
+                        info="How much each attention grid counts; proportional is the paper's",
                     )
                     sliders = [
                         gr.Slider(
@@ -391,6 +435,7 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                         )
                         for k, w in enumerate(preset_weights("proportional", sides))
                     ]
+                reset = gr.Button("Reset to the papers' settings", elem_id="reset", variant="secondary")
             with gr.Column(scale=2):
                 status = gr.Markdown("Upload an image or pick an example.", elem_id="status")
                 with gr.Row():
@@ -427,6 +472,12 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
             control.input(run, settings, outputs, trigger_mode="always_last", show_progress="minimal")
         refine.input(run, settings, outputs, trigger_mode="always_last")
         pamr.input(run, settings, outputs, trigger_mode="always_last")
+        reset.click(
+            reset_settings,
+            [method, image, words],
+            [timestep, kl, iterations, points, refine, preset, tau, alpha, pamr, *sliders, *outputs],
+            trigger_mode="always_last",
+        )
         method.input(
             on_method,
             [method, image, timestep, *settings[3:]],
