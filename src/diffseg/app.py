@@ -61,7 +61,7 @@ class BundleCache:
         self.encodes = 0
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self._lock = threading.Lock()
-        self.folder = self._folder = Path(folder or tempfile.mkdtemp(prefix="diffseg-app-"))
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="diffseg-app-"))
 
     @staticmethod
     def key(
@@ -83,7 +83,7 @@ class BundleCache:
         # Encode outside the lock: cached bundles stay available while a new image is encoded.
         bundle = self.pipeline.encode(image, method=method, timestep=timestep, labels=list(words) or None)
         name = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
-        file = bundle.save(self._folder / f"{key[0][:12]}-{method}-t{timestep}-{name}.safetensors")
+        file = bundle.save(self.folder / f"{key[0][:12]}-{method}-t{timestep}-{name}.safetensors")
         entry = _Entry(bundle, file)
         with self._lock:
             self.encodes += 1
@@ -92,7 +92,7 @@ class BundleCache:
             while len(self._entries) > self.capacity:
                 _, old = self._entries.popitem(last=False)
                 old.file.unlink(missing_ok=True)
-                shutil.rmtree(self._folder / old.file.stem, ignore_errors=True)  # its downloads (see `render`)
+                shutil.rmtree(self.folder / old.file.stem, ignore_errors=True)  # its downloads (see `render`)
         print(
             f"diffseg app: encoded image {key[0][:12]} with {method} at t={timestep} (encode #{self.encodes})",
             file=sys.stderr,

@@ -117,7 +117,7 @@ def recursive_ncut(tokens: torch.Tensor, *, tau: float, alpha: float) -> list[to
         region = stack.pop()  # (n,) token indices, ascending
         if len(region) < 2:
             continue
-        sub = affinity[region][:, region]  # (n, n)
+        sub = affinity[region[:, None], region]  # (n, n), one gather
         degree = sub.sum(dim=1)  # (n,)
         y = fiedler_vector(sub, degree) if bool((degree > 0).all()) else None
         if y is None:  # zero degree or LAPACK failure: the reference has no cut here (it errors)
