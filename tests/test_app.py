@@ -165,6 +165,22 @@ def _status(page) -> str:
     return match.group(0) if match else ""
 
 
+def _launch(playwright):
+    """Debian's Chromium, headless, with nothing of its own reaching out to the network."""
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM,
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+    )
+
+
 def _wait_status(page, previous: str | None = None, timeout: float = 120_000) -> str:
     """Wait until the page shows a finished status line different from `previous`; return it."""
     page.wait_for_function(
@@ -186,18 +202,7 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
     Image.fromarray(quadrants_image(240, 320)).save(image_path)
     external = []
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = _launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.on("request", lambda r: external.append(r.url) if not r.url.startswith((url, "data:", "blob:")) else None)
         page.goto(url)
@@ -280,7 +285,7 @@ def test_demo_on_sdxl_shows_only_its_two_grids(sdxl_app_server, tmp_path):
     image_path = tmp_path / "wide.png"
     Image.fromarray(quadrants_image(200, 400)).save(image_path)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        browser = _launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         page.set_input_files("#input-image input[type=file]", str(image_path))

@@ -321,6 +321,10 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
             *outputs,
         )
 
+    def slider(elem_id: str, label: str, span: tuple, value, info: str, **options):
+        low, high, step = span
+        return gr.Slider(low, high, value=value, step=step, label=label, elem_id=elem_id, info=info, **options)
+
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
     )  # system fonts: the default theme would fetch web fonts from the internet
@@ -341,14 +345,12 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                     elem_id="method",
                     info="DiffSeg: self-attention merged by KL; DiffCut: a layer's features, recursive normalised cut",
                 )
-                timestep = gr.Slider(
-                    0,
-                    999,
-                    value=ENCODE_DEFAULTS["diffseg"].timestep,
-                    step=1,
-                    label="Timestep (re-encodes)",
-                    elem_id="timestep",
-                    info="The noise level of the one UNet step (papers: DiffSeg 300, DiffCut 50)",
+                timestep = slider(
+                    "timestep",
+                    "Timestep (re-encodes)",
+                    (0, 999, 1),
+                    ENCODE_DEFAULTS["diffseg"].timestep,
+                    "The noise level of the one UNet step (papers: DiffSeg 300, DiffCut 50)",
                 )
                 words = gr.Textbox(
                     label="Name segments with (comma-separated words, optional; re-encodes)",
@@ -356,23 +358,19 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                     elem_id="labels",
                 )
                 with gr.Group(visible=False) as diffcut_controls:
-                    tau = gr.Slider(
-                        0.05,
-                        1.5,
-                        value=_DIFFCUT.tau,
-                        step=0.01,
-                        label="Cut threshold τ",
-                        elem_id="tau",
-                        info="A region is cut while the cut costs less than τ: lower gives fewer segments",
+                    tau = slider(
+                        "tau",
+                        "Cut threshold τ",
+                        (0.05, 1.5, 0.01),
+                        _DIFFCUT.tau,
+                        "A region is cut while the cut costs less than τ: lower gives fewer segments",
                     )
-                    alpha = gr.Slider(
-                        1,
-                        20,
-                        value=_DIFFCUT.alpha,
-                        step=0.5,
-                        label="Affinity exponent α",
-                        elem_id="alpha",
-                        info="Sharpens feature similarity: higher separates more",
+                    alpha = slider(
+                        "alpha",
+                        "Affinity exponent α",
+                        (1, 20, 0.5),
+                        _DIFFCUT.alpha,
+                        "Sharpens feature similarity: higher separates more",
                     )
                     pamr = gr.Checkbox(
                         value=_DIFFCUT.pamr,
@@ -381,32 +379,26 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                         info="Snaps segment edges to the image's colour edges (slower)",
                     )
                 with gr.Group() as diffseg_controls:
-                    kl = gr.Slider(
-                        0.05,
-                        3.0,
-                        value=_SEGMENT.kl_threshold,
-                        step=0.05,
-                        label="KL threshold τ",
-                        elem_id="kl-threshold",
-                        info="Attention maps closer than τ merge: higher gives fewer, larger segments",
+                    kl = slider(
+                        "kl-threshold",
+                        "KL threshold τ",
+                        (0.05, 3.0, 0.05),
+                        _SEGMENT.kl_threshold,
+                        "Attention maps closer than τ merge: higher gives fewer, larger segments",
                     )
-                    iterations = gr.Slider(
-                        1,
-                        6,
-                        value=_SEGMENT.iterations,
-                        step=1,
-                        label="Merge iterations",
-                        elem_id="iterations",
-                        info="Rounds of merging the proposals with each other",
+                    iterations = slider(
+                        "iterations",
+                        "Merge iterations",
+                        (1, 6, 1),
+                        _SEGMENT.iterations,
+                        "Rounds of merging the proposals with each other",
                     )
-                    points = gr.Slider(
-                        2,
-                        32,
-                        value=_SEGMENT.num_points,
-                        step=1,
-                        label="Anchor grid (M×M)",
-                        elem_id="num-points",
-                        info="Starting points of the first merge: more can find smaller segments",
+                    points = slider(
+                        "num-points",
+                        "Anchor grid (M×M)",
+                        (2, 32, 1),
+                        _SEGMENT.num_points,
+                        "Starting points of the first merge: more can find smaller segments",
                     )
                     refine = gr.Checkbox(
                         value=_SEGMENT.refine,

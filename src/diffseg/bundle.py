@@ -147,9 +147,6 @@ class AttentionBundle:
         )
 
 
-Bundle = AttentionBundle  # either method's cache
-
-
 def _vocabulary(text: str | None) -> Vocabulary | None:
     if not text:
         return None
