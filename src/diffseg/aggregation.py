@@ -170,7 +170,7 @@ def aggregate(attn: Mapping[Grid, torch.Tensor], weights: Mapping[object, float]
         # Reference: renormalise each upsampled map to sum 1, then weigh it.
         term = keys * (w[grid] / keys.sum(dim=1, keepdim=True))  # (h·w, H·W)
         if out is not None:
-            term += _tile_queries(out, prev, grid)
+            _add_tiled(term, out, prev, grid)
         out, prev = term, grid
     return out if prev == finest else _tile_queries(out, prev, finest).contiguous()  # (H·W, H·W)
 
@@ -185,3 +185,10 @@ def _tile_queries(maps: torch.Tensor, grid: Grid, new_grid: Grid) -> torch.Tenso
     ry, rx = nh // h, nw // w
     d = maps.shape[1]
     return maps.view(h, 1, w, 1, d).expand(h, ry, w, rx, d).reshape(nh * nw, d)
+
+
+def _add_tiled(out: torch.Tensor, maps: torch.Tensor, grid: Grid, new_grid: Grid) -> None:
+    """`out += _tile_queries(maps, grid, new_grid)`, broadcast in place: no (H·W, D) tiled copy is made."""
+    (h, w), (nh, nw) = grid, new_grid
+    d = maps.shape[1]
+    out.view(h, nh // h, w, nw // w, d).add_(maps.view(h, 1, w, 1, d))

@@ -60,7 +60,9 @@ def symmetric_kl(
     log_q = _safe_log(q) if log_q is None else log_q
     entropy_p = torch.einsum("nd,nd->n", p, log_p)  # (Np,)  Σ p log p, without a (Np, D) temporary
     entropy_q = torch.einsum("nd,nd->n", q, log_q)  # (Nq,)  Σ q log q
-    cross = torch.addmm(p @ log_q.T, log_p, q.T)  # (Np, Nq)  p·log qᵀ + log p·qᵀ
+    # (Np, Nq)  p·log qᵀ + log p·qᵀ, computed as its transpose: with the many maps (Nq) as the product's rows and
+    # the few anchors (Np) as its columns, the CPU's BLAS runs about 25 % faster (benchmarks/segment.py).
+    cross = torch.addmm(log_q @ p.T, q, log_p.T).T
     return 0.5 * (entropy_p[:, None] + entropy_q[None, :] - cross)
 
 
