@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from diffseg import AttentionBundle
-from diffseg.app import BundleCache, render
+from diffseg.app import BundleCache, slider_weights
+from diffseg.app_view import render
 from diffseg.outputs import read_labels
 
 from conftest import quadrants_image, run_cli, tiny_model
@@ -115,12 +116,15 @@ def test_the_demo_path_runs_on_sdxl_with_either_method(tiny_sdxl_pipeline, tmp_p
     image = quadrants_image(200, 400)
     entry, encoded = cache.get(image, 300)
     assert encoded and list(entry.bundle.attention) == [(22, 46), (11, 23)]  # 352×736 pixels: multiples of 32
-    view = render(entry, tmp_path, 0.3, 3, 16, False, [1.0, 0.5, 0.0, 0.0])
-    assert view.label_map.size == (400, 200) and view.num_segments >= 1
+    weights = slider_weights(entry.bundle, [1.0, 0.5, 0.0, 0.0])
+    result = tiny_sdxl_pipeline.segment(entry.bundle, kl_threshold=0.3, resolution_weights=weights)
+    view = render(result, entry.image, tmp_path / "diffseg", "wide")
+    assert read_labels(view.label_file).shape == (200, 400) and len(view.rows) == result.num_segments >= 1
     entry, encoded = cache.get(image, 50, (), "diffcut")
     assert encoded and entry.bundle.method == "diffcut"
-    view = render(entry, tmp_path, 0.3, 3, 16, False, [1.0, 0.5, 0.0, 0.0], tau=0.6, alpha=10, pamr=False)
-    assert view.label_map.size == (400, 200) and view.num_segments >= 1
+    result = tiny_sdxl_pipeline.segment(entry.bundle, tau=0.6, alpha=10, pamr=False)
+    view = render(result, entry.image, tmp_path / "diffcut", "wide")
+    assert read_labels(view.label_file).shape == (200, 400) and len(view.rows) == result.num_segments >= 1
 
 
 def test_arguments_are_checked_before_the_model_loads(tiny_checkpoint, tmp_path, capsys):

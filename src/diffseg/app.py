@@ -1,16 +1,20 @@
-"""`diffseg app`: a Gradio page where sliders re-segment instantly.
+"""`diffseg app`: a Gradio page where sliders re-segment instantly and segments can be touched.
 
-The expensive step (VAE + one UNet pass) runs once per (image, method, timestep, words) and its bundle is kept in a
-small LRU cache; every other control re-runs only the cheap step on the cached bundle: DiffSeg's aggregation,
-merging and labelling, or DiffCut's normalised cut.
+The expensive step (VAE + one UNet pass) runs once per (image, model, method, timestep, words) and its bundle is kept
+in a small LRU cache; every other control re-runs only the cheap step on the cached bundle: DiffSeg's aggregation,
+merging and labelling, or DiffCut's normalised cut. The viewer (`web/viewer.js`) draws the overlay in the browser,
+so opacity, boundaries, hovering and isolating a segment need no server at all (`app_view` makes its data).
 The page fetches nothing from outside this server (system fonts, no analytics), so it works offline.
+
+Where things are: `BundleCache` (encodes and their files), `watch_encode` (progress and cancelling of an encode),
+`build_app` (the page: layout, then one handler per kind of event), `launch`.
 """
 
 from __future__ import annotations
 
 import atexit
 import hashlib
-import html
+import json
 import os
 import shutil
 import signal
@@ -19,33 +23,73 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 from PIL import Image
 
-from .bundle import AttentionBundle
 from .aggregation import by_size
+from .app_view import image_uri, render
+from .bundle import AttentionBundle
 from .config import ENCODE_DEFAULTS, METHODS, RESOLUTION_PRESETS, AppConfig, DiffCutConfig, SegmentConfig
 from .config import preset_weights as preset_grid_weights
 from .images import load_image
-from .outputs import label_image, save_image
-from .segmentation import segment_bundle
-from .visualisation import colourise, palette
 
 _SEGMENT = SegmentConfig()
 _DIFFCUT = DiffCutConfig()
 _APP = AppConfig()
 MAX_PIXELS = _APP.max_pixels  # module-level so tests can lower it
 MAX_GRIDS = 4  # weight sliders, finest grid first; a model with fewer grids (SDXL: 2) shows fewer
+CUSTOM = "custom"  # the preset's name once a weight slider is moved by hand
+OPACITY = 0.5  # the viewer's default overlay opacity (the CLI's overlay uses the same)
+_WEB = resources.files("diffseg").joinpath("web")
+
+
+class EncodeCancelled(Exception):
+    """The user stopped an encode; the page keeps its previous result."""
+
+
+@contextmanager
+def watch_encode(pipeline, report: Callable[[str, float], None], stop: Callable[[], bool]):
+    """Progress and cancelling for encodes run by this thread: before each block of the VAE encoder and of the UNet,
+    `report(stage, fraction of that stage)`, and raise `EncodeCancelled` once `stop()` is true. Other threads'
+    forwards are left alone; the hooks are removed on exit."""
+    owner = threading.get_ident()
+    vae, unet = pipeline.vae.encoder, pipeline.unet
+    stages = {
+        "Encoding the image (VAE)": [*vae.down_blocks, vae.mid_block],
+        "One denoising step (UNet)": [*unet.down_blocks, unet.mid_block, *unet.up_blocks],
+    }
+    handles = []
+    for stage, blocks in stages.items():
+        for k, block in enumerate(blocks):
+            done = k / len(blocks)
+
+            def before(_module, _inputs, stage=stage, fraction=done):
+                if threading.get_ident() != owner:
+                    return
+                if stop():
+                    raise EncodeCancelled("Encoding stopped; the page keeps its previous result.")
+                report(stage, fraction)
+
+            handles.append(block.register_forward_pre_hook(before))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
 class _Entry:
     bundle: AttentionBundle
     file: Path  # the bundle as safetensors, for download
+    image: str = ""  # the image at the viewer's size (`app_view.image_uri`), made once per bundle
 
 
 class BundleCache:
@@ -71,20 +115,30 @@ class BundleCache:
         return digest, model, method, int(timestep), tuple(words)
 
     def get(
-        self, image: np.ndarray, timestep: int, words: tuple[str, ...] = (), method: str = "diffseg"
+        self,
+        image: np.ndarray,
+        timestep: int,
+        words: tuple[str, ...] = (),
+        method: str = "diffseg",
+        *,
+        report: Callable[[str, float], None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> tuple[_Entry, bool]:
         """The bundle of `method` for `image` at `timestep` (with cross-attention for `words`, if any), and whether
-        it had to be encoded now."""
+        it had to be encoded now. An encode reports its stages to `report` and ends with `EncodeCancelled` when
+        `stop()` turns true (see `watch_encode`); nothing is cached then."""
         key = self.key(image, self.pipeline.model, timestep, words, method)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key], False
         # Encode outside the lock: cached bundles stay available while a new image is encoded.
-        bundle = self.pipeline.encode(image, method=method, timestep=timestep, labels=list(words) or None)
+        watching = watch_encode(self.pipeline, report or (lambda *_: None), stop or (lambda: False))
+        with watching if (report or stop) else nullcontext():
+            bundle = self.pipeline.encode(image, method=method, timestep=timestep, labels=list(words) or None)
         name = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
         file = bundle.save(self.folder / f"{key[0][:12]}-{method}-t{timestep}-{name}.safetensors")
-        entry = _Entry(bundle, file)
+        entry = _Entry(bundle, file, image_uri(bundle.image))
         with self._lock:
             self.encodes += 1
             self._entries[key] = entry
@@ -92,9 +146,11 @@ class BundleCache:
             while len(self._entries) > self.capacity:
                 _, old = self._entries.popitem(last=False)
                 old.file.unlink(missing_ok=True)
-                shutil.rmtree(self.folder / old.file.stem, ignore_errors=True)  # its downloads (see `render`)
+                shutil.rmtree(self.folder / old.file.stem, ignore_errors=True)  # its downloads (see `Demo.segment`)
         print(
-            f"diffseg app: encoded image {key[0][:12]} with {method} at t={timestep} (encode #{self.encodes})",
+            f"diffseg app: encoded image {key[0][:12]} with {method} at t={timestep}"
+            + (f", words {', '.join(words)}" if words else "")
+            + f" (encode #{self.encodes})",
             file=sys.stderr,
             flush=True,
         )
@@ -118,10 +174,12 @@ def presets_for(sides: tuple[int, ...]) -> list[str]:
 
 def preset_weights(name: str, sides: tuple[int, ...] = (64, 32, 16, 8)) -> list[float]:
     """Slider values (finest first, `MAX_GRIDS` of them) for a named preset on a model whose grids have `sides` at
-    its native size; "proportional" is the paper's r / Σr. Sliders past the model's grids are 0."""
+    its native size, as relative weights with the smallest non-zero one 1: "proportional" is the paper's 8:4:2:1
+    (r / Σr once normalised), "two finest" 2:1. Short, exact numbers; sliders past the model's grids are 0."""
     weights = preset_grid_weights(name, [(s, s) for s in sides])
-    values = [s / sum(sides) for s in sides] if weights is None else list(weights.values())
-    return [float(v) for v in values] + [0.0] * (MAX_GRIDS - len(values))
+    values = list(sides) if weights is None else list(weights.values())
+    smallest = min(v for v in values if v > 0)
+    return [round(v / smallest, 6) for v in values] + [0.0] * (MAX_GRIDS - len(values))
 
 
 def slider_weights(bundle: AttentionBundle, values: list[float]) -> dict[tuple[int, int], float]:
@@ -151,32 +209,6 @@ def parse_words(text: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(w.strip() for w in (text or "").split(",") if w.strip()))
 
 
-def segment_table(labels: np.ndarray, names=None) -> str:
-    """HTML table of segments: id, colour swatch, area % (and label and score when segments are named)."""
-    counts = np.bincount(labels.ravel())
-    colours = palette(len(counts))
-    named = {n.id: n for n in names or []}
-    rows = []
-    for i, (c, n) in enumerate(zip(colours, counts)):
-        hex_colour = f"#{c[0]:02x}{c[1]:02x}{c[2]:02x}"
-        cells = [
-            str(i),
-            f"<span style='display:inline-block;width:1.2em;height:1.2em;background:{hex_colour};"
-            f"border:1px solid #888'></span> {hex_colour}",
-            f"{100 * n / labels.size:.1f}",
-        ]
-        if names is not None:
-            name = named.get(i)
-            cells += [html.escape(name.label or "unlabelled") if name else "", f"{name.score:.2f}" if name else ""]
-        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
-    head = ["id", "colour", "area %"] + (["label", "score"] if names is not None else [])
-    return (
-        "<div style='max-height:22em;overflow-y:auto'><table id='segment-table'><thead><tr>"
-        + "".join(f"<th>{h}</th>" for h in head)
-        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
-    )
-
-
 def read_upload(path: str | None) -> np.ndarray:
     """The uploaded image as (H, W, 3) uint8, or a readable error for the page."""
     if not path:
@@ -185,7 +217,10 @@ def read_upload(path: str | None) -> np.ndarray:
         with Image.open(path) as probe:
             width, height = probe.size
     except Exception as error:  # noqa: BLE001 - any decoding failure is the upload's fault
-        raise ValueError(f"The upload could not be read as an image ({error}).") from error
+        name = Path(path).name
+        raise ValueError(
+            f"“{name}” could not be read as an image: upload a PNG, JPEG, WebP, TIFF, BMP or GIF file."
+        ) from error
     if width * height > MAX_PIXELS:
         raise ValueError(
             f"The image is {width}×{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels. Resize it first."
@@ -193,151 +228,97 @@ def read_upload(path: str | None) -> np.ndarray:
     return np.asarray(load_image(path))
 
 
+def image_input(**options) -> gr.Image:
+    """The page's image input (a file path, decoded once, by `read_upload`). Gradio's own preprocessing fails on an
+    undecodable upload with its internal "Could not preprocess" error, naming server paths; this input passes such a
+    file on, and `read_upload` says what is wrong in the app's words. (Wrapped on the instance: a subclass of a
+    Gradio component makes Gradio write a stub file beside this module.)"""
+    image = gr.Image(type="filepath", image_mode=None, **options)
+    preprocess = image.preprocess
+
+    def tolerant(payload):
+        try:
+            return preprocess(payload)
+        except Exception:  # noqa: BLE001 - reported by `read_upload`
+            return None if payload is None or payload.path is None else str(payload.path)
+
+    image.preprocess = tolerant
+    return image
+
+
 @dataclass
-class View:
-    """What the page shows for one setting of the sliders."""
+class Controls:
+    """The page's inputs, so that handlers read settings by name (Gradio passes a set of inputs as one dict)."""
 
-    overlay: Image.Image
-    label_map: Image.Image
-    label_file: Path
-    table: str
-    num_segments: int
-    seconds: float
+    image: gr.Image
+    method: gr.Radio
+    timestep: gr.Slider
+    words: gr.Textbox
+    kl: gr.Slider
+    iterations: gr.Slider
+    points: gr.Slider
+    refine: gr.Checkbox
+    preset: gr.Dropdown
+    tau: gr.Slider
+    alpha: gr.Slider
+    pamr: gr.Checkbox
+    weights: list[gr.Slider]
+
+    def ordered(self) -> list:
+        return [v for k, v in vars(self).items() if k != "weights"] + self.weights
+
+    def all(self) -> set:
+        return set(self.ordered())
 
 
-def render(
-    entry: _Entry,
-    out_dir: Path,
-    kl_threshold,
-    iterations,
-    num_points,
-    refine,
-    weights,
-    tau=_DIFFCUT.tau,
-    alpha=_DIFFCUT.alpha,
-    pamr=_DIFFCUT.pamr,
-    segment=segment_bundle,
-    name: str | None = None,
-) -> View:
-    """The slider path: cached bundle -> segmentation (its method's) -> overlay, label map, label PNG and table.
-    `segment` is the pipeline's, so that on a GPU server slider moves run where the model runs. Downloads are named
-    after the image (`name`), in a folder of their own per bundle."""
-    start = time.perf_counter()
-    if entry.bundle.method == "diffcut":
-        settings = {"tau": float(tau), "alpha": float(alpha), "pamr": bool(pamr)}
-    else:
-        settings = {
-            "kl_threshold": float(kl_threshold),
-            "iterations": int(iterations),
-            "num_points": int(num_points),
-            "refine": bool(refine),
-            "resolution_weights": slider_weights(entry.bundle, list(weights)),
-        }
-    result = segment(entry.bundle, **settings)
-    folder = Path(out_dir) / entry.file.stem  # one per bundle: two sessions' "photo.jpg" never collide
-    label_file = folder / f"{name or entry.file.stem}-labels.png"
-    save_image(label_image(result.labels), label_file)
-    view = View(
-        result.overlay,
-        Image.fromarray(colourise(result.labels)),
-        label_file,
-        segment_table(result.labels, result.names),
-        result.num_segments,
-        0.0,
-    )
-    view.seconds = time.perf_counter() - start
-    return view
+@dataclass
+class Results:
+    """The page's outputs of a segmentation."""
+
+    viewer: gr.HTML
+    status: gr.Markdown
+    label_file: gr.File
+    bundle_file: gr.File
+    table: gr.HTML
+
+    def all(self) -> list:
+        return list(vars(self).values())
+
+
+def _asset(name: str) -> str:
+    return _WEB.joinpath(name).read_text(encoding="utf-8")
+
+
+def _slider(elem_id: str, label: str, span: tuple, value, info: str, **options) -> gr.Slider:
+    low, high, step = span
+    return gr.Slider(low, high, value=value, step=step, label=label, elem_id=elem_id, info=info, **options)
 
 
 def build_app(pipeline, *, cache_size: int = _APP.cache_size):
     """The Gradio Blocks for `pipeline` (not launched). Returns (blocks, cache)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
-
     cache = BundleCache(pipeline, cache_size)
-    out_dir = cache.folder  # downloads live beside their bundle and go with it when it is evicted
     atexit.register(shutil.rmtree, cache.folder, ignore_errors=True)  # hundreds of MB: removed when the server exits
     examples = sorted(
         str(p) for p in resources.files("diffseg").joinpath("examples").iterdir() if str(p).endswith(".jpg")
     )
-
+    captions = [Path(p).stem.replace("_", " ").capitalize() for p in examples]
     sides = pipeline.backbone.grid_sides[:MAX_GRIDS]
+    stopping: set[str] = set()  # sessions whose running encode should stop
+    warned: dict[str, tuple[str, float]] = {}  # session -> its last message and when
+    shown: dict[str, tuple] = {}  # session -> the settings its page shows the result of
+    segmentations = [0]
 
-    def run(path, method, timestep, words, kl_threshold, iterations, num_points, refine, tau, alpha, pamr, *weights):
-        try:
-            start = time.perf_counter()
-            image = read_upload(path)
-            if method == "diffcut" and parse_words(words):
-                raise ValueError("Naming segments works with DiffSeg only: clear the words or choose DiffSeg.")
-            entry, encoded = cache.get(image, int(timestep), parse_words(words), method)
-            encode_seconds = time.perf_counter() - start
-            view = render(
-                entry,
-                out_dir,
-                kl_threshold,
-                iterations,
-                num_points,
-                refine,
-                weights,
-                tau,
-                alpha,
-                pamr,
-                segment=pipeline.segment,  # on a GPU server, slider moves run on the GPU
-                name=Path(path).stem,  # Gradio keeps the upload's own file name
-            )
-            bundle_file = named_copy(entry.file, view.label_file.parent / f"{Path(path).stem}.safetensors")
-        except (ValueError, ImportError, OSError) as error:
-            raise gr.Error(str(error)) from error
-        source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
-        count = f"{view.num_segments} segment" + ("" if view.num_segments == 1 else "s")
-        status = f"**{count}** · segmented in {view.seconds:.2f} s · {source}"
-        return view.overlay, view.label_map, status, str(view.label_file), str(bundle_file), view.table
-
-    def on_image(path, *settings):
-        if not path:  # cleared, or an upload refused for its size: the page keeps its result
-            return (gr.skip(),) * 6
-        return run(path, *settings)
-
-    def apply_preset(name, *settings):
-        weights = preset_weights(name, sides)
-        return (*weights, *run(*settings[:11], *weights))
-
-    def reset_settings(method, path, words):
-        """Every segmentation control back to its paper's default, then a re-run (the timestep's may re-encode)."""
-        weights = preset_weights("proportional", sides)
-        timestep = ENCODE_DEFAULTS[method].timestep
-        defaults = [_SEGMENT.kl_threshold, _SEGMENT.iterations, _SEGMENT.num_points, _SEGMENT.refine]
-        defaults += [_DIFFCUT.tau, _DIFFCUT.alpha, _DIFFCUT.pamr]
-        outputs = on_image(path, method, timestep, words, *defaults, *weights)
-        return (timestep, *defaults[:4], "proportional", *defaults[4:], *weights, *outputs)
-
-    def on_method(method, path, _timestep, *settings):
-        timestep = ENCODE_DEFAULTS[method].timestep  # each method's paper's timestep
-        outputs = on_image(path, method, timestep, *settings)
-        return (
-            gr.update(value=timestep),
-            gr.update(visible=method == "diffseg"),
-            gr.update(visible=method == "diffcut"),
-            *outputs,
-        )
-
-    def slider(elem_id: str, label: str, span: tuple, value, info: str, **options):
-        low, high, step = span
-        return gr.Slider(low, high, value=value, step=step, label=label, elem_id=elem_id, info=info, **options)
-
-    theme = gr.themes.Default(
-        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
-    )  # system fonts: the default theme would fetch web fonts from the internet
-    with gr.Blocks(title="DiffSeg") as blocks:
+    with gr.Blocks(title="DiffSeg", analytics_enabled=False) as blocks:  # nothing leaves the server
         gr.Markdown(
             f"## diffseg — unsupervised zero-shot segmentation with {pipeline.backbone.name}\n"
             "Upload an image: one UNet step captures what the method needs (slow, once per image, method and "
-            "timestep); every other control re-segments the cached result at once."
+            "timestep); every other control re-segments the cached result at once. Point at a segment for its name "
+            "and area; click it (or its table row) to isolate it."
         )
-        with gr.Row():
-            with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id="input-image")
-                gr.Examples(examples=examples, inputs=image)
+        with gr.Row(elem_id="main"):
+            with gr.Column(scale=1, elem_id="controls"):
+                image = image_input(label="Image", sources=["upload", "clipboard"], elem_id="input-image")
+                gr.Examples(examples=examples, inputs=image, elem_id="examples", label="Examples")
                 method = gr.Radio(
                     list(METHODS),
                     value="diffseg",
@@ -345,7 +326,7 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                     elem_id="method",
                     info="DiffSeg: self-attention merged by KL; DiffCut: a layer's features, recursive normalised cut",
                 )
-                timestep = slider(
+                timestep = _slider(
                     "timestep",
                     "Timestep (re-encodes)",
                     (0, 999, 1),
@@ -358,20 +339,17 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                     elem_id="labels",
                 )
                 with gr.Group(visible=False) as diffcut_controls:
-                    tau = slider(
+                    tau = _slider(
                         "tau",
                         "Cut threshold τ",
                         (0.05, 1.5, 0.01),
                         _DIFFCUT.tau,
                         "A region is cut while the cut costs less than τ: lower gives fewer segments",
                     )
-                    alpha = slider(
-                        "alpha",
-                        "Affinity exponent α",
-                        (1, 20, 0.5),
-                        _DIFFCUT.alpha,
+                    alpha = _slider(
+                        "alpha", "Affinity exponent α", (1, 20, 0.5), _DIFFCUT.alpha,
                         "Sharpens feature similarity: higher separates more",
-                    )
+                    )  # fmt: skip
                     pamr = gr.Checkbox(
                         value=_DIFFCUT.pamr,
                         label="PAMR refinement",
@@ -379,27 +357,21 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                         info="Snaps segment edges to the image's colour edges (slower)",
                     )
                 with gr.Group() as diffseg_controls:
-                    kl = slider(
+                    kl = _slider(
                         "kl-threshold",
                         "KL threshold τ",
                         (0.05, 3.0, 0.05),
                         _SEGMENT.kl_threshold,
                         "Attention maps closer than τ merge: higher gives fewer, larger segments",
                     )
-                    iterations = slider(
-                        "iterations",
-                        "Merge iterations",
-                        (1, 6, 1),
-                        _SEGMENT.iterations,
+                    iterations = _slider(
+                        "iterations", "Merge iterations", (1, 6, 1), _SEGMENT.iterations,
                         "Rounds of merging the proposals with each other",
-                    )
-                    points = slider(
-                        "num-points",
-                        "Anchor grid (M×M)",
-                        (2, 32, 1),
-                        _SEGMENT.num_points,
+                    )  # fmt: skip
+                    points = _slider(
+                        "num-points", "Anchor grid (M×M)", (2, 32, 1), _SEGMENT.num_points,
                         "Starting points of the first merge: more can find smaller segments",
-                    )
+                    )  # fmt: skip
                     refine = gr.Checkbox(
                         value=_SEGMENT.refine,
                         label="K-means refinement",
@@ -407,77 +379,222 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
                         info="Re-assigns every attention map to its nearest proposal (slower)",
                     )
                     preset = gr.Dropdown(
-                        presets_for(sides),
+                        [*presets_for(sides), CUSTOM],
                         value="proportional",
                         label="Resolution preset",
                         elem_id="preset",
                         info="How much each attention grid counts; proportional is the paper's",
                     )
-                    sliders = [
-                        gr.Slider(
-                            0,
-                            1,
-                            value=w,
-                            step=0.01,
+                    weights = [
+                        _slider(
+                            f"weight-{k}",
+                            f"Weight of grid {k + 1}" + (f" ({sides[k]}² at native size)" if k < len(sides) else ""),
+                            (0, 8, 0.5),
+                            w,
+                            "Relative to the other grids' (normalised to sum 1)",
                             visible=k < len(sides),
-                            label=f"Weight of grid {k + 1} ({sides[k]}² at native size; normalised)"
-                            if k < len(sides)
-                            else "",
-                            elem_id=f"weight-{k}",
                         )
                         for k, w in enumerate(preset_weights("proportional", sides))
                     ]
                 reset = gr.Button("Reset to the papers' settings", elem_id="reset", variant="secondary")
-            with gr.Column(scale=2):
-                status = gr.Markdown("Upload an image or pick an example.", elem_id="status")
-                with gr.Row():
-                    # No "share" button: it works only on Hugging Face Spaces.
-                    overlay = gr.Image(
-                        label="Overlay",
-                        format="png",
-                        interactive=False,
-                        elem_id="overlay",
-                        buttons=["download", "fullscreen"],
+            with gr.Column(scale=2, elem_id="result"):
+                with gr.Row(elem_id="status-row"):
+                    status = gr.Markdown("Upload an image or pick an example.", elem_id="status")
+                    cancel = gr.Button("Stop encoding", elem_id="cancel", size="sm", variant="secondary", scale=0)
+                viewer = gr.HTML(
+                    "<p class='viewer-empty'>The segmentation appears here.</p>",
+                    elem_id="viewer",
+                    js_on_load=_asset("viewer.js"),
+                )
+                with gr.Row(elem_id="view-controls"):  # read by the viewer in the browser: no server event
+                    _slider(
+                        "opacity", "Overlay opacity", (0, 1, 0.05), OPACITY, "0 shows the image, 1 the label map",
+                        interactive=True,  # no server event: Gradio would otherwise disable it
+                    )  # fmt: skip
+                    gr.Checkbox(
+                        value=True,
+                        label="Boundaries",
+                        elem_id="boundaries",
+                        info="White lines between segments",
+                        interactive=True,
                     )
-                    label_view = gr.Image(
-                        label="Label map",
-                        format="png",
-                        interactive=False,
-                        elem_id="label-map",
-                        buttons=["download", "fullscreen"],
-                    )
-                with gr.Row():
+                with gr.Row(elem_id="downloads"):
                     label_file = gr.File(label="Label map (PNG of ids)", elem_id="label-download")
                     bundle_file = gr.File(
                         label="Bundle: what the UNet produced (safetensors)", elem_id="bundle-download"
                     )
                 table = gr.HTML(elem_id="segments")
 
-        settings = [image, method, timestep, words, kl, iterations, points, refine, tau, alpha, pamr, *sliders]
-        outputs = [overlay, label_view, status, label_file, bundle_file, table]
-        # Only the image and the timestep can trigger the model; the rest re-use the cached bundle. "always_last":
-        # while one segmentation runs, further moves collapse into one run with the latest values.
-        image.change(on_image, settings, outputs, trigger_mode="always_last")  # upload, example, clear
-        timestep.release(run, settings, outputs, trigger_mode="always_last")
-        words.submit(run, settings, outputs, trigger_mode="always_last")
-        for control in (kl, iterations, points, tau, alpha, *sliders):
-            control.input(run, settings, outputs, trigger_mode="always_last", show_progress="minimal")
-        refine.input(run, settings, outputs, trigger_mode="always_last")
-        pamr.input(run, settings, outputs, trigger_mode="always_last")
-        reset.click(
-            reset_settings,
-            [method, image, words],
-            [timestep, kl, iterations, points, refine, preset, tau, alpha, pamr, *sliders, *outputs],
-            trigger_mode="always_last",
+    controls = Controls(
+        image, method, timestep, words, kl, iterations, points, refine, preset, tau, alpha, pamr, weights
+    )
+    results = Results(viewer, status, label_file, bundle_file, table)
+
+    def keep() -> dict:
+        """The outputs of an event that leaves the page as it is (a dict return names what it updates; an empty
+        one would read as a single value)."""
+        return {results.viewer: gr.skip()}
+
+    def segment(values: dict, request: gr.Request | None, progress) -> dict:
+        """The one path from settings to the page's outputs: read the image, get its bundle (an encode, with
+        progress and a stop button, only when not cached), segment it with its method, render."""
+        c = values  # the settings, by control
+        start = time.perf_counter()
+        path, method = c[controls.image], c[controls.method]
+        session = getattr(request, "session_hash", None) or ""
+        stopping.discard(session)
+        # Gradio sends a replaced image's change twice; settings the page already shows need no run.
+        settings_shown = tuple(repr(c[control]) for control in controls.ordered())
+        if shown.get(session) == settings_shown:
+            return keep()
+        try:
+            array = read_upload(path)
+            words = parse_words(c[controls.words])
+            if method == "diffcut" and words:
+                raise ValueError("Naming segments works with DiffSeg only: clear the words or choose DiffSeg.")
+            entry, encoded = cache.get(
+                array,
+                int(c[controls.timestep]),
+                words,
+                method,
+                report=lambda stage, fraction: progress(fraction, desc=stage),
+                stop=lambda: session in stopping,
+            )
+            encode_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            if entry.bundle.method == "diffcut":
+                settings = {"tau": c[controls.tau], "alpha": c[controls.alpha], "pamr": c[controls.pamr]}
+            else:
+                settings = {
+                    "kl_threshold": float(c[controls.kl]),
+                    "iterations": int(c[controls.iterations]),
+                    "num_points": int(c[controls.points]),
+                    "refine": bool(c[controls.refine]),
+                    "resolution_weights": slider_weights(entry.bundle, [c[w] for w in controls.weights]),
+                }
+            result = pipeline.segment(entry.bundle, **settings)  # where the model runs: on a GPU server, the GPU
+            name = Path(path).stem  # Gradio keeps the upload's own file name
+            # Downloads live beside their bundle (one folder each: two sessions' "photo.jpg" never collide) and
+            # go with it when it is evicted.
+            view = render(result, entry.image, cache.folder / entry.file.stem, name, start)
+            bundle_file = named_copy(entry.file, view.label_file.parent / f"{name}.safetensors")
+        except EncodeCancelled as stopped:
+            gr.Info(str(stopped))
+            return keep()
+        except (ValueError, ImportError, OSError) as error:
+            # A message, and the page keeps its result (an error would mark every output as failed). Gradio sends
+            # an undecodable upload's change twice: the same message within seconds is shown once.
+            message, now = str(error), time.monotonic()
+            if warned.get(session, ("", -1e9))[0] != message or now - warned[session][1] > 5:
+                gr.Warning(message)
+            warned[session] = (message, now)
+            return keep()
+        segmentations[0] += 1
+        shown[session] = settings_shown
+        print(
+            f"diffseg app: segmentation #{segmentations[0]} in {view.seconds:.2f} s",
+            file=sys.stderr,
+            flush=True,
         )
-        method.input(
-            on_method,
-            [method, image, timestep, *settings[3:]],
-            [timestep, diffseg_controls, diffcut_controls, *outputs],
-            trigger_mode="always_last",
-        )
-        preset.input(apply_preset, [preset, *settings], [*sliders, *outputs], trigger_mode="always_last")
-    blocks.diffseg_theme = theme
+        source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
+        count = f"{len(view.rows)} segment" + ("" if len(view.rows) == 1 else "s")
+        return {
+            results.viewer: view.viewer,
+            results.status: f"**{count}** · segmented in {view.seconds:.2f} s · {source}",
+            results.label_file: str(view.label_file),
+            results.bundle_file: str(bundle_file),
+            results.table: view.table,
+        }
+
+    # One handler per kind of event. Each takes the page's settings as one dict; those that set controls return
+    # them beside the results.
+
+    def on_change(values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
+        """A control that re-segments (or, for the image, timestep and words, re-encodes)."""
+        if not values[controls.image]:  # cleared, or an upload refused for its size: the page keeps its result
+            return keep()
+        return segment(values, request, progress)
+
+    def on_weight(values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
+        """A weight moved by hand: the preset no longer describes the weights."""
+        return {controls.preset: CUSTOM, **on_change(values, request, progress)}
+
+    def on_preset(values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
+        name = values[controls.preset]
+        if name == CUSTOM:
+            return keep()
+        chosen = dict(zip(controls.weights, preset_weights(name, sides)))
+        return {**chosen, **on_change({**values, **chosen}, request, progress)}
+
+    def on_reset(values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
+        """Every segmentation control back to its paper's default, then a re-run (the timestep's may re-encode)."""
+        defaults = {
+            controls.timestep: ENCODE_DEFAULTS[values[controls.method]].timestep,
+            controls.kl: _SEGMENT.kl_threshold,
+            controls.iterations: _SEGMENT.iterations,
+            controls.points: _SEGMENT.num_points,
+            controls.refine: _SEGMENT.refine,
+            controls.preset: "proportional",
+            controls.tau: _DIFFCUT.tau,
+            controls.alpha: _DIFFCUT.alpha,
+            controls.pamr: _DIFFCUT.pamr,
+            **dict(zip(controls.weights, preset_weights("proportional", sides))),
+        }
+        return {**defaults, **on_change({**values, **defaults}, request, progress)}
+
+    def on_method(values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
+        """Each method shows its controls and starts at its paper's timestep."""
+        method = values[controls.method]
+        timestep = ENCODE_DEFAULTS[method].timestep
+        return {
+            controls.timestep: timestep,
+            diffseg_controls: gr.update(visible=method == "diffseg"),
+            diffcut_controls: gr.update(visible=method == "diffcut"),
+            **on_change({**values, controls.timestep: timestep}, request, progress),
+        }
+
+    def on_cancel(request: gr.Request) -> None:
+        stopping.add(getattr(request, "session_hash", None) or "")
+
+    with blocks:  # events are wired inside the page
+        inputs, outputs = controls.all(), results.all()
+        setters = [controls.timestep, controls.preset, *controls.weights]
+        # Only the image, the method, the timestep and the words can run the model; the rest re-use the cached bundle.
+        # "always_last": while one segmentation runs, further moves collapse into one run with the latest values.
+        encoding = [
+            image.change(on_change, inputs, outputs, trigger_mode="always_last"),  # upload, example, clear
+            timestep.release(on_change, inputs, outputs, trigger_mode="always_last"),  # pointer, keys (web/page.js)
+            words.submit(on_change, inputs, outputs, trigger_mode="always_last"),
+            method.input(
+                on_method,
+                inputs,
+                [controls.timestep, diffseg_controls, diffcut_controls, *outputs],
+                trigger_mode="always_last",
+            ),
+            reset.click(
+                on_reset,
+                inputs,
+                [*setters, kl, iterations, points, refine, tau, alpha, pamr, *outputs],
+                trigger_mode="always_last",
+            ),
+        ]
+        for control in (kl, iterations, points, tau, alpha, refine, pamr):
+            control.input(on_change, inputs, outputs, trigger_mode="always_last", show_progress="minimal")
+        for control in weights:
+            control.input(on_weight, inputs, [preset, *outputs], trigger_mode="always_last", show_progress="minimal")
+        preset.input(on_preset, inputs, [*weights, *outputs], trigger_mode="always_last")
+        # Stopping: the page drops the running event at once; the server stops its encode at the next block.
+        cancel.click(on_cancel, None, None, cancels=encoding, queue=False)
+
+    page_js = _asset("page.js").replace("__CAPTIONS__", json.dumps(captions))
+    blocks.diffseg_launch = {
+        # System fonts: the default theme would fetch web fonts from the internet.
+        "theme": gr.themes.Default(
+            font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+        ),
+        "css": _asset("app.css"),
+        "js": page_js,
+    }
     return blocks, cache
 
 
@@ -498,8 +615,8 @@ def launch(
         server_name=host,
         server_port=port,
         max_file_size=int(max_upload_mb * 1024 * 1024),  # bytes
-        theme=blocks.diffseg_theme,
         ssr_mode=False,
         footer_links=[],
         show_error=True,
+        **blocks.diffseg_launch,
     )

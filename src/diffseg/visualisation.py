@@ -66,13 +66,59 @@ def overlay(
     return out
 
 
-def label_anchor(labels: np.ndarray, segment: int) -> tuple[int, int] | None:
-    """(x, y) of the segment's pixel nearest its centroid (inside the segment, unlike the centroid itself)."""
-    ys, xs = np.nonzero(labels == segment)
-    if len(ys) == 0:
-        return None
-    k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
-    return int(xs[k]), int(ys[k])
+def label_anchors(labels: np.ndarray, max_side: int | None = None) -> np.ndarray:
+    """(K, 2) (x, y) per id 0..K-1: where a segment's name goes, the segment's pixel farthest from its boundary (the
+    image border counts as one), nearest the segment's centroid among equals, first in raster order after that. An
+    id with no pixel gets (-1, -1). One distance transform and one sort, no loop over segments.
+
+    With `max_side`, the search runs on every s-th pixel (s the smallest step that brings the longest side to at most
+    `max_side`), and the anchors are those pixels' full-size coordinates: placement for text, at a fixed cost.
+    """
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    step = 1 if max_side is None else max(1, -(-max(labels.shape) // max_side))
+    sampled = labels[step // 2 :: step, step // 2 :: step]
+    ids = sampled.ravel().astype(np.int64)
+    k = int(labels.max(initial=-1)) + 1
+    padded = np.pad(sampled, 1, constant_values=-1)
+    centre = padded[1:-1, 1:-1]
+    boundary = (
+        (padded[:-2, 1:-1] != centre)
+        | (padded[2:, 1:-1] != centre)
+        | (padded[1:-1, :-2] != centre)
+        | (padded[1:-1, 2:] != centre)
+    )
+    depth = ndimage.distance_transform_edt(~boundary).ravel()
+    ys, xs = np.divmod(np.arange(ids.size), sampled.shape[1])
+    count = np.bincount(ids, minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy, cx = np.bincount(ids, ys, k) / count, np.bincount(ids, xs, k) / count
+    off_centre = (ys - cy[ids]) ** 2 + (xs - cx[ids]) ** 2
+    order = np.lexsort((off_centre, -depth, ids))  # by id, deepest first, then nearest the centroid; stable
+    first = np.searchsorted(ids[order], np.arange(k))
+    anchors = np.full((k, 2), -1, dtype=np.int64)
+    present = count > 0
+    best = order[first[present]]
+    anchors[present] = np.stack([xs[best], ys[best]], axis=1) * step + step // 2
+    return anchors
+
+
+def placed_first(areas: np.ndarray, boxes: list[tuple[float, float, float, float] | None]) -> list[int]:
+    """Which names to write so that none overlaps another: largest segment first, each name kept unless its box
+    (left, top, right, bottom) overlaps one already kept. `boxes[i]` is segment i's (None: no name). The demo's
+    viewer (web/viewer.js) places its names by the same rule."""
+    kept: list[int] = []
+    for i in np.argsort(-np.asarray(areas), kind="stable"):
+        box = boxes[i]
+        if box is None:
+            continue
+        if all(
+            box[2] <= boxes[j][0] or boxes[j][2] <= box[0] or box[3] <= boxes[j][1] or boxes[j][3] <= box[1]
+            for j in kept
+        ):
+            kept.append(int(i))
+    return kept
 
 
 def _write_names(image: np.ndarray, labels: np.ndarray, names: Mapping[int, str]) -> np.ndarray:
@@ -82,10 +128,20 @@ def _write_names(image: np.ndarray, labels: np.ndarray, names: Mapping[int, str]
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(10, min(image.shape[:2]) // 32))
     areas = np.bincount(labels.ravel(), minlength=max(names, default=0) + 1)
+    anchors = label_anchors(labels, max_side=512)
+    boxes: list[tuple[float, float, float, float] | None] = [None] * len(areas)
     for segment, text in names.items():
-        if areas[segment] < 0.005 * labels.size:  # too small to hold its name legibly; the JSON still has it
-            continue
-        anchor = label_anchor(labels, segment)
-        if anchor is not None:
-            draw.text(anchor, text, font=font, fill=(255, 255, 255), anchor="mm", stroke_width=2, stroke_fill=(0, 0, 0))
+        # Too small to hold its name legibly (the JSON still has it), or absent.
+        if segment < len(anchors) and areas[segment] >= 0.005 * labels.size and anchors[segment, 0] >= 0:
+            boxes[segment] = draw.textbbox(tuple(anchors[segment]), text, font=font, anchor="mm", stroke_width=2)
+    for segment in placed_first(areas, boxes):
+        draw.text(
+            tuple(anchors[segment]),
+            names[segment],
+            font=font,
+            fill=(255, 255, 255),
+            anchor="mm",
+            stroke_width=2,
+            stroke_fill=(0, 0, 0),
+        )
     return np.asarray(canvas)
