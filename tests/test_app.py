@@ -442,6 +442,18 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         _set_number(page, "timestep", "250")
         _wait_status(page, _status(page))
         assert "at t=250" in log.read_text() and encodes() == 3
+        # ... and one drag is one encode, at the value where the pointer is released.
+        track = page.locator("#timestep input[type=range]").bounding_box()
+        middle = track["y"] + track["height"] / 2
+        page.mouse.move(track["x"] + 0.30 * track["width"], middle)
+        page.mouse.down()
+        for fraction in (0.32, 0.36, 0.40, 0.45):
+            page.mouse.move(track["x"] + fraction * track["width"], middle, steps=3)
+        page.mouse.up()
+        _wait_status(page, _status(page))
+        _settled(page)
+        dragged = int(page.locator("#timestep input[type=number]").input_value())
+        assert encodes() == 4 and f"at t={dragged} " in log.read_text() and dragged > 400
         # 8. Reset: the papers' settings come back (t=300 was evicted from the 2-entry cache: one encode).
         page.locator("#reset").click()
         page.wait_for_function("document.querySelector('#kl-threshold input[type=number]').value === '1.1'")
@@ -451,14 +463,14 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
             arg=str(count(first)),
             timeout=120_000,
         )
-        assert page.locator("#preset input").input_value() == "proportional" and encodes() == 4
+        assert page.locator("#preset input").input_value() == "proportional" and encodes() == 5
         # 9. DiffCut: one more encode (its layer's features), then τ re-segments from the cache.
         page.get_by_label("diffcut").check()
         cut = _wait_status(page, _status(page))
-        assert "encoded in" in cut and encodes() == 5
+        assert "encoded in" in cut and encodes() == 6
         assert page.locator("#tau").is_visible() and not page.locator("#kl-threshold").is_visible()
         _set_number(page, "tau", "0.9")
-        assert "from cache" in _wait_status(page, cut) and encodes() == 5
+        assert "from cache" in _wait_status(page, cut) and encodes() == 6
         page.get_by_label("diffseg").check()
         _wait_status(page, _status(page))
         # 10. Names: the same image with words is another bundle; names on the viewer never overlap.
@@ -466,6 +478,9 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         page.locator("#labels textarea, #labels input").first.press("Enter")
         named = _wait_status(page, _status(page))
         assert "encoded in" in named
+        with page.expect_download() as download:  # the click right after Enter in the words box is not swallowed
+            page.locator("#label-download a").first.click()
+        assert download.value.suggested_filename == "upload-labels.png"
         boxes = page.evaluate(
             "() => [...document.querySelectorAll('#viewer .names span')].map(s => {"
             " const r = s.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; })"
@@ -494,7 +509,7 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         page.locator("#labels textarea, #labels input").first.fill("")
         page.locator("#labels textarea, #labels input").first.press("Enter")
         plain = _wait_status(page, again)
-        assert "encoded in" in plain and "Error" not in log.read_text().split("encode #5")[1]
+        assert "encoded in" in plain and "Error" not in log.read_text()
         # 12. Undecodable and oversized uploads: the app's message, once; the page keeps its result.
         kept = count(plain)
         page.set_input_files("#input-image input[type=file]", str(broken))
