@@ -492,8 +492,11 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         assert page.locator("#segments th", has_text="name").count() == 1
         # 11. Cache collision: another image evicts the unnamed bundle; the named one keeps its own file, and
         #     its download has the words; the unnamed one re-encodes cleanly.
+        runs = segmentations()
         page.set_input_files("#input-image input[type=file]", str(others[0]))
         _wait_status(page, _status(page))
+        _settled(page)
+        assert segmentations() == runs + 1  # a replaced image is segmented once too
         page.set_input_files("#input-image input[type=file]", str(image_path))
         again = _wait_status(page, _status(page))
         assert "from cache" in again
