@@ -573,3 +573,26 @@ def test_demo_on_sdxl_shows_only_its_two_grids(sdxl_app_server, tmp_path):
         options = page.get_by_role("option").all_inner_texts()
         assert "two finest" in options and "third and fourth" not in options
         browser.close()
+
+
+def test_names_are_anchored_inside_their_segments_and_never_overlap():
+    """The rule the written overlay (`visualisation.overlay`) and the demo's viewer share: a name goes at its segment's
+    deepest pixel; names are kept largest segment first, skipping any that would overlap one already kept."""
+    from diffseg.visualisation import label_anchors, overlay, placed_first
+
+    labels = np.zeros((120, 200), dtype=np.int64)
+    labels[:, 100:] = 1
+    labels[40:80, 20:60] = 2  # a square inside segment 0: segment 0's anchor must avoid it
+    anchors = label_anchors(labels)
+    assert [labels[y, x] for x, y in anchors] == [0, 1, 2]
+    assert tuple(anchors[2]) in {(39, 59), (40, 59), (39, 60), (40, 60)}  # the square's centre
+    assert tuple(anchors[1]) in {(149, 59), (150, 59), (149, 60), (150, 60)}
+    assert np.array_equal(label_anchors(labels, max_side=50)[1], [150, 58])  # sampled: a full-size pixel of 1
+    # Boxes 0 and 2 overlap: the larger segment (0) keeps its name; 1 is clear of both.
+    boxes = [(10, 10, 50, 20), (150, 10, 190, 20), (40, 15, 80, 25)]
+    assert placed_first(np.array([50, 30, 20]), boxes) == [0, 1]
+    assert placed_first(np.array([10, 30, 20]), boxes) == [1, 2]
+    image = np.full((120, 200, 3), 90, dtype=np.uint8)
+    plain = overlay(image, labels)
+    named = overlay(image, labels, names={0: "sky", 1: "sea", 2: "boat"})
+    assert not np.array_equal(plain, named)  # names were written
