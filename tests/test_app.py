@@ -521,12 +521,23 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
         assert page.get_by_text("could not be read as an image").count() == 1
         assert "Could not preprocess" not in page.inner_text("body") and "/tmp" not in page.inner_text("body")
         assert count(_status(page)) == kept and page.locator("#viewer canvas").is_visible()
+        page.wait_for_function(  # the input shows the result's image again, not a broken one
+            "() => { const i = document.querySelector('#input-image img'); return i && i.complete && i.naturalWidth; }"
+        )
         big_upload = tmp_path / "big.png"
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (900, 900, 3), dtype=np.uint8)).save(big_upload)
         page.set_input_files("#input-image input[type=file]", str(big_upload))
         page.get_by_text("exceed the maximum allowed size").wait_for(timeout=30_000)
         time.sleep(1.0)
         assert count(_status(page)) == kept and page.locator("#viewer canvas").is_visible()
+        # Stop pressed while nothing encodes changes nothing, and the next move runs as usual (on the result's
+        # image: the refused upload left the input empty).
+        errors = page.inner_text("body").count("Error")
+        page.locator("#cancel").click()
+        time.sleep(0.5)
+        assert count(_status(page)) == kept and page.inner_text("body").count("Error") <= errors  # no new error
+        _set_number(page, "kl-threshold", "0.5")
+        assert "from cache" in _wait_status(page, _status(page))
         # 13. A phone: the result stays in view while a slider moves, its track is big enough to hold.
         phone = browser.new_page(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
         phone.goto(url)

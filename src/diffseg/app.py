@@ -228,22 +228,13 @@ def read_upload(path: str | None) -> np.ndarray:
     return np.asarray(load_image(path))
 
 
-def image_input(**options) -> gr.Image:
-    """The page's image input (a file path, decoded once, by `read_upload`). Gradio's own preprocessing fails on an
-    undecodable upload with its internal "Could not preprocess" error, naming server paths; this input passes such a
-    file on, and `read_upload` says what is wrong in the app's words. (Wrapped on the instance: a subclass of a
-    Gradio component makes Gradio write a stub file beside this module.)"""
-    image = gr.Image(type="filepath", image_mode=None, **options)
-    preprocess = image.preprocess
-
-    def tolerant(payload):
-        try:
-            return preprocess(payload)
-        except Exception:  # noqa: BLE001 - reported by `read_upload`
-            return None if payload is None or payload.path is None else str(payload.path)
-
-    image.preprocess = tolerant
-    return image
+def upload_path(value) -> str | None:
+    """The file path in the image input's raw value. The page's events skip Gradio's preprocessing
+    (`preprocess=False`), which fails on an undecodable upload with an internal error naming server paths; the file
+    is then read once, by `read_upload`, which says what is wrong in the app's words."""
+    if value is None or isinstance(value, str):
+        return value
+    return value.get("path") if isinstance(value, dict) else getattr(value, "path", None)
 
 
 @dataclass
@@ -306,6 +297,7 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
     stopping: set[str] = set()  # sessions whose running encode should stop
     warned: dict[str, tuple[str, float]] = {}  # session -> its last message and when
     shown: dict[str, tuple] = {}  # session -> the settings its page shows the result of
+    shown_images: dict[str, str] = {}  # session -> the image (upload path) of that result
     segmentations = [0]
 
     with gr.Blocks(title="DiffSeg", analytics_enabled=False) as blocks:  # nothing leaves the server
@@ -317,7 +309,13 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
         )
         with gr.Row(elem_id="main"):
             with gr.Column(scale=1, elem_id="controls"):
-                image = image_input(label="Image", sources=["upload", "clipboard"], elem_id="input-image")
+                image = gr.Image(
+                    type="filepath",
+                    image_mode=None,
+                    label="Image",
+                    sources=["upload", "clipboard"],
+                    elem_id="input-image",
+                )
                 gr.Examples(examples=examples, inputs=image, elem_id="examples", label="Examples")
                 method = gr.Radio(
                     list(METHODS),
@@ -490,7 +488,7 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
             warned[session] = (message, now)
             return keep()
         segmentations[0] += 1
-        shown[session] = settings_shown
+        shown[session], shown_images[session] = settings_shown, path
         print(
             f"diffseg app: segmentation #{segmentations[0]} in {view.seconds:.2f} s",
             file=sys.stderr,
@@ -509,10 +507,26 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
     # One handler per kind of event. Each takes the page's settings as one dict; those that set controls return
     # them beside the results.
 
-    def on_change(values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
-        """A control that re-segments (or, for the image, timestep and words, re-encodes)."""
-        if not values[controls.image]:  # cleared, or an upload refused for its size: the page keeps its result
+    def on_image(values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
+        """A new image (upload, example). Cleared, or refused for its size: the page keeps its result, and the
+        controls go on acting on it. Unreadable: the input shows the result's image again."""
+        values = {**values, controls.image: upload_path(values[controls.image])}
+        if not values[controls.image]:
             return keep()
+        outputs = segment(values, request, progress)
+        previous = shown_images.get(getattr(request, "session_hash", None) or "")
+        if results.status not in outputs and previous and previous != values[controls.image]:
+            outputs[controls.image] = previous
+        return outputs
+
+    def on_change(values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
+        """A control that re-segments (or, for the timestep and words, re-encodes) the image the page shows."""
+        values = {**values, controls.image: upload_path(values[controls.image])}
+        if not values[controls.image]:  # cleared, or refused for its size: act on the result's image, if any
+            previous = shown_images.get(getattr(request, "session_hash", None) or "")
+            if previous is None:
+                return keep()
+            values = {**values, controls.image: previous}
         return segment(values, request, progress)
 
     def on_weight(values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
@@ -558,31 +572,33 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
 
     with blocks:  # events are wired inside the page
         inputs, outputs = controls.all(), results.all()
+        # "always_last": while one segmentation runs, further moves collapse into one run with the latest values.
+        # No preprocessing: handlers read the image's path with `upload_path`, so a bad upload gets our message.
+        latest = {"trigger_mode": "always_last", "preprocess": False}
         setters = [controls.timestep, controls.preset, *controls.weights]
         # Only the image, the method, the timestep and the words can run the model; the rest re-use the cached bundle.
-        # "always_last": while one segmentation runs, further moves collapse into one run with the latest values.
         encoding = [
-            image.change(on_change, inputs, outputs, trigger_mode="always_last"),  # upload, example, clear
-            timestep.release(on_change, inputs, outputs, trigger_mode="always_last"),  # pointer, keys (web/page.js)
-            words.submit(on_change, inputs, outputs, trigger_mode="always_last"),
+            image.change(on_image, inputs, [image, *outputs], **latest),  # upload, example, clear
+            timestep.release(on_change, inputs, outputs, **latest),  # pointer, keys (web/page.js)
+            words.submit(on_change, inputs, outputs, **latest),
             method.input(
                 on_method,
                 inputs,
                 [controls.timestep, diffseg_controls, diffcut_controls, *outputs],
-                trigger_mode="always_last",
+                **latest,
             ),
             reset.click(
                 on_reset,
                 inputs,
                 [*setters, kl, iterations, points, refine, tau, alpha, pamr, *outputs],
-                trigger_mode="always_last",
+                **latest,
             ),
         ]
         for control in (kl, iterations, points, tau, alpha, refine, pamr):
-            control.input(on_change, inputs, outputs, trigger_mode="always_last", show_progress="minimal")
+            control.input(on_change, inputs, outputs, **latest, show_progress="minimal")
         for control in weights:
-            control.input(on_weight, inputs, [preset, *outputs], trigger_mode="always_last", show_progress="minimal")
-        preset.input(on_preset, inputs, [*weights, *outputs], trigger_mode="always_last")
+            control.input(on_weight, inputs, [preset, *outputs], **latest, show_progress="minimal")
+        preset.input(on_preset, inputs, [*weights, *outputs], **latest)
         # Stopping: the page drops the running event at once; the server stops its encode at the next block.
         cancel.click(on_cancel, None, None, cancels=encoding, queue=False)
 
