@@ -29,6 +29,13 @@ from conftest import quadrants_image
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (Debian package `chromium`); .ci/run installs it"
+)
+
+
+def _playwright():
+    return pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
 
 
 def test_cache_encodes_once_per_image_and_timestep_and_stays_bounded(tiny_pipeline, tmp_path):
@@ -315,11 +322,9 @@ _UNNAMED = """() => [...document.querySelectorAll('button, img, canvas, [role=bu
     return !(name && name.trim()); }).map(e => e.outerHTML.slice(0, 120))"""
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium is not installed (Debian package `chromium`); .ci/run installs it"
-)
+@needs_chromium
 def test_demo_in_a_real_browser(app_server, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    playwright = _playwright()
     url, log = app_server
     image_path = tmp_path / "upload.png"
     Image.fromarray(quadrants_image(240, 320)).save(image_path)
@@ -564,11 +569,9 @@ def test_demo_in_a_real_browser(app_server, tmp_path):
     assert external == []  # nothing fetched from outside the server: works offline
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium is not installed (Debian package `chromium`); .ci/run installs it"
-)
+@needs_chromium
 def test_demo_on_sdxl_shows_only_its_two_grids(sdxl_app_server, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    playwright = _playwright()
     url, _ = sdxl_app_server
     image_path = tmp_path / "wide.png"
     Image.fromarray(quadrants_image(200, 400)).save(image_path)

@@ -172,23 +172,20 @@ def aggregate(attn: Mapping[Grid, torch.Tensor], weights: Mapping[object, float]
         if out is not None:
             _add_tiled(term, out, prev, grid)
         out, prev = term, grid
-    return out if prev == finest else _tile_queries(out, prev, finest).contiguous()  # (H·W, H·W)
+    if prev != finest:  # the finest grid weighs 0: tile the running aggregate onto it
+        tiled = out.new_zeros(finest[0] * finest[1], out.shape[1])
+        _add_tiled(tiled, out, prev, finest)
+        out = tiled
+    return out  # (H·W, H·W)
 
 
-def _tile_queries(maps: torch.Tensor, grid: Grid, new_grid: Grid) -> torch.Tensor:
-    """Repeat each of the grid's queries' maps over its cells of the finer grid: (h·w, D) -> (H·W, D) view.
+def _add_tiled(out: torch.Tensor, maps: torch.Tensor, grid: Grid, new_grid: Grid) -> None:
+    """Add each of the grid's queries' maps (h·w, D) to its cells of the finer grid's queries in `out` (H·W, D), in
+    place: broadcast, no tiled copy is made.
 
     Reference `tf.repeat(weights, ratio, axis=0)` then `axis=1`, per axis by that axis's integer ratio; tiling coarse
     to fine in steps composes to the same result as tiling each grid straight to the finest.
     """
-    (h, w), (nh, nw) = grid, new_grid
-    ry, rx = nh // h, nw // w
-    d = maps.shape[1]
-    return maps.view(h, 1, w, 1, d).expand(h, ry, w, rx, d).reshape(nh * nw, d)
-
-
-def _add_tiled(out: torch.Tensor, maps: torch.Tensor, grid: Grid, new_grid: Grid) -> None:
-    """`out += _tile_queries(maps, grid, new_grid)`, broadcast in place: no (H·W, D) tiled copy is made."""
     (h, w), (nh, nw) = grid, new_grid
     d = maps.shape[1]
     out.view(h, nh // h, w, nw // w, d).add_(maps.view(h, 1, w, 1, d))

@@ -54,8 +54,6 @@ def segment_rows(labels: np.ndarray, names=None) -> list[SegmentRow]:
     height, width = labels.shape
     for i in np.argsort(-counts, kind="stable"):
         x, y = anchors[i]
-        if x < 0:  # a sliver the anchor search's sampling missed: its first pixel
-            y, x = (v[0] for v in np.nonzero(labels == i))
         name = named.get(int(i))
         rows.append(
             SegmentRow(

@@ -156,9 +156,14 @@ function select(id) {
   state.selected = id === null || id === state.selected || !d.segments.has(id) ? null : id;
   draw();
   syncTable();
-  const isolated = d.segments.get(state.selected);
+  restingTip();
+}
+
+// With no pointer on the image: the isolated segment's tooltip at its anchor, or none.
+function restingTip() {
+  const isolated = state.data.segments.get(state.selected);
   if (isolated) showTip(isolated, isolated.x, isolated.y);
-  else d.root.querySelector(".tip").hidden = true;
+  else state.data.root.querySelector(".tip").hidden = true;
 }
 
 function showTip(s, fx, fy) {
@@ -187,14 +192,9 @@ element.addEventListener("pointermove", (event) => {
   if (!state.data || event.target !== state.data.canvas) return;
   const hit = segmentAt(event);
   if (hit && hit.segment) showTip(hit.segment, hit.fx, hit.fy);
-  state.data.root.dataset.hover = hit && hit.segment ? String(hit.segment.id) : "";
 });
 element.addEventListener("pointerleave", () => {
-  if (!state.data) return;
-  state.data.root.dataset.hover = "";
-  const isolated = state.data.segments.get(state.selected);
-  if (isolated) showTip(isolated, isolated.x, isolated.y); // back to the isolated segment's own tooltip
-  else state.data.root.querySelector(".tip").hidden = true;
+  if (state.data) restingTip();
 });
 element.addEventListener("click", (event) => {
   if (!state.data || event.target !== state.data.canvas) return;
