@@ -49,6 +49,23 @@ def matched_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(hist[rows, cols].sum() / a.size)
 
 
+def relative_error(ours, reference) -> float:
+    """‖ours − reference‖ / ‖reference‖ (Frobenius): what reduced precision or another kernel order can promise over
+    millions of elements, where the largest single error depends on the machine's kernels."""
+    import torch
+
+    ours, reference = torch.as_tensor(ours, dtype=torch.float64), torch.as_tensor(reference, dtype=torch.float64)
+    return float(torch.linalg.vector_norm(ours - reference) / torch.linalg.vector_norm(reference))
+
+
+def error_percentile(ours, reference, q: float = 99.0) -> float:
+    """The q-th percentile of |ours − reference| (a high percentile, not the maximum, is stable across CPUs)."""
+    import torch
+
+    error = (torch.as_tensor(ours, dtype=torch.float64) - torch.as_tensor(reference, dtype=torch.float64)).abs()
+    return float(np.percentile(error.reshape(-1).numpy(), q))
+
+
 def run_cli(*argv) -> int:
     """Run `diffseg ARGV...` in this process (paths and numbers as they are); returns the exit status."""
     return main([str(a) for a in argv])

@@ -10,7 +10,7 @@ import torch
 from diffseg import DiffSegPipeline
 from diffseg.backbones import detect, target_size, unet_inputs
 
-from conftest import matched_agreement, quadrants_image
+from conftest import error_percentile, matched_agreement, quadrants_image, relative_error
 
 SD_BLOCKS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
 XL_BLOCKS = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
@@ -155,19 +155,21 @@ def test_native_size_keeps_the_aspect_ratio_and_square_images_are_unchanged(tiny
     np.testing.assert_array_equal(native, paper)
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("float16", 0.97), ("bfloat16", 0.9)])
-def test_half_precision_label_maps_agree_with_float32(tiny_checkpoint, tiny_pipeline, dtype, tolerance):
-    """UNet and text encoder in half precision on the CPU (the VAE stays float32): attention within 1e-2 (float16)
-    or 1e-1 (bfloat16), and label maps agreeing with float32's on ≥ 97 % (float16) or ≥ 90 % (bfloat16) of pixels
-    once ids are matched. DiffCut's features likewise."""
+@pytest.mark.parametrize(
+    "dtype, relative, p99, tolerance", [("float16", 0.05, 5e-3, 0.97), ("bfloat16", 0.3, 5e-2, 0.9)]
+)
+def test_half_precision_label_maps_agree_with_float32(tiny_checkpoint, tiny_pipeline, dtype, relative, p99, tolerance):
+    """UNet and text encoder in half precision on the CPU (the VAE stays float32): attention within a relative
+    error of 5 % (float16) or 30 % (bfloat16) and a 99th-percentile error of 5e-3 or 5e-2 (never the largest of
+    millions of elements: that one depends on the CPU's kernels), and label maps agreeing with float32's on ≥ 97 %
+    (float16) or ≥ 90 % (bfloat16) of pixels once ids are matched. DiffCut's features likewise."""
     half = DiffSegPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=dtype)
     assert half.unet.dtype == half.text_encoder.dtype == getattr(torch, dtype) and half.vae.dtype == torch.float32
     image = quadrants_image()
     ours, reference = half.encode(image), tiny_pipeline.encode(image)
     for grid in reference.attention:
-        torch.testing.assert_close(
-            ours.attention[grid], reference.attention[grid], atol=1e-2 if dtype == "float16" else 1e-1, rtol=0
-        )
+        assert relative_error(ours.attention[grid], reference.attention[grid]) <= relative, grid
+        assert error_percentile(ours.attention[grid], reference.attention[grid], 99) <= p99, grid
     a, b = half.segment(ours, kl_threshold=0.9).labels, tiny_pipeline.segment(reference, kl_threshold=0.9).labels
     assert a.max() > 0 and matched_agreement(a, b) >= tolerance
     cut, cut32 = half.encode(image, method="diffcut"), tiny_pipeline.encode(image, method="diffcut")

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from conftest import relative_error
 from diffseg.capture import AttentionStore, capture_attention, self_attention_layers
 
 
@@ -20,7 +21,7 @@ def test_capture_leaves_unet_output_unchanged(unet_inputs):
         plain = unet(latents, t, encoder_hidden_states=text).sample
         with capture_attention(unet, (64, 64)):
             captured = unet(latents, t, encoder_hidden_states=text).sample
-    torch.testing.assert_close(captured, plain, atol=2e-5, rtol=1e-4)
+    assert relative_error(captured, plain) < 1e-5  # another kernel order, not another computation
 
 
 def test_captured_maps_equal_an_independent_softmax_per_layer(unet_inputs):

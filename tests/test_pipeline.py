@@ -5,7 +5,7 @@ from PIL import Image
 
 from diffseg import AttentionBundle, DiffSegPipeline, segment_attention
 
-from conftest import quadrants_image
+from conftest import error_percentile, quadrants_image, relative_error
 
 
 def test_encode_returns_head_and_layer_averaged_attention_per_resolution(tiny_pipeline):
@@ -32,7 +32,8 @@ def test_a_batch_gives_what_single_images_give(tiny_pipeline):
         single = tiny_pipeline.encode(image)
         for r in single.attention:
             # Batched convolutions round differently (oneDNN picks other kernels); a mixed-up batch is off by far more.
-            torch.testing.assert_close(bundle.attention[r], single.attention[r], atol=5e-3, rtol=5e-2)
+            assert relative_error(bundle.attention[r], single.attention[r]) < 2e-2
+            assert error_percentile(bundle.attention[r], single.attention[r], 99) < 5e-3
 
 
 def test_timestep_and_noise_change_the_attention(tiny_pipeline):

@@ -285,9 +285,12 @@ def check_output_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def check_writable(folder) -> None:
-    """Create the output folder and make sure files can be written there, before any model loads."""
+    """Create the output folder and make sure files can be written there, before any model loads; remove the stale
+    temporary files a killed run left there (`outputs.sweep_stale`: never a live writer's)."""
     import tempfile
     from pathlib import Path
+
+    from .outputs import sweep_stale
 
     folder = Path(folder)
     try:
@@ -298,6 +301,7 @@ def check_writable(folder) -> None:
         raise OSError(
             f"Output folder `{folder}` is not writable ({error.strerror or error}); choose another."
         ) from None
+    sweep_stale(folder)
 
 
 def check_batch_size(value: int) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 from .backbones import Backbone, inspect as inspect_backbone, target_size
 from .config import DEFAULT_MODEL, METHOD_DEFAULT, EncodeConfig, encode_settings
 from .images import crop as crop_image, decode_image, find_images, to_model_input
-from .outputs import WRITERS, atomic_path, label_source, read_labels, source_id
+from .outputs import WRITERS, atomic_path, outputs_done, read_labels
 
 _ENCODE = EncodeConfig()
 MANIFEST = "manifest.parquet"
@@ -334,12 +334,15 @@ def segment_dataset(
     manifest = read_manifest(output)
     summary = JobSummary()
     todo = []
+    writers = [WRITERS[f] for f in dict.fromkeys(("labels", *formats))]
     for path, name in items:
         target = WRITERS["labels"].path(output, name)
         row = manifest.get(name)
-        if target.is_file() and row is not None and row["status"] == "done":
+        if not outputs_done(output, name, writers, path):  # every format asked for, made from this input
+            todo.append({"path": path, "name": name})
+        elif row is not None and row["status"] == "done" and row["path"] == path:
             summary.skipped += 1
-        elif target.is_file() and row is None and label_source(target) in (None, source_id(path)):
+        else:
             adopted = read_labels(target)  # written by a run that died before its manifest update
             manifest[name] = {
                 "path": path,
@@ -348,13 +351,11 @@ def segment_dataset(
                 "height": adopted.shape[0],
                 "width": adopted.shape[1],
                 "num_segments": int(adopted.max()) + 1,
-                "labels": None,
+                "labels": row["labels"] if row is not None else None,
                 "status": "done",
                 "error": "",
             }
             summary.skipped += 1
-        else:
-            todo.append({"path": path, "name": name})
     if not todo:
         write_manifest(output, manifest)
         return summary

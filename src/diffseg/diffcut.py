@@ -44,6 +44,38 @@ def as_token_grid(features, grid: tuple[int, int] | None = None) -> torch.Tensor
     return t.float()
 
 
+# Steps 2-3 follow the reference's own order of operations (one pooling per cluster, the C feature maps upsampled,
+# one product) while the upsampled features fit in this many floats (1,280 channels at the reference's 128² is 21 M):
+# near-equal clusters (a cut through a uniform region) score within 1e-7 of each other, and only the same operations
+# break those ties the same way. Beyond it (large label maps) the K score maps are upsampled instead.
+REFERENCE_ORDER_FLOATS = 1 << 26
+
+
+def _assign_as_reference(feats: torch.Tensor, clusters: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Reference `generate_masks` steps 2-3, operation for operation: each cluster's `MaskPooling` einsum (masked
+    sum / (count + 1e-8)), bilinear upsampling of the (1, C, h, w) features, similarities as one product, argmax."""
+    _, c, h, w = feats.shape
+    grid = clusters.reshape(1, 1, h, w)
+    pooled = []
+    for k in range(int(clusters.max()) + 1):
+        mask = grid == k  # (1, 1, h, w) bool; the reference divides it by (count + 1e-8) in float32
+        pooled.append(torch.einsum("bchw,bqhw->bqc", feats, mask / (mask.sum(dim=(-1, -2), keepdim=True) + 1e-8))[0, 0])
+    pooled = torch.stack(pooled)  # (K, C)
+    upsampled = F.interpolate(feats, size=size, mode="bilinear")  # (1, C, H, W), the reference's `nn.Upsample`
+    scores = torch.t(upsampled.reshape(c, size[0] * size[1])) @ torch.t(pooled)  # (H·W, K)
+    ids = scores.argmax(dim=1).reshape(size)  # first maximum
+    return np.unique(ids.cpu().numpy(), return_inverse=True)[1].reshape(size).astype(np.int32)
+
+
+def _assign_by_score_maps(tokens, clusters, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Steps 2-3 for label maps too large for the reference's order: the same linear map, upsampling the K score
+    maps instead of the C feature maps (K/C of the cost and memory; a 12-megapixel label map fits)."""
+    onehot = F.one_hot(clusters).T.float()  # (K, N)
+    pooled = (onehot / (onehot.sum(dim=1, keepdim=True) + 1e-8)) @ tokens.T  # (K, C), masked mean
+    scores = (pooled @ tokens).reshape(-1, *grid)  # (K, h, w)
+    return label_map(scores, size)  # (H, W) int32, bilinear (align_corners=False), first maximum
+
+
 @torch.inference_mode()
 def segment_features(
     features,
@@ -85,14 +117,10 @@ def segment_features(
 
     # 1. Recursive normalised cut; clusters numbered as the reference's `assemble_clusters`.
     clusters = assemble_clusters(recursive_ncut(tokens, tau=tau, alpha=alpha), h * w).to(tokens.device)  # (N,)
-    # 2. Each cluster's mean normalised feature (reference `MaskPooling`: masked sum / (count + 1e-8)).
-    onehot = F.one_hot(clusters).T.float()  # (K, N)
-    pooled = (onehot / (onehot.sum(dim=1, keepdim=True) + 1e-8)) @ tokens.T  # (K, C)
-    # 3. Similarity of every token to every cluster, bilinearly upsampled and arg-maxed (reference: upsamples the
-    #    features, then multiplies; both steps are linear, so upsampling the K score maps is the same at K/C of the
-    #    cost and memory, which is what lets a 12-megapixel label map fit).
-    scores = (pooled @ tokens).reshape(-1, h, w)  # (K, h, w)
-    labels = label_map(scores, (height, width))  # (H, W) int32, bilinear (align_corners=False), first maximum
+    if c * height * width <= REFERENCE_ORDER_FLOATS:
+        labels = _assign_as_reference(feats, clusters, (height, width))
+    else:
+        labels = _assign_by_score_maps(tokens, clusters, (h, w), (height, width))
     if pamr:
         from .pamr import refine_labels
 

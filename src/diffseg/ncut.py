@@ -67,12 +67,34 @@ def fiedler_vector(affinity: torch.Tensor, degree: torch.Tensor) -> torch.Tensor
     return y * torch.sign(y[torch.argmax(torch.abs(y))])
 
 
+# Candidates whose batched cost lies this close to the lowest (or that put every token on one side, or are NaN) are
+# scored again with the reference's own arithmetic before a decision: batched sums round differently, and the
+# reference's choices (its NaN rule, a near-free trivial cut against a near-free real one) turn on that rounding.
+TIE = 1e-4
+
+
+def reference_cost(side: torch.Tensor, laplacian: torch.Tensor, degree_matrix: torch.Tensor, total) -> float:
+    """One candidate's cost exactly as the reference's `get_bipartition` computes it, operation for operation.
+
+    `k = sum(diag_D · (x > 0)) / sum(D)`, with `sum(D)` (`total`) summed over the full n×n diagonal matrix: in
+    float32 that sum rounds differently from the sum of the diagonal, so a cut that keeps every token has k ≠ 1,
+    a finite (near-zero) cost and is a real candidate, where k = 1 exactly would give NaN.
+    """
+    x = 2 * side.to(laplacian.dtype) - 1  # the reference's `2 * (1. * (y > thresh)) - 1`
+    k = torch.sum(torch.diagonal(degree_matrix) * (x > 0)) / total
+    b = k / (1 - k)
+    z = (1 + x) - b * (1 - x)
+    return ((z @ laplacian @ z) / (z @ degree_matrix @ z)).item()
+
+
 def best_bipartition(y: torch.Tensor, affinity: torch.Tensor, degree: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The lowest normalised-cut cost over the reference's 100 thresholds (reference `get_bipartition`).
 
     For a threshold, x = ±1 by side, k = vol(x > 0) / vol(all), b = k / (1 − k), z = (1 + x) − b (1 − x), cost
-    = zᵀ (D − A) z / zᵀ D z. All 100 candidates are one (n, n) × (n, 100) product. As the reference picks with
-    Python's `min` and `np.argmin`, a NaN first cost is the minimum and any NaN is the arg-minimum.
+    = zᵀ (D − A) z / zᵀ D z. All 100 candidates are one (n, n) × (n, 100) product; the few that decide the outcome
+    (within `TIE` of the lowest, trivial or NaN) are then scored again with the reference's arithmetic
+    (`reference_cost`). As the reference picks with Python's `min` and `np.argmin`, a NaN first cost is the minimum
+    and any NaN is the arg-minimum.
 
     Returns:
         (side, cost): (n,) bool, the tokens above the chosen threshold, and its cost (NaN when undefined).
@@ -83,14 +105,23 @@ def best_bipartition(y: torch.Tensor, affinity: torch.Tensor, degree: torch.Tens
     k = (degree[:, None] * sides).sum(dim=0) / degree.sum()  # (T,)
     b = k / (1 - k)
     z = (1 + x) - b * (1 - x)  # (n, T)
-    laplacian = torch.diag(degree) - affinity  # (n, n)
+    degree_matrix = torch.diag(degree)  # (n, n), the reference's D
+    laplacian = degree_matrix - affinity  # (n, n)
     costs = ((laplacian @ z) * z).sum(dim=0) / ((degree[:, None] * z) * z).sum(dim=0)  # (T,)
-    costs = costs.cpu()
-    nan = torch.isnan(costs)
-    if nan[0]:  # Python's `min` keeps a NaN it starts with
+    count = sides.sum(dim=0)
+    trivial = (count == 0) | (count == len(y))
+    plain = torch.isfinite(costs) & ~trivial
+    lowest = costs[plain].min() if plain.any() else torch.tensor(float("inf"))
+    decisive = trivial | ~torch.isfinite(costs) | (costs <= lowest + TIE)
+    costs = costs.cpu().tolist()
+    total = torch.sum(degree_matrix)  # the reference's `sum_D`
+    for j in torch.nonzero(decisive).reshape(-1).tolist():
+        costs[j] = reference_cost(sides[:, j], laplacian, degree_matrix, total)
+    nan = [j for j, c in enumerate(costs) if c != c]
+    if nan and nan[0] == 0:  # Python's `min` keeps a NaN it starts with
         return sides[:, 0], float("nan")
-    cost = float(costs[~nan].min())
-    best = int(torch.nonzero(nan)[0]) if nan.any() else int(torch.argmin(costs))  # first minimum, as np.argmin
+    cost = min(costs)
+    best = nan[0] if nan else min(range(len(costs)), key=costs.__getitem__)  # first minimum, as np.argmin
     return sides[:, best], cost
 
 

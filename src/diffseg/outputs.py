@@ -5,7 +5,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,14 +18,60 @@ import numpy as np
 from PIL import Image
 
 
+# A temporary file names its writer: `.NAME.HOST-PID.RANDOM.tmp`. Two runs may write one output folder at once, so
+# a temporary file is removed only when it is provably stale: its writer (on this host) is gone, or it is older than
+# this process (a writer on another host, or a file of an older version, which records no writer).
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+_STARTED = time.time()
+_TEMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def is_stale(temp: Path, started: float = _STARTED) -> bool:
+    """Whether a temporary output file was left by a writer that can no longer finish it (see `_TEMP`): one
+    recording a writer on this host that is gone, or one recording none (or another host) last modified before
+    `started` (default: when this process started)."""
+    match = _TEMP.match(temp.name)
+    if match is None:
+        return False
+    if match["pid"] is not None and match["host"] == _HOST:
+        return not _alive(int(match["pid"]))
+    try:
+        return temp.stat().st_mtime < started
+    except FileNotFoundError:  # its writer just renamed or removed it
+        return False
+
+
+def sweep_stale(folder: str | os.PathLike) -> int:
+    """Remove the stale temporary files below `folder` at the start of a run (a killed run's half-written outputs,
+    including those beside outputs a resumed run skips); returns how many. Live writers' files are left alone."""
+    removed, started = 0, time.time()
+    for temp in Path(folder).rglob(".*.tmp"):
+        if temp.is_file() and is_stale(temp, started):
+            temp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a run killed while writing it
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for temp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a run killed while writing it
+        match = _TEMP.match(temp.name)
+        if match is not None and match["name"] == path.name and is_stale(temp):
+            temp.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
