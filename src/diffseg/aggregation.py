@@ -99,6 +99,23 @@ def as_attention_maps(
     return GridDict((g, maps[g]) for g in by_size(maps))
 
 
+def _is_side(key) -> bool:
+    return (isinstance(key, (int, np.integer)) and not isinstance(key, bool)) or (isinstance(key, str) and key.isdigit())
+
+
+def side_grid(side, grids: Sequence[Grid]) -> Grid:
+    """The grid a side key r names among `grids`: r×r where present, else the grid nearest r×r in size (within a
+    factor √2 of area per side, i.e. the same rank: SD 1.x's `32` is 24×44 on a 16:9 image, whose grids keep the
+    square's pixel count). A side no grid is near is returned as (r, r), for the caller's "not present" error."""
+    r = int(side)
+    if (r, r) in grids:
+        return (r, r)
+    nearest = min(grids, key=lambda g: abs(math.log(math.sqrt(g[0] * g[1]) / r)), default=None)
+    if nearest is not None and abs(math.log(math.sqrt(nearest[0] * nearest[1]) / r)) < math.log(math.sqrt(2)):
+        return nearest
+    return (r, r)
+
+
 def resolution_weights(
     grids: Sequence[object], weights: Mapping[object, float] | str | None = None
 ) -> dict[Grid, float]:
@@ -110,7 +127,8 @@ def resolution_weights(
     Default: proportional to the grid's side and normalised over the grids present (reference `get_weight_rato`:
     `sqrt(N) / sum(sqrt(N))`, i.e. 64:32:16:8 for SD 1.x at 512²; √(h·w) on a rectangular grid, which keeps the
     same 8:4:2:1 ratios). Weights a user gives are used as given, as the reference uses its `weight_ratio`; a grid
-    they leave out or weigh 0 is dropped. Keys are grids as `grid_key` reads them.
+    they leave out or weigh 0 is dropped. Keys are grids as `grid_key` reads them; a side r names the grid of that
+    size on any aspect ratio (`side_grid`).
     """
     grids = [grid_key(g) for g in grids]
     if isinstance(weights, str):
@@ -121,7 +139,12 @@ def resolution_weights(
         sides = {g: math.sqrt(g[0] * g[1]) for g in grids}
         total = sum(sides.values())
         return {g: sides[g] / total for g in grids}
-    given = {grid_key(g): float(w) for g, w in weights.items()}
+    given: dict[Grid, float] = {}
+    for key, weight in weights.items():
+        grid = side_grid(key, grids) if _is_side(key) else grid_key(key)
+        if grid in given:
+            raise ValueError(f"`resolution_weights` names grid {grid_name(grid)} twice ({key!r} is one of them).")
+        given[grid] = float(weight)
     unknown = [grid_name(g) for g in given if g not in grids]
     if unknown:
         raise ValueError(

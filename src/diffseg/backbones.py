@@ -137,7 +137,7 @@ def _read_json(model: str, subfolder: str, name: str, local_files_only: bool) ->
     folder = Path(model).expanduser()
     if folder.is_dir():
         path = folder / subfolder / name
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return _parse_json(path) if path.is_file() else None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
@@ -147,7 +147,14 @@ def _read_json(model: str, subfolder: str, name: str, local_files_only: bool) ->
         raise OSError(str(error)) from error
     except EntryNotFoundError:
         return None
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return _parse_json(Path(path))
+
+
+def _parse_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"`{path}` is not valid JSON ({error}); re-download or repair that file.") from None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -294,6 +301,21 @@ def load(
     return backbone, components
 
 
+def load_tokenizer(model: str | os.PathLike):
+    """The checkpoint's first tokenizer alone (no weights: a few MB), so that naming words can be checked before the
+    model loads."""
+    from transformers import CLIPTokenizer
+
+    model = str(model)
+    check_model_path(model)
+    local_files_only = not Path(model).expanduser().is_dir() and not _hub_reachable()
+    try:
+        return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=local_files_only)
+    except (OSError, ValueError) as error:
+        reason = "the Hugging Face hub cannot be reached and it is not in the local cache" if local_files_only else error
+        raise _missing_weights(model, "`tokenizer`", str(reason)) from None
+
+
 # ---------------------------------------------------------------------------------------------- conditioning
 
 
@@ -380,4 +402,9 @@ def target_size(
         raise ValueError(f"`resize` must be 'native' or 'square' but is {resize!r}.")
     h, w = image_size
     scale = (side * side / (h * w)) ** 0.5
-    return max(m, round(h * scale / m) * m), max(m, round(w * scale / m) * m)
+    height, width = max(m, round(h * scale / m) * m), max(m, round(w * scale / m) * m)
+    if height * width > 2 * side * side:  # an extreme strip, its short side raised to one multiple: cap the long
+        # side so the area stays within the budget (the strip is squashed along its length, to at most 1:side²/m²)
+        cap = max(m, side * side // min(height, width) // m * m)
+        height, width = (height, cap) if height <= width else (cap, width)
+    return height, width

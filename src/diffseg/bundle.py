@@ -133,9 +133,32 @@ class AttentionBundle:
                         f"Bundle `{path}` has NaN, infinite or negative `{name}` at grid {grid[0]}x{grid[1]}; "
                         "re-encode the image (in float32 if half precision overflowed)."
                     )
+        for grid, t in attention.items():
+            if t.dim() not in (2, 3) or tuple(t.shape[-2:]) != (grid[0] * grid[1],) * 2:
+                raise ValueError(
+                    f"Bundle `{path}` has `attention` at grid {grid[0]}x{grid[1]} shaped {tuple(t.shape)}; it must be "
+                    f"({grid[0] * grid[1]}, {grid[0] * grid[1]}). Re-encode the image."
+                )
+        image = field_of("image", lambda: tensors["image"].numpy())
+        if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape or image.dtype != np.uint8:
+            raise ValueError(
+                f"Bundle `{path}` has an `image` shaped {image.shape} ({image.dtype}); it must be (H, W, 3) uint8 "
+                "RGB. Re-encode the image."
+            )
+        features = tensors.get("features")
+        if features is not None and (features.dim() != 3 or 0 in features.shape):
+            raise ValueError(
+                f"Bundle `{path}` has `features` shaped {tuple(features.shape)}; they must be (h, w, C). "
+                "Re-encode the image."
+            )
+        if features is not None and not bool(torch.isfinite(features).all()):
+            raise ValueError(
+                f"Bundle `{path}` has NaN or infinite `features`; re-encode the image (in float32 if half precision "
+                "overflowed)."
+            )
         return cls(
             attention={g: attention[g] for g in by_size(attention)},
-            image=field_of("image", lambda: tensors["image"].numpy()),
+            image=image,
             timestep=field_of("timestep", lambda: int(metadata["timestep"])),
             model=metadata.get("model", ""),
             layers=field_of(
@@ -143,7 +166,7 @@ class AttentionBundle:
             ),
             cross_attention={g: cross[g] for g in by_size(cross)} or None,
             vocabulary=field_of("vocabulary", lambda: _vocabulary(metadata.get("vocabulary"))),
-            features=tensors.get("features"),
+            features=features,
         )
 
 

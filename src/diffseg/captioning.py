@@ -46,6 +46,43 @@ def nouns(caption: str, tagger=None) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _fetch_it_elsewhere(model: str, reason) -> str:
+    return (
+        f"Could not load the captioning model {model!r}: {reason}. Without access to the Hugging Face hub, download it "
+        f"elsewhere (`hf download {DEFAULT_CAPTION_MODEL} --local-dir blip`) and pass the folder with "
+        "--caption-model ./blip, or pass the words yourself with --labels."
+    )
+
+
+def check_caption_model(model: str) -> bool:
+    """Fail at once, naming the fix, for a caption model folder that does not exist or a hub id that cannot be had
+    (the hub unreachable and the model not cached): without this the hub client retries for minutes.
+
+    Returns:
+        Whether to load from the local cache only (the hub is unreachable but the model is cached).
+    """
+    from pathlib import Path
+
+    from .backbones import _HUB_ID, _hub_reachable
+
+    if Path(model).expanduser().is_dir():
+        return False
+    if not _HUB_ID.match(model):
+        raise FileNotFoundError(
+            f"Caption model folder `{model}` does not exist; pass a BLIP captioning folder or a hub id such as "
+            f"{DEFAULT_CAPTION_MODEL!r}."
+        )
+    if _hub_reachable():
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        raise FileNotFoundError(
+            _fetch_it_elsewhere(model, "the Hugging Face hub cannot be reached and it is not in the local cache")
+        )
+    return True
+
+
 class Captioner:
     """BLIP image captioning through transformers."""
 
@@ -56,15 +93,14 @@ class Captioner:
             from transformers import BlipForConditionalGeneration, BlipProcessor
         except ImportError as error:  # pragma: no cover - transformers is a core dependency
             raise ImportError("Captioning needs transformers with BLIP support.") from error
+        offline = check_caption_model(model)
         try:
-            self.processor = BlipProcessor.from_pretrained(model)
-            self.model = BlipForConditionalGeneration.from_pretrained(model).to(device).eval()
+            self.processor = BlipProcessor.from_pretrained(model, local_files_only=offline)
+            self.model = BlipForConditionalGeneration.from_pretrained(model, local_files_only=offline)
+            self.model = self.model.to(device).eval()
         except (OSError, ValueError) as error:
-            raise FileNotFoundError(
-                f"Could not load the captioning model {model!r}: {error}\nWithout access to the Hugging Face hub, "
-                f"download it elsewhere (`hf download {DEFAULT_CAPTION_MODEL} --local-dir blip`) and pass the folder "
-                "with --caption-model ./blip, or pass the words yourself with --labels."
-            ) from error
+            reason = "the Hugging Face hub cannot be reached and it is not in the local cache" if offline else error
+            raise FileNotFoundError(_fetch_it_elsewhere(model, reason)) from None
         self.device = device
         self.max_new_tokens = max_new_tokens
         self.tagger = tagger

@@ -45,12 +45,28 @@ def _thresholds(text: str) -> float | tuple[float, ...]:
     return values[0] if len(values) == 1 else values
 
 
-def _weights(text: str) -> dict[int, float]:
-    try:
-        pairs = (item.split(":") for item in text.split(","))
-        return {int(r): float(w) for r, w in pairs}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected R:W pairs such as '64:0.5,32:0.5', got {text!r}") from None
+def _weights(text: str) -> dict[str, float]:
+    """`R:W,...` or `HxW:W,...`: grids as the library names them (`aggregation.grid_key`), finite weights ≥ 0."""
+    import math
+
+    from .aggregation import grid_key
+
+    weights = {}
+    for item in text.split(","):
+        key, _, value = item.strip().partition(":")
+        try:
+            grid_key(key.strip())
+            weight = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected GRID:WEIGHT pairs such as '64:0.5,32:0.5' or '48x88:1', got {text!r}"
+            ) from None
+        if not (math.isfinite(weight) and weight >= 0):
+            raise argparse.ArgumentTypeError(f"weights must be finite and at least 0, got {value!r} in {text!r}")
+        weights[key.strip().lower()] = weight
+    if not any(w > 0 for w in weights.values()):
+        raise argparse.ArgumentTypeError(f"at least one weight must be above 0, got {text!r}")
+    return weights
 
 
 def _seed(text: str) -> int | None:
@@ -165,7 +181,11 @@ def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT
         "--iterations", type=int, default=_SEGMENT.iterations, help="merge iterations (default: %(default)s)"
     )
     group.add_argument(
-        "--num-points", type=int, default=_SEGMENT.num_points, help="anchor grid side M (default: %(default)s)"
+        "--num-points",
+        type=int,
+        default=None,
+        help=f"anchors per axis M of the first merge (default: {_SEGMENT.num_points}; an axis of the finest grid "
+        "shorter than M gets one anchor per position)",
     )
     group.add_argument("--refine", action="store_true", help="K-means refinement (needs scikit-learn: diffseg[refine])")
     group.add_argument(
@@ -180,7 +200,8 @@ def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT
         type=_weights,
         default=None,
         metavar="R:W,...",
-        help="weight per attention resolution, e.g. 64:1,32:0 (default: proportional to R)",
+        help="weight per attention grid, e.g. 64:1,32:0 (a side names the grid of that size on any aspect ratio) or "
+        "48x88:1 (default: proportional to the grid's side)",
     )
     weights.add_argument(
         "--resolution-preset",
@@ -260,14 +281,13 @@ def segment_kwargs(args: argparse.Namespace) -> dict:
     weights = args.resolution_weights
     if args.resolution_preset is not None:
         weights = args.resolution_preset  # weights by rank: resolved on each bundle's grids
-    if not 2 <= args.num_points <= 64:
-        raise ValueError(
-            f"`--num-points` must be from 2 to 64 (and at most the finest grid's side) but is {args.num_points}."
-        )
+    num_points = _SEGMENT.num_points if args.num_points is None else args.num_points
+    if num_points < 2:
+        raise ValueError(f"`--num-points` must be at least 2 but is {num_points}.")
     kwargs = {
         "kl_threshold": args.kl_threshold,
         "iterations": args.iterations,
-        "num_points": args.num_points,
+        "num_points": num_points,
         "refine": args.refine,
         "resolution_weights": weights,
         "reference_float16": not args.float32_merge,
@@ -318,7 +338,31 @@ def check_model(args: argparse.Namespace, encode: dict | None = None):
     backbone = inspect(args.model)
     if encode is not None:
         target_size((1, 1), backbone, encode.get("resolution"), encode.get("resize", "square"))
+    explicit = getattr(args, "num_points", None)
+    if explicit is not None and args.method == "diffseg" and backbone.grid_sides:
+        resolution = (encode or {}).get("resolution") or backbone.native_size
+        finest = backbone.grid_sides[0] * resolution // backbone.native_size
+        if explicit > finest:
+            raise ValueError(
+                f"`--num-points {explicit}` does not fit: the finest attention grid of this {backbone.name} checkpoint "
+                f"at {resolution} px is {finest}×{finest}; pass at most {finest} (or leave it out)."
+            )
     return backbone
+
+
+def check_naming(args: argparse.Namespace) -> None:
+    """Naming words checked with the checkpoint's tokenizer alone, and a caption model that cannot be had refused,
+    before the model loads."""
+    if getattr(args, "labels", None) is not None:
+        from .backbones import load_tokenizer
+        from .semantic import build_vocabulary
+
+        build_vocabulary(args.labels, load_tokenizer(args.model))
+    if getattr(args, "caption", False):
+        from .captioning import DEFAULT_CAPTION_MODEL, check_caption_model, default_tagger
+
+        check_caption_model(args.caption_model or DEFAULT_CAPTION_MODEL)
+        default_tagger()  # its data installed
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -348,6 +392,7 @@ def run_segment(args: argparse.Namespace) -> int:
         raise ValueError("Pass either --labels or --caption, not both.")
     writers = output_writers(args, naming)
     check_model(args, encode)  # the checkpoint's configs only: a resolution it cannot take fails here
+    check_naming(args)
     found, missing = find_images(args.paths)
     failures = list(missing)
     for item, reason in missing:
@@ -585,6 +630,8 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
     encode = encode_kwargs(args)
     if args.method != "diffseg" and args.labels is not None:
         raise ValueError("Naming segments (--labels) works with --method diffseg only.")
+    check_model(args, encode)
+    check_naming(args)
     if "://" not in str(args.output):
         check_writable(args.output)
     formats = [w.key for w in output_writers(args, naming=args.labels is not None)]

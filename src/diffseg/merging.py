@@ -16,20 +16,24 @@ def anchor_grid(num_points: int, grid: int | tuple[int, int] = 64) -> torch.Tens
 
     Reference `generate_sampling_grid`: `step = 63 // (M - 1)`, `start = (63 - step * (M - 1)) // 2`, coordinates
     `start + k * step`, meshgrid with `indexing="ij"` (row-major). On a grid other than 64×64, 63 becomes side − 1.
-    A rectangular h×w grid (native aspect ratio) applies the same rule to each axis with its own side: M rows of M
-    anchors, evenly spaced along each axis; on a square grid that is the reference's grid.
+    A rectangular h×w grid (native aspect ratio) applies the same rule to each axis with its own side: M anchors
+    along each axis that has at least M positions, evenly spaced; an axis shorter than M (an elongated image) gets
+    one anchor per position. On a square grid of side ≥ M that is exactly the reference's grid.
 
     Returns:
-        (M², 2) int64 (row, column) pairs, row-major.
+        (Mh·Mw, 2) int64 (row, column) pairs, row-major.
     """
     h, w = (grid, grid) if isinstance(grid, int) else grid
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or not 2 <= num_points <= min(h, w):
-        raise ValueError(f"`num_points` must be an integer from 2 to {min(h, w)} but is {num_points!r}.")
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
+        raise ValueError(f"`num_points` (the anchor grid) must be an integer of at least 2 but is {num_points!r}.")
 
     def axis(side: int) -> torch.Tensor:
-        step = (side - 1) // (num_points - 1)
-        start = (side - 1 - step * (num_points - 1)) // 2
-        return start + step * torch.arange(num_points)
+        points = min(num_points, side)
+        if points == 1:
+            return torch.zeros(1, dtype=torch.int64)
+        step = (side - 1) // (points - 1)
+        start = (side - 1 - step * (points - 1)) // 2
+        return start + step * torch.arange(points)
 
     rows, cols = torch.meshgrid(axis(h), axis(w), indexing="ij")
     return torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1)

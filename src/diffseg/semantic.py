@@ -71,8 +71,9 @@ def build_vocabulary(words: Sequence[str] | str, tokenizer) -> Vocabulary:
         ids += tokens
     ids.append(tokenizer.eos_token_id)
     if len(ids) > limit:
+        shown = ", ".join(unique[:5]) + (f", … ({len(unique)} words)" if len(unique) > 5 else "")
         raise ValueError(
-            f"The vocabulary {', '.join(unique)!r} takes {len(ids)} tokens but the text encoder holds {limit} "
+            f"The vocabulary {shown!r} takes {len(ids)} tokens but the text encoder holds {limit} "
             "(start and end included); use fewer or shorter words."
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
