@@ -159,6 +159,39 @@ def test_pamr_equals_the_reference_shift_convolutions():
     torch.testing.assert_close(pamr(image, masks), naive_pamr(image, masks), atol=1e-6, rtol=1e-5)
 
 
+def test_pamr_within_a_memory_budget_gives_what_the_whole_image_at_once_gives():
+    """Tiles of rows (with their halo) and chunks of labels, down to one row and one label at a time: the same ids
+    as PAMR on every one-hot mask at once (the reference's way), then the median filter."""
+    from scipy.ndimage import median_filter
+
+    from diffseg.pamr import refine_labels, refinement_plan
+
+    generator = torch.Generator().manual_seed(0)
+    plans = set()
+    for height, width, count, budgets in [(400, 10, 6, (1 << 40, 1 << 22, 1 << 21, 1 << 20)), (200, 16, 12, (1 << 22,))]:
+        small = torch.randint(0, count, (height // 10, width // 2), generator=generator)
+        labels = torch.nn.functional.interpolate(small[None, None].float(), size=(height, width))[0, 0].long()
+        image = torch.rand(1, 3, height, width, generator=generator)
+        present = torch.unique(labels)
+        at_once = pamr(image, (labels[None] == present[:, None, None]).float()[None]).argmax(dim=1)[0]
+        expected = median_filter(at_once.float().numpy(), size=3).astype("int64")
+        for budget in budgets:
+            plans.add(refinement_plan((height, width), len(present), budget))
+            np.testing.assert_array_equal(refine_labels(labels, image, budget=budget).numpy(), expected)
+    # Every way of splitting: all at once, label chunks at full height, one label in tiles of rows.
+    assert {(400, 6), (400, 3), (400, 1), (200, 4)} <= plans and any(rows < 400 for rows, _ in plans)
+
+
+def test_pamr_memory_is_bounded_by_its_budget_whatever_the_size_and_segment_count():
+    from diffseg.pamr import HALO, MEMORY_BUDGET, _PER_LABEL, _WEIGHTS, refinement_plan
+
+    for size, count in [((3000, 4000), 1000), ((1500, 2000), 2), ((6000, 8000), 2), ((128, 128), 30)]:
+        rows, chunk = refinement_plan(size, count)
+        held = (min(size[0], rows + 2 * HALO) * size[1]) * (_WEIGHTS + chunk * _PER_LABEL) * 4
+        assert held <= MEMORY_BUDGET, (size, count, rows, chunk)
+    assert refinement_plan((128, 128), 30) == (128, 30)  # the reference's size: every label at once, as before
+
+
 def test_pamr_refines_labels_towards_image_edges():
     """An image split in two colours and labels whose boundary is off by a few pixels: PAMR moves it to the edge."""
     image = torch.zeros(1, 3, 32, 32)

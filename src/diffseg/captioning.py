@@ -69,8 +69,8 @@ def check_caption_model(model: str) -> bool:
         return False
     if not _HUB_ID.match(model):
         raise FileNotFoundError(
-            f"Caption model folder `{model}` does not exist; pass a BLIP captioning folder or a hub id such as "
-            f"{DEFAULT_CAPTION_MODEL!r}."
+            f"Caption model folder `{model}` does not exist; pass a BLIP captioning folder with --caption-model "
+            f"(or a hub id such as {DEFAULT_CAPTION_MODEL!r}), or the words yourself with --labels."
         )
     if _hub_reachable():
         return False

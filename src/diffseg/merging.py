@@ -18,7 +18,8 @@ def anchor_grid(num_points: int, grid: int | tuple[int, int] = 64) -> torch.Tens
     `start + k * step`, meshgrid with `indexing="ij"` (row-major). On a grid other than 64×64, 63 becomes side − 1.
     A rectangular h×w grid (native aspect ratio) applies the same rule to each axis with its own side: M anchors
     along each axis that has at least M positions, evenly spaced; an axis shorter than M (an elongated image) gets
-    one anchor per position. On a square grid of side ≥ M that is exactly the reference's grid.
+    one anchor per position; M beyond the longer axis does not fit. On a square grid of side ≥ M that is
+    exactly the reference's grid.
 
     Returns:
         (Mh·Mw, 2) int64 (row, column) pairs, row-major.
@@ -26,6 +27,10 @@ def anchor_grid(num_points: int, grid: int | tuple[int, int] = 64) -> torch.Tens
     h, w = (grid, grid) if isinstance(grid, int) else grid
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
         raise ValueError(f"`num_points` (the anchor grid) must be an integer of at least 2 but is {num_points!r}.")
+    if num_points > max(h, w):
+        raise ValueError(
+            f"`num_points` {num_points} does not fit the {h}×{w} attention grid: pass at most {max(h, w)}."
+        )
 
     def axis(side: int) -> torch.Tensor:
         points = min(num_points, side)

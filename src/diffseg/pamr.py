@@ -30,6 +30,20 @@ def _shifted(x: torch.Tensor, positions, dilations=DILATIONS) -> torch.Tensor:
     return torch.stack(out, dim=2)
 
 
+def _affinity(image: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 32, H, W) weights of each pixel's neighbours (reference `PAMR.forward`, before its iterations)."""
+    deviation = _shifted(image, _WINDOW).std(dim=2, keepdim=True)  # (B, 3, 1, H, W), over all 36 positions
+    centre = image[:, :, None]  # (B, 3, 1, H, W)
+    difference = (centre - _shifted(image, _NEIGHBOURS)).abs()  # (B, 3, 32, H, W)
+    return (-difference / (1e-8 + 0.1 * deviation)).mean(dim=1, keepdim=True).softmax(dim=2)
+
+
+def _propagate(masks: torch.Tensor, weights: torch.Tensor, iterations: int = ITERATIONS) -> torch.Tensor:
+    for _ in range(iterations):
+        masks = (_shifted(masks, _NEIGHBOURS) * weights).sum(dim=2)  # (B, K, H, W)
+    return masks
+
+
 @torch.inference_mode()
 def pamr(image: torch.Tensor, masks: torch.Tensor, iterations: int = ITERATIONS) -> torch.Tensor:
     """Refine soft masks with the image's local colour affinities (reference `PAMR.forward`).
@@ -41,19 +55,58 @@ def pamr(image: torch.Tensor, masks: torch.Tensor, iterations: int = ITERATIONS)
     Returns:
         (B, K, H, W) refined masks.
     """
-    image, masks = image.float(), masks.float()
-    deviation = _shifted(image, _WINDOW).std(dim=2, keepdim=True)  # (B, 3, 1, H, W), over all 36 positions
-    centre = image[:, :, None]  # (B, 3, 1, H, W)
-    difference = (centre - _shifted(image, _NEIGHBOURS)).abs()  # (B, 3, 32, H, W)
-    weights = (-difference / (1e-8 + 0.1 * deviation)).mean(dim=1, keepdim=True).softmax(dim=2)  # (B, 1, 32, H, W)
-    for _ in range(iterations):
-        masks = (_shifted(masks, _NEIGHBOURS) * weights).sum(dim=2)  # (B, K, H, W)
-    return masks
+    return _propagate(masks.float(), _affinity(image.float()), iterations)
 
 
-def refine_labels(labels: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+# Memory a refinement may hold at once (float32 working tensors), whatever the image size and label count: the
+# shifted copies PAMR reads (32 per label, 108 for the colour statistics) are made per tile of rows and chunk of
+# labels. A tile is computed with enough rows around it that its own rows come out exactly as on the whole image:
+# the colour weights read `REACH` rows away (the largest dilation), each of the iterations `REACH` more.
+MEMORY_BUDGET = 1 << 30
+REACH = max(DILATIONS)
+HALO = REACH * ITERATIONS
+_SHIFTS = len(_NEIGHBOURS) * len(DILATIONS)  # 32 neighbours per pixel
+_WEIGHTS = _SHIFTS  # floats per pixel kept for a tile: its neighbours' weights
+_PER_LABEL = 2 * _SHIFTS + 2  # floats per pixel and label: shifted copies and their product, masks in and out
+_STATISTICS = 3 * len(_WINDOW) * len(DILATIONS) + 3 * 3 * _SHIFTS  # floats per pixel while weights are computed
+
+
+def refinement_plan(size: tuple[int, int], labels: int, budget: int = MEMORY_BUDGET) -> tuple[int, int]:
+    """(rows per tile, labels per chunk) that keep PAMR within `budget` bytes on an image of `size`: whole-height
+    tiles (no halo recomputed) with as many labels as fit, else tiles of one label with as many rows as fit."""
+    height, width = size
+    floats = budget // 4
+
+    def chunk(rows: int) -> int:  # labels a tile of `rows` rows (with its halo) leaves room for
+        return (floats // (min(height, rows + 2 * HALO) * width) - _WEIGHTS) // _PER_LABEL
+
+    if chunk(height) >= 1:
+        return height, min(labels, chunk(height))
+    return max(1, floats // (width * (_WEIGHTS + _PER_LABEL)) - 2 * HALO), 1
+
+
+def _affinity_in_blocks(image: torch.Tensor, budget: int) -> torch.Tensor:
+    """`_affinity` of a (1, 3, H, W) image computed a block of rows at a time (each with `REACH` rows of context,
+    so every row is exact), within `budget` bytes: (1, 1, 32, H, W)."""
+    height, width = image.shape[-2:]
+    rows = max(1, budget // 4 // (width * _STATISTICS) - 2 * REACH)
+    if rows >= height:
+        return _affinity(image)
+    blocks = []
+    for top in range(0, height, rows):
+        first, bottom = max(0, top - REACH), min(height, top + rows)
+        block = _affinity(image[:, :, first : min(height, bottom + REACH)])
+        blocks.append(block[..., top - first : bottom - first, :])
+    return torch.cat(blocks, dim=-2)
+
+
+def refine_labels(labels: torch.Tensor, image: torch.Tensor, budget: int = MEMORY_BUDGET) -> torch.Tensor:
     """DiffCut's optional refinement of a label map (reference `Benchmark_Segmentation.pamr`): PAMR on the one-hot
     masks of the labels present, argmax, then a 3×3 median filter.
+
+    The result is the reference's whatever `budget` (bytes of working memory): tiles of rows and chunks of labels
+    (`refinement_plan`) give every pixel the same arithmetic, and the argmax runs across chunks keeping the first
+    maximum.
 
     Args:
         labels: (H, W) integer ids.
@@ -65,8 +118,25 @@ def refine_labels(labels: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     from scipy.ndimage import median_filter
 
     present = torch.unique(labels)  # ascending, as the reference's `torch.unique(labels)`
-    onehot = (labels[None] == present[:, None, None]).float()[None]  # (1, K, H, W)
-    refined = pamr(image.to(onehot.device), onehot).argmax(dim=1)[0]  # (H, W)
+    height, width = labels.shape
+    image = image.float().to(labels.device)
+    rows, chunk = refinement_plan((height, width), len(present), budget)
+    refined = torch.empty(height, width, dtype=torch.int64, device=labels.device)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        first, last = max(0, top - HALO), min(height, bottom + HALO)  # the tile with its halo
+        window = labels[first:last]
+        context = max(0, first - REACH)  # the colour weights of the tile's edge rows read REACH rows further
+        weights = _affinity_in_blocks(image[:, :, context : min(height, last + REACH)], budget)
+        weights = weights[..., first - context : first - context + (last - first), :]  # (1, 1, 32, h, W)
+        best = torch.full((bottom - top, width), -torch.inf, device=labels.device)
+        for k in range(0, len(present), chunk):
+            onehot = (window[None] == present[k : k + chunk, None, None]).float()[None]  # (1, Kc, h, W)
+            masks = _propagate(onehot, weights)[0, :, top - first : bottom - first]  # (Kc, rows, W)
+            value, index = masks.max(dim=0)  # first maximum within the chunk
+            better = value > best  # strict: an earlier chunk keeps a tie
+            best = torch.where(better, value, best)
+            refined[top:bottom] = torch.where(better, index + k, refined[top:bottom])
     # scipy's median filter, 3×3 with its default reflecting border, on the float ids as the reference.
     filtered = median_filter(refined.float().cpu().numpy(), size=3)
     return torch.from_numpy(filtered.astype("int64"))
