@@ -55,12 +55,10 @@ def _assign_as_reference(feats: torch.Tensor, clusters: torch.Tensor, size: tupl
     """Reference `generate_masks` steps 2-3, operation for operation: each cluster's `MaskPooling` einsum (masked
     sum / (count + 1e-8)), bilinear upsampling of the (1, C, h, w) features, similarities as one product, argmax."""
     _, c, h, w = feats.shape
-    grid = clusters.reshape(1, 1, h, w)
-    pooled = []
-    for k in range(int(clusters.max()) + 1):
-        mask = grid == k  # (1, 1, h, w) bool; the reference divides it by (count + 1e-8) in float32
-        pooled.append(torch.einsum("bchw,bqhw->bqc", feats, mask / (mask.sum(dim=(-1, -2), keepdim=True) + 1e-8))[0, 0])
-    pooled = torch.stack(pooled)  # (K, C)
+    onehot = F.one_hot(clusters).T.reshape(-1, 1, 1, h, w)  # (K, 1, 1, h, w) bool, each cluster's mask
+    # The reference divides each bool mask by (its count + 1e-8) in float32: the same division, for all at once.
+    weights = onehot / (onehot.sum(dim=(-1, -2), keepdim=True) + 1e-8)
+    pooled = torch.stack([torch.einsum("bchw,bqhw->bqc", feats, weight)[0, 0] for weight in weights])  # (K, C)
     upsampled = F.interpolate(feats, size=size, mode="bilinear")  # (1, C, H, W), the reference's `nn.Upsample`
     scores = torch.t(upsampled.reshape(c, size[0] * size[1])) @ torch.t(pooled)  # (H·W, K)
     ids = scores.argmax(dim=1).reshape(size)  # first maximum

@@ -113,10 +113,13 @@ def best_bipartition(y: torch.Tensor, affinity: torch.Tensor, degree: torch.Tens
     plain = torch.isfinite(costs) & ~trivial
     lowest = costs[plain].min() if plain.any() else torch.tensor(float("inf"))
     decisive = trivial | ~torch.isfinite(costs) | (costs <= lowest + TIE)
-    costs = costs.cpu().tolist()
+    costs, counts = costs.cpu().tolist(), count.cpu().tolist()
     total = torch.sum(degree_matrix)  # the reference's `sum_D`
+    exact: dict[int, float] = {}  # the sides are nested (higher thresholds keep fewer tokens): a count is a partition
     for j in torch.nonzero(decisive).reshape(-1).tolist():
-        costs[j] = reference_cost(sides[:, j], laplacian, degree_matrix, total)
+        if counts[j] not in exact:
+            exact[counts[j]] = reference_cost(sides[:, j], laplacian, degree_matrix, total)
+        costs[j] = exact[counts[j]]
     nan = [j for j, c in enumerate(costs) if c != c]
     if nan and nan[0] == 0:  # Python's `min` keeps a NaN it starts with
         return sides[:, 0], float("nan")
