@@ -39,6 +39,15 @@ def tiny_sdxl_pipeline(tiny_sdxl_checkpoint):
     return DiffSegPipeline.from_pretrained(tiny_sdxl_checkpoint, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance for one test module (2 CPUs, no dashboard)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (the ray extra)")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 def matched_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Share of pixels on which two label maps agree once their ids are matched one-to-one (Hungarian)."""
     from scipy.optimize import linear_sum_assignment

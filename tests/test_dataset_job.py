@@ -18,13 +18,6 @@ from conftest import quadrants_image, run_cli, tiny_model
 ray = pytest.importorskip("ray", reason="Ray is not installed (the ray extra)")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def run_job(source, output, checkpoint, *extra):
     return run_cli(
         "segment-dataset",
@@ -106,13 +99,17 @@ def test_segment_dataset_matches_segment_records_failures_and_resumes(
     (out / "labels" / "alpha.png").unlink()
     (image_folder / "corrupt.jpg").unlink()
     (image_folder / "empty.png").unlink()
-    assert run_job(image_folder, out, tiny_checkpoint, "--labels", "red, green") == 0  # and name its segments
+    assert run_job(image_folder, out, tiny_checkpoint) == 0
     assert "Done 1, skipped 2 (already done), failed 0" in capsys.readouterr().err
     assert (out / "labels" / "alpha.png").is_file() and (out / "labels" / "photo.png").stat().st_mtime_ns == mtime
+    # 4. Naming words on a re-run: every image lacks its names file, so every image is done again, named.
+    assert run_job(image_folder, out, tiny_checkpoint, "--labels", "red, green") == 0
+    assert "Done 3, skipped 0 (already done), failed 0" in capsys.readouterr().err
     manifest = read_manifest(out)
-    names = json.loads(manifest["alpha"]["labels"])
-    assert set(names) == {str(i) for i in range(manifest["alpha"]["num_segments"])}
-    assert set(names.values()) <= {"red", "green", None} and manifest["photo"]["labels"] is None
+    for name in ("photo", "alpha", "sub/gray"):
+        names = json.loads(manifest[name]["labels"])
+        assert set(names) == {str(i) for i in range(manifest[name]["num_segments"])}
+        assert set(names.values()) <= {"red", "green", None} and (out / "semantics" / f"{name}.json").is_file()
 
 
 def _worker_pids() -> list[int]:

@@ -168,7 +168,10 @@ def test_pamr_within_a_memory_budget_gives_what_the_whole_image_at_once_gives():
 
     generator = torch.Generator().manual_seed(0)
     plans = set()
-    for height, width, count, budgets in [(400, 10, 6, (1 << 40, 1 << 22, 1 << 21, 1 << 20)), (200, 16, 12, (1 << 22,))]:
+    for height, width, count, budgets in [
+        (400, 10, 6, (1 << 40, 1 << 22, 1 << 21, 1 << 20)),
+        (200, 16, 12, (1 << 22,)),
+    ]:
         small = torch.randint(0, count, (height // 10, width // 2), generator=generator)
         labels = torch.nn.functional.interpolate(small[None, None].float(), size=(height, width))[0, 0].long()
         image = torch.rand(1, 3, height, width, generator=generator)

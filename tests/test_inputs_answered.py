@@ -78,7 +78,9 @@ def test_resolution_weights_take_grid_names_as_the_readme_writes_them(tiny_check
     height, width = tiny_pipeline.input_size((180, 320))
     finest = f"{height // 8}x{width // 8}"
     out = tmp_path / "out"
-    assert run_cli("segment", image, "-o", out, *tiny_model(tiny_checkpoint), "--resolution-weights", f"{finest}:1") == 0
+    assert (
+        run_cli("segment", image, "-o", out, *tiny_model(tiny_checkpoint), "--resolution-weights", f"{finest}:1") == 0
+    )
     by_name = read_labels(out / "labels" / "a.png")
     # A side names the grid of that size on any aspect ratio: 64 is the 16:9 image's finest grid.
     assert run_cli("segment", image, "-o", out, *tiny_model(tiny_checkpoint), "--resolution-weights", "64:1,32:0") == 0

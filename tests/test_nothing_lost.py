@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from diffseg.outputs import _HOST, is_stale, read_labels
@@ -71,16 +70,6 @@ def test_segment_resume_redoes_an_image_whose_requested_format_is_missing(tiny_c
     assert run_cli(*argv, "--npy") == 0
     assert "Segmented 2 images" in capsys.readouterr().err
     assert all((out / "arrays" / f"{k}.npy").is_file() for k in range(2))
-
-
-ray = pytest.importorskip("ray", reason="Ray is not installed (the ray extra)")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_segment_dataset_resume_writes_every_requested_format_that_is_missing(

@@ -100,7 +100,9 @@ def as_attention_maps(
 
 
 def _is_side(key) -> bool:
-    return (isinstance(key, (int, np.integer)) and not isinstance(key, bool)) or (isinstance(key, str) and key.isdigit())
+    return (isinstance(key, (int, np.integer)) and not isinstance(key, bool)) or (
+        isinstance(key, str) and key.isdigit()
+    )
 
 
 def side_grid(side, grids: Sequence[Grid]) -> Grid:

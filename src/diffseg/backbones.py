@@ -312,7 +312,9 @@ def load_tokenizer(model: str | os.PathLike):
     try:
         return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=local_files_only)
     except (OSError, ValueError) as error:
-        reason = "the Hugging Face hub cannot be reached and it is not in the local cache" if local_files_only else error
+        reason = (
+            "the Hugging Face hub cannot be reached and it is not in the local cache" if local_files_only else error
+        )
         raise _missing_weights(model, "`tokenizer`", str(reason)) from None
 
 
