@@ -37,14 +37,19 @@ def label_map(proposals: torch.Tensor, output_size: tuple[int, int]) -> np.ndarr
         raise ValueError(f"`output_size` must be two positive integers but is {output_size!r}.")
     proposals = proposals.float().unsqueeze(1)  # (K, 1, S, S)
     best = torch.full((height, width), -torch.inf, device=proposals.device)
-    ids = torch.zeros(height, width, dtype=torch.int64, device=proposals.device)
+    ids = torch.zeros(height, width, dtype=torch.int32, device=proposals.device)
     chunk = max(1, _PIXELS_PER_CHUNK // (height * width))  # proposals upsampled at once: bounds memory
     for first in range(0, len(proposals), chunk):
         # Reference `UpSampling2D(interpolation="bilinear")`: half-pixel centres, torch's `align_corners=False`.
         up = F.interpolate(proposals[first : first + chunk], size=(height, width), mode="bilinear", align_corners=False)
+        if chunk == 1:  # a large label map, one proposal at a time: update in place (no index map per proposal)
+            better = up[0, 0] > best  # strict: an earlier proposal wins a tie
+            torch.where(better, up[0, 0], best, out=best)
+            ids.masked_fill_(better, first)
+            continue
         value, index = up[:, 0].max(dim=0)  # (H, W); first maximum on ties, as tf.math.argmax
         better = value > best  # strict: an earlier proposal wins a tie across chunks too
         best = torch.where(better, value, best)
-        ids = torch.where(better, index + first, ids)
+        ids = torch.where(better, index.to(torch.int32) + first, ids)
     labels, _ = relabel(ids)
     return labels.to(torch.int32).cpu().numpy()
