@@ -62,6 +62,24 @@ class AttentionStore:
             sums[grid] = head_mean
         layers[grid] = layers.get(grid, 0) + 1
 
+    def running_sum(
+        self, batch: int, queries: int, keys: int, device: torch.device, kind: str = "self"
+    ) -> tuple[torch.Tensor, bool]:
+        """The (B, queries, keys) float32 sum a layer adds its head mean into, a block of query rows at a time while
+        the block is in cache (no full pass per layer), and whether the layer is its grid's first (whose blocks are
+        written, not added). Count the layer with `added` once it is complete."""
+        grid = token_grid(queries, self.latent)
+        sums = self._sums[kind]
+        if grid in sums:
+            return sums[grid], False
+        sums[grid] = torch.empty(batch, queries, keys, dtype=torch.float32, device=device)
+        return sums[grid], True
+
+    def added(self, queries: int, kind: str = "self") -> None:
+        """Count one complete layer added through `running_sum`."""
+        grid = token_grid(queries, self.latent)
+        self._layers[kind][grid] = self._layers[kind].get(grid, 0) + 1
+
     def maps(self, kind: str = "self") -> dict[Grid, torch.Tensor]:
         """(h, w) -> (B, h·w, keys) float32: mean over heads and over the layers of that grid, finest first."""
         sums, layers = self._sums[kind], self._layers[kind]
@@ -132,16 +150,22 @@ class AttentionCaptureProcessor:
         rows = max(1, block // (batch_size * heads * n_k))
         query = query * attn.scale
         key_t = key.transpose(-1, -2).contiguous()  # (B, h, d, Nk)
-        head_mean = torch.empty(batch_size, n_q, n_k, dtype=torch.float32, device=query.device)  # (B, Nq, Nk)
+        # The head mean goes straight into the store's running sum over this grid's layers (B, Nq, Nk), a block at a
+        # time while it is in cache: the same values as a full head-mean tensor added afterwards, without its passes.
+        total, first = self.store.running_sum(batch_size, n_q, n_k, query.device, self.kind)
         out = torch.empty(batch_size, heads, n_q, head_dim, dtype=value.dtype, device=query.device)  # (B, h, Nq, d)
         for r in range(0, n_q, rows):
             scores = query[:, :, r : r + rows] @ key_t  # (B, h, rows, Nk)
             if attention_mask is not None:
                 scores = scores + attention_mask[:, :, r : r + rows]
             probs = scores.softmax(dim=-1, dtype=torch.float32)  # (B, h, rows, Nk)
-            head_mean[:, r : r + rows] = probs.sum(dim=1)
+            mean = probs.sum(dim=1).div_(heads)  # (B, rows, Nk)
+            if first:
+                total[:, r : r + rows] = mean
+            else:
+                total[:, r : r + rows] += mean
             out[:, :, r : r + rows] = probs.to(value.dtype) @ value  # (B, h, rows, d)
-        self.store.add(head_mean.div_(heads), self.kind)
+        self.store.added(n_q, self.kind)
 
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
         hidden_states = hidden_states.to(value.dtype)
