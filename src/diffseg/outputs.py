@@ -205,11 +205,31 @@ def coco_record(source, labels: np.ndarray, names=None) -> dict:
         from pycocotools import mask as coco_mask
     except ImportError as error:
         raise ImportError("COCO RLE output needs pycocotools: pip install 'diffseg[coco]' (or pycocotools).") from error
+    labels = np.asarray(labels)
     height, width = labels.shape
     named = {n.id: n.label for n in names or []}
+    # COCO RLE counts runs down the columns. One pass finds every run of the label map (column-major), grouped by
+    # segment; each segment's counts are then its gaps and run lengths (the same RLE as pycocotools' `encode` of its
+    # mask, without K full-size masks).
+    flat = labels.ravel(order="F")
+    size = flat.size
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts, ends = np.concatenate(([0], change)), np.concatenate((change, [size]))
+    order = np.argsort(flat[starts], kind="stable")  # runs of each segment together, in order
+    count = int(labels.max(initial=0)) + 1
+    bounds = np.searchsorted(flat[starts][order], np.arange(count + 1))
     annotations = []
-    for k in range(int(labels.max()) + 1):  # one segment at a time: a (H, W, K) stack would be K full-size masks
-        (rle,) = coco_mask.encode(np.asfortranarray((labels == k)[:, :, None], dtype=np.uint8))
+    for k in range(count):
+        runs = order[bounds[k] : bounds[k + 1]]
+        first, last = starts[runs], ends[runs]
+        counts = np.empty(2 * len(runs), np.int64)
+        counts[0::2] = first - np.concatenate(([0], last[:-1]))  # zeros before each run
+        counts[1::2] = last - first
+        if not len(runs):  # an id the map does not hold: all zeros
+            counts = np.array([size])
+        elif last[-1] < size:  # zeros after the last run
+            counts = np.append(counts, size - last[-1])
+        rle = coco_mask.frPyObjects({"counts": counts.tolist(), "size": [height, width]}, height, width)
         area, box = int(coco_mask.area([rle])[0]), [float(v) for v in coco_mask.toBbox([rle])[0]]
         rle["counts"] = rle["counts"].decode("ascii")
         annotations.append({"id": k, "segmentation": rle, "area": area, "bbox": box, "label": named.get(k)})
