@@ -157,6 +157,9 @@ def _parse_json(path: Path) -> dict:
         raise ValueError(f"`{path}` is not valid JSON ({error}); re-download or repair that file.") from None
 
 
+UNREACHABLE = "the Hugging Face hub cannot be reached and it is not in the local cache"
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection (assumed so behind a proxy, which we cannot probe).
 
@@ -212,7 +215,7 @@ def _inspect(model: str, local_files_only: bool, offline: bool) -> tuple[Backbon
         unet_config = _read_json(model, "unet", "config.json", local_files_only)
         scheduler_config = _read_json(model, "scheduler", "scheduler_config.json", local_files_only)
     except OSError as error:
-        reason = "the Hugging Face hub cannot be reached and it is not in the local cache" if offline else str(error)
+        reason = UNREACHABLE if offline else str(error)
         raise _missing_weights(model, "the UNet config", reason) from error
     if unet_config is None:
         folder = Path(model).expanduser()
@@ -293,7 +296,7 @@ def load(
                     model, subfolder=name, local_files_only=local_files_only, **options
                 )
             except (OSError, ValueError) as error:  # hub errors subclass OSError
-                reason = "the Hugging Face hub cannot be reached and it is not in the local cache" if offline else error
+                reason = UNREACHABLE if offline else error
                 raise _missing_weights(model, f"`{name}`", str(reason)) from error
     components["scheduler"] = (
         DDPMScheduler.from_config(scheduler_config) if scheduler_config is not None else None
@@ -312,9 +315,7 @@ def load_tokenizer(model: str | os.PathLike):
     try:
         return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=local_files_only)
     except (OSError, ValueError) as error:
-        reason = (
-            "the Hugging Face hub cannot be reached and it is not in the local cache" if local_files_only else error
-        )
+        reason = UNREACHABLE if local_files_only else error
         raise _missing_weights(model, "`tokenizer`", str(reason)) from None
 
 

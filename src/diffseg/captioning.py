@@ -63,7 +63,7 @@ def check_caption_model(model: str) -> bool:
     """
     from pathlib import Path
 
-    from .backbones import _HUB_ID, _hub_reachable
+    from .backbones import _HUB_ID, UNREACHABLE, _hub_reachable
 
     if Path(model).expanduser().is_dir():
         return False
@@ -77,9 +77,7 @@ def check_caption_model(model: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(model, "config.json"), str):
-        raise FileNotFoundError(
-            _fetch_it_elsewhere(model, "the Hugging Face hub cannot be reached and it is not in the local cache")
-        )
+        raise FileNotFoundError(_fetch_it_elsewhere(model, UNREACHABLE))
     return True
 
 
@@ -99,8 +97,9 @@ class Captioner:
             self.model = BlipForConditionalGeneration.from_pretrained(model, local_files_only=offline)
             self.model = self.model.to(device).eval()
         except (OSError, ValueError) as error:
-            reason = "the Hugging Face hub cannot be reached and it is not in the local cache" if offline else error
-            raise FileNotFoundError(_fetch_it_elsewhere(model, reason)) from None
+            from .backbones import UNREACHABLE
+
+            raise FileNotFoundError(_fetch_it_elsewhere(model, UNREACHABLE if offline else error)) from None
         self.device = device
         self.max_new_tokens = max_new_tokens
         self.tagger = tagger

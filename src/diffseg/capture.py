@@ -52,15 +52,15 @@ class AttentionStore:
         return GridDict(self._layers["self"])
 
     def add(self, head_mean: torch.Tensor, kind: str = "self") -> None:
-        """Add one layer's head-averaged probabilities, (B, N, keys) float32 with N = h·w queries (the store may
-        keep the tensor). `kind` is "self" or "cross"."""
-        grid = token_grid(head_mean.shape[-2], self.latent)
-        sums, layers = self._sums[kind], self._layers[kind]
-        if grid in sums:
-            sums[grid] += head_mean
+        """Add one layer's head-averaged probabilities, (B, N, keys) float32 with N = h·w queries, at once (the
+        capture processor adds its blocks through `running_sum`). `kind` is "self" or "cross"."""
+        batch, queries, keys = head_mean.shape
+        total, first = self.running_sum(batch, queries, keys, head_mean.device, kind)
+        if first:
+            total.copy_(head_mean)
         else:
-            sums[grid] = head_mean
-        layers[grid] = layers.get(grid, 0) + 1
+            total += head_mean
+        self.added(queries, kind)
 
     def running_sum(
         self, batch: int, queries: int, keys: int, device: torch.device, kind: str = "self"

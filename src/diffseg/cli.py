@@ -53,9 +53,9 @@ def _weights(text: str) -> dict[str, float]:
 
     weights = {}
     for item in text.split(","):
-        key, _, value = item.strip().partition(":")
+        key, _, value = (part.strip() for part in item.partition(":"))
         try:
-            grid_key(key.strip())
+            grid_key(key)
             weight = float(value)
         except ValueError:
             raise argparse.ArgumentTypeError(
@@ -63,7 +63,7 @@ def _weights(text: str) -> dict[str, float]:
             ) from None
         if not (math.isfinite(weight) and weight >= 0):
             raise argparse.ArgumentTypeError(f"weights must be finite and at least 0, got {value!r} in {text!r}")
-        weights[key.strip().lower()] = weight
+        weights[key.lower()] = weight
     if not any(w > 0 for w in weights.values()):
         raise argparse.ArgumentTypeError(f"at least one weight must be above 0, got {text!r}")
     return weights
