@@ -19,10 +19,10 @@ from PIL import Image
 
 from common import arguments, report, timeit
 from diffseg import AttentionBundle
-from diffseg.app import preset_weights, slider_weights
-from diffseg.app_view import image_uri, render
+from diffseg.app.demo import preset_weights, slider_weights
+from diffseg.app.view import image_uri, render
 from diffseg.segmentation import segment_bundle
-from diffseg.synthetic import attention_from_segmentation, shapes_segmentation
+from diffseg.testing.synthetic import attention_from_segmentation, shapes_segmentation
 
 
 def main() -> None:

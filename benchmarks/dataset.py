@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from common import report
-from diffseg.random_weights import save_random_checkpoint
+from diffseg.testing.models import save_random_checkpoint
 
 
 def main() -> None:

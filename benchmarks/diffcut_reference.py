@@ -25,8 +25,8 @@ import torch
 
 from common import arguments, report, timeit
 from diffseg import segment_features
-from diffseg.metrics import hungarian_scores
-from diffseg.ncut import recursive_ncut
+from diffseg.evaluation.metrics import hungarian_scores
+from diffseg.methods.diffcut.ncut import recursive_ncut
 
 
 def load_reference(folder: Path, device: str):

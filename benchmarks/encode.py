@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from common import arguments, peak_rss_gib, report, timeit
-from diffseg.capture import capture_attention
-from diffseg.random_weights import random_pipeline
+from diffseg.backbones.capture import capture_attention
+from diffseg.testing.models import random_pipeline
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/evaluate.py [--images 4] [--batch-size 1] [--device cpu]
 
-Builds a COCO-Stuff-shaped folder (640×480 JPEGs, stuffthingmaps-style label PNGs) and runs `diffseg.evaluate`
+Builds a COCO-Stuff-shaped folder (640×480 JPEGs, stuffthingmaps-style label PNGs) and runs `diffseg.evaluation.harness`
 on it: decode, crop, resize, VAE, one UNet pass with capture, segmentation at 512², Hungarian scoring. Accuracy is
 meaningless with random weights; the time per image is the real pipeline's.
 """
@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from common import arguments, report
-from diffseg.datasets import coco_image_ids
-from diffseg.evaluate import evaluate
-from diffseg.random_weights import random_pipeline
+from diffseg.evaluation.datasets import coco_image_ids
+from diffseg.evaluation.harness import evaluate
+from diffseg.testing.models import random_pipeline
 
 
 def make_coco_folder(root: Path, n: int) -> None:

@@ -33,7 +33,7 @@ GRIDS = [(256, 256), (288, 512), (512, 512), (720, 1280), (768, 768), (1024, 102
 
 
 def one(name: str, device: str, dtype: str) -> dict:
-    from diffseg.random_weights import random_pipeline
+    from diffseg.testing.models import random_pipeline
 
     architecture, (h, w), kwargs = CONFIGS[name]
     start = time.perf_counter()
@@ -72,7 +72,7 @@ def one(name: str, device: str, dtype: str) -> dict:
 
 def grid_costs() -> list[dict]:
     from common import timeit
-    from diffseg.random_weights import random_pipeline
+    from diffseg.testing.models import random_pipeline
 
     pipe = random_pipeline("tiny", dtype="float32")
     rows = []

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from common import arguments, report, timeit
-from diffseg.random_weights import random_pipeline
-from diffseg.semantic import assign_labels, word_scores
+from diffseg.testing.models import random_pipeline
+from diffseg.naming.vocabulary import assign_labels, word_scores
 
 WORDS = "road, car, person, sky"
 

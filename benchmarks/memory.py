@@ -30,17 +30,17 @@ image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 start = time.perf_counter()
 if step == "label upsampling":
-    from diffseg.labelling import label_map
+    from diffseg.methods.diffseg.labelling import label_map
     proposals = torch.rand(segments, 64, 64, generator=torch.Generator().manual_seed(0))
     label_map(proposals, (height, width))
 elif step == "overlay":
-    from diffseg.visualisation import overlay
+    from diffseg.io.visualisation import overlay
     overlay(image, labels)
 elif step == "coco rle":
-    from diffseg.outputs import coco_record
+    from diffseg.io.outputs import coco_record
     coco_record("x.jpg", labels)
 elif step == "pamr":
-    from diffseg.pamr import refine_labels
+    from diffseg.methods.diffcut.pamr import refine_labels
     refine_labels(torch.from_numpy(labels), torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

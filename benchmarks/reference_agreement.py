@@ -5,7 +5,7 @@
     python benchmarks/reference_agreement.py --reference /tmp/google-diffseg [--cases 6]
 
 Nothing of the reference is shipped here: it is imported from the folder given. Each case is attention built with
-`diffseg.synthetic` (smooth attention from a segmentation, and peaked softmax attention whose small values
+`diffseg.testing.synthetic` (smooth attention from a segmentation, and peaked softmax attention whose small values
 underflow float16, as trained models' do), run through the reference's `DiffSeg.segment` and through
 `segment_attention` with the same settings; the table gives the share of pixels on which the label maps agree after
 matching their ids one-to-one. The target is >= 99.5 %.
@@ -22,8 +22,8 @@ import numpy as np
 
 from common import report
 from diffseg import segment_attention
-from diffseg.metrics import hungarian_scores
-from diffseg.synthetic import attention_from_segmentation, peaked_attention, shapes_segmentation
+from diffseg.evaluation.metrics import hungarian_scores
+from diffseg.testing.synthetic import attention_from_segmentation, peaked_attention, shapes_segmentation
 
 SETTINGS = [(1.1, 16, False), (0.9, 16, False), (0.6, 8, False), (1.1, 16, True)]  # (τ, anchors per side, refine)
 

@@ -2,7 +2,7 @@
 
     python benchmarks/segment.py [--repeat 5]
 
-The attention is synthetic (built from a known segmentation, `diffseg.synthetic`): the cost of this step depends
+The attention is synthetic (built from a known segmentation, `diffseg.testing.synthetic`): the cost of this step depends
 on the shapes and on the number of proposals, not on where the attention came from. Target: <= 0.5 s on 2 CPU
 cores at the default settings.
 """
@@ -14,10 +14,10 @@ import torch
 
 from common import arguments, report, timeit
 from diffseg import segment_attention
-from diffseg.aggregation import aggregate, as_attention_maps
-from diffseg.labelling import label_map
-from diffseg.merging import anchor_grid, merge
-from diffseg.synthetic import attention_from_segmentation, shapes_segmentation
+from diffseg.methods.diffseg.aggregation import aggregate, as_attention_maps
+from diffseg.methods.diffseg.labelling import label_map
+from diffseg.methods.diffseg.merging import anchor_grid, merge
+from diffseg.testing.synthetic import attention_from_segmentation, shapes_segmentation
 
 
 def main() -> None:

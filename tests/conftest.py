@@ -8,7 +8,7 @@ from PIL import Image
 
 from diffseg import DiffSegPipeline
 from diffseg.cli import main
-from diffseg.random_weights import save_random_checkpoint
+from diffseg.testing.models import save_random_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -109,3 +109,18 @@ def image_folder(tmp_path):
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.txt").write_text("not an image, and not named like one")
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- the slow marker
+
+# Tests that start a browser, a Ray instance or a killed subprocess: `pytest -m "not slow"` leaves them out for a fast
+# inner loop; CI (`.ci/run`) runs everything.
+SLOW_FIXTURES = {"local_ray", "app_server", "sdxl_app_server"}
+SLOW_NAMES = ("killed", "ray_address", "real_browser")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SLOW_FIXTURES or any(word in item.name for word in SLOW_NAMES):
+            item.add_marker(pytest.mark.slow)

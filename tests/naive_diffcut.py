@@ -1,9 +1,9 @@
 """A literal, slow transcription of DiffCut's reference steps 2-3, written from its description, for the tests.
 
-It keeps the reference's mechanics that `diffseg.ncut` replaces: recursion with a full-size "painting" of explored
-tokens, the full N×N affinity re-masked at every call, rows with a zero dropped with set arithmetic, 100 separate
-matrix-vector cut costs, clusters assembled with a growing float32 `max_value`, features upsampled before the
-similarity. It runs on the CPU in float32 and, like the reference, may recurse without end on degenerate inputs
+It keeps the reference's mechanics that `methods.diffcut.ncut` replaces: recursion with a full-size "painting" of
+explored tokens, the full N×N affinity re-masked at every call, rows with a zero dropped with set arithmetic, 100
+separate matrix-vector cut costs, clusters assembled with a growing float32 `max_value`, features upsampled before
+the similarity. It runs on the CPU in float32 and, like the reference, may recurse without end on degenerate inputs
 (`max_depth` turns that into `RecursionError`).
 """
 

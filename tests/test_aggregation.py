@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.aggregation import aggregate, as_attention_maps, resolution_weights
-from diffseg.synthetic import attention_from_segmentation, blocks_segmentation
+from diffseg.methods.diffseg.aggregation import aggregate, as_attention_maps, resolution_weights
+from diffseg.testing.synthetic import attention_from_segmentation, blocks_segmentation
 
 from naive import tf_bilinear
 

@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 
 from diffseg import AttentionBundle
-from diffseg.app import BundleCache, slider_weights
-from diffseg.app_view import render
-from diffseg.outputs import read_labels
+from diffseg.app.cache import BundleCache
+from diffseg.app.demo import slider_weights
+from diffseg.app.view import render
+from diffseg.io.outputs import read_labels
 
 from conftest import quadrants_image, run_cli, tiny_model
 

@@ -12,18 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from diffseg.app import (
-    BundleCache,
-    EncodeCancelled,
+from diffseg.app.cache import BundleCache, EncodeCancelled
+from diffseg.app.demo import (
     preset_weights,
     presets_for,
     read_upload,
     slider_weights,
 )
-from diffseg.app_view import SMALL_SEGMENT, image_uri, render, segment_rows, segment_table
+from diffseg.app.view import SMALL_SEGMENT, image_uri, render, segment_rows, segment_table
 from diffseg.bundle import AttentionBundle
-from diffseg.outputs import read_labels
-from diffseg.semantic import SegmentLabel
+from diffseg.io.outputs import read_labels
+from diffseg.naming.vocabulary import SegmentLabel
 
 from conftest import quadrants_image
 
@@ -121,7 +120,7 @@ def test_upload_errors_are_readable(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="could not be read as an image"):
         read_upload(str(tmp_path / "bad.png"))
     Image.fromarray(quadrants_image(100, 100)).save(tmp_path / "big.png")
-    monkeypatch.setattr("diffseg.app.MAX_PIXELS", 5000)
+    monkeypatch.setattr("diffseg.app.demo.MAX_PIXELS", 5000)
     with pytest.raises(ValueError, match="100×100 pixels; the limit"):
         read_upload(str(tmp_path / "big.png"))
 
@@ -592,7 +591,7 @@ def test_demo_on_sdxl_shows_only_its_two_grids(sdxl_app_server, tmp_path):
 def test_names_are_anchored_inside_their_segments_and_never_overlap():
     """The rule the written overlay (`visualisation.overlay`) and the demo's viewer share: a name goes at its segment's
     deepest pixel; names are kept largest segment first, skipping any that would overlap one already kept."""
-    from diffseg.visualisation import label_anchors, overlay, placed_first
+    from diffseg.io.visualisation import label_anchors, overlay, placed_first
 
     labels = np.zeros((120, 200), dtype=np.int64)
     labels[:, 100:] = 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffseg import DiffSegPipeline
-from diffseg.backbones import detect, target_size, unet_inputs
+from diffseg.backbones.families import detect, target_size, unet_inputs
 
 from conftest import error_percentile, matched_agreement, quadrants_image, relative_error
 
@@ -174,3 +174,16 @@ def test_half_precision_label_maps_agree_with_float32(tiny_checkpoint, tiny_pipe
     assert a.max() > 0 and matched_agreement(a, b) >= tolerance
     cut, cut32 = half.encode(image, method="diffcut"), tiny_pipeline.encode(image, method="diffcut")
     assert matched_agreement(half.segment(cut).labels, tiny_pipeline.segment(cut32).labels) >= tolerance
+
+
+def test_the_hub_is_probed_once_per_environment(monkeypatch):
+    from diffseg.backbones import families
+
+    probes = []
+    monkeypatch.setattr(families, "_PROBES", {})
+    monkeypatch.setattr(families, "_probe_hub", lambda timeout: probes.append(timeout) or False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert [families._hub_reachable() for _ in range(3)] == [False] * 3 and len(probes) == 1  # checks, then loading
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # another environment: asked again
+    families._hub_reachable()
+    assert len(probes) == 2

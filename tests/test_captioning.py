@@ -1,7 +1,7 @@
 import pytest
 
-from diffseg.captioning import Captioner, nouns
-from diffseg.random_weights import save_random_blip
+from diffseg.naming.captioning import Captioner, nouns
+from diffseg.testing.models import save_random_blip
 
 from conftest import quadrants_image, run_cli, tiny_model
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from diffseg.capture import AttentionStore, capture_attention, self_attention_layers
+from diffseg.backbones.capture import AttentionStore, attention_layers, capture_attention
 
 from conftest import error_percentile, relative_error
 
@@ -28,7 +28,7 @@ def test_capture_leaves_unet_output_unchanged(unet_inputs):
 def test_captured_maps_equal_an_independent_softmax_per_layer(unet_inputs):
     unet, latents, t, text = unet_inputs
     inputs = {}
-    modules = {name[: -len(".processor")]: None for name in self_attention_layers(unet)}
+    modules = {name[: -len(".processor")]: None for name in attention_layers(unet, "self")}
     hooks = []
     for name, module in unet.named_modules():
         if name in modules:
@@ -82,7 +82,7 @@ def test_only_self_attention_layers_are_replaced(unet_inputs):
     with capture_attention(unet, (64, 64)):
         during = unet.attn_processors
     changed = {name for name in before if during[name] is not before[name]}
-    assert changed == set(self_attention_layers(unet))
+    assert changed == set(attention_layers(unet, "self"))
     assert all(name.endswith("attn1.processor") for name in changed) and len(changed) == 10
 
 

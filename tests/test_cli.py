@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from diffseg import segment_attention
-from diffseg.outputs import read_labels
+from diffseg.io.outputs import read_labels
 
 from conftest import run_cli, tiny_model
 
@@ -89,7 +89,7 @@ def test_traceback_on_request(tmp_path, image_folder, monkeypatch):
 
 
 def test_outputs_get_the_mode_of_any_new_file_not_0600(tiny_checkpoint, tmp_path):
-    from diffseg.outputs import _UMASK
+    from diffseg.io.outputs import _UMASK
 
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "a.png")
     assert run_cli("segment", tmp_path / "a.png", "-o", tmp_path / "out", *tiny_model(tiny_checkpoint)) == 0
@@ -98,7 +98,7 @@ def test_outputs_get_the_mode_of_any_new_file_not_0600(tiny_checkpoint, tmp_path
 
 
 def test_resume_knows_which_input_made_an_output(tiny_checkpoint, tmp_path, capsys):
-    from diffseg.outputs import label_source
+    from diffseg.io.outputs import label_source
 
     folder, out = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
@@ -137,7 +137,7 @@ def test_coco_rle_from_one_pass_equals_pycocotools_encoding_each_mask():
     pytest.importorskip("pycocotools")
     from pycocotools import mask as coco_mask
 
-    from diffseg.outputs import coco_record
+    from diffseg.io.outputs import coco_record
 
     rng = np.random.default_rng(0)
     for shape, count in [((7, 9), 4), ((50, 31), 12), ((1, 40), 3), ((40, 1), 2), ((30, 30), 1)]:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffseg.dataset_job import list_inputs, read_manifest
-from diffseg.outputs import read_labels
+from diffseg.jobs.dataset import list_inputs, read_manifest
+from diffseg.io.outputs import read_labels
 
 from conftest import quadrants_image, run_cli, tiny_model
 
@@ -189,7 +189,7 @@ def test_ray_address_local_starts_a_local_instance_whatever_ray_address_says():
     import sys
 
     script = (
-        "import ray; from diffseg.dataset_job import _connect; _connect('local'); "
+        "import ray; from diffseg.jobs.dataset import _connect; _connect('local'); "
         "print('nodes', len(ray.nodes())); ray.shutdown()"
     )
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there: joining it would hang or fail

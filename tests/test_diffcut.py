@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from diffseg import segment_features
-from diffseg.ncut import affinity_matrix, assemble_clusters, fiedler_vector, recursive_ncut
-from diffseg.pamr import pamr
+from diffseg.methods.diffcut.ncut import affinity_matrix, assemble_clusters, fiedler_vector, recursive_ncut
+from diffseg.methods.diffcut.pamr import pamr
 
 from naive_diffcut import naive_pamr, naive_segment_features
 
@@ -164,7 +164,7 @@ def test_pamr_within_a_memory_budget_gives_what_the_whole_image_at_once_gives():
     as PAMR on every one-hot mask at once (the reference's way), then the median filter."""
     from scipy.ndimage import median_filter
 
-    from diffseg.pamr import refine_labels, refinement_plan
+    from diffseg.methods.diffcut.pamr import refine_labels, refinement_plan
 
     generator = torch.Generator().manual_seed(0)
     plans = set()
@@ -186,7 +186,7 @@ def test_pamr_within_a_memory_budget_gives_what_the_whole_image_at_once_gives():
 
 
 def test_pamr_memory_is_bounded_by_its_budget_whatever_the_size_and_segment_count():
-    from diffseg.pamr import HALO, MEMORY_BUDGET, _PER_LABEL, _WEIGHTS, refinement_plan
+    from diffseg.methods.diffcut.pamr import HALO, MEMORY_BUDGET, _PER_LABEL, _WEIGHTS, refinement_plan
 
     for size, count in [((3000, 4000), 1000), ((1500, 2000), 2), ((6000, 8000), 2), ((128, 128), 30)]:
         rows, chunk = refinement_plan(size, count)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffseg.datasets import BENCHMARKS, coco_class_map, coco_image_ids, protocol_label
-from diffseg.evaluate import evaluate
+from diffseg.evaluation.datasets import BENCHMARKS, coco_class_map, coco_image_ids, protocol_label
+from diffseg.evaluation.harness import evaluate
 
 from conftest import quadrants_image, run_cli, tiny_model
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffseg.outputs import read_labels
+from diffseg.io.outputs import read_labels
 
 from conftest import quadrants_image, run_cli, tiny_model
 from test_evaluate import make_coco

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffseg.images import as_array, center_crop, find_images, load_image, to_model_input
+from diffseg.io.images import as_array, center_crop, find_images, load_image, to_model_input
 
 from conftest import quadrants_image
 from naive import tf_bilinear

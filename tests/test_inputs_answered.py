@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from diffseg import AttentionBundle
-from diffseg.backbones import target_size
-from diffseg.merging import anchor_grid
-from diffseg.outputs import read_labels
+from diffseg.backbones.families import target_size
+from diffseg.methods.diffseg.merging import anchor_grid
+from diffseg.io.outputs import read_labels
 
 from conftest import quadrants_image, run_cli, tiny_model
 

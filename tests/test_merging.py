@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.merging import anchor_grid, merge_from_anchors, merge_proposals, symmetric_kl
+from diffseg.methods.diffseg.merging import anchor_grid, merge_from_anchors, merge_proposals, symmetric_kl
 
 from naive import kl as naive_kl
 

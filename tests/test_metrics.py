@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from diffseg.metrics import Scores, confusion_matrix, hungarian_scores
+from diffseg.evaluation.metrics import Scores, confusion_matrix, hungarian_scores
 
 
 def test_confusion_matrix_ignores_unlabelled_and_widens_for_extra_predictions():

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from diffseg.outputs import _HOST, is_stale, read_labels
+from diffseg.io.outputs import _HOST, is_stale, read_labels
 
 from conftest import quadrants_image, run_cli, tiny_model
 

@@ -112,7 +112,7 @@ def test_missing_weights_give_an_actionable_error(tmp_path, tiny_checkpoint):
 
 
 def test_unreachable_hub_id_fails_fast_with_the_local_folder_hint(monkeypatch):
-    import diffseg.backbones as backbones
+    import diffseg.backbones.families as backbones
 
     monkeypatch.setattr(backbones, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")

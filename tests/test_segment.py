@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 
 from diffseg import segment_attention
-from diffseg import labelling
-from diffseg.labelling import label_map, relabel
-from diffseg.metrics import hungarian_scores
-from diffseg.merging import float16_underflow, merge_from_anchors
-from diffseg.synthetic import (
+from diffseg.methods.diffseg import labelling
+from diffseg.methods.diffseg.labelling import label_map, relabel
+from diffseg.evaluation.metrics import hungarian_scores
+from diffseg.methods.diffseg.merging import float16_underflow, merge_from_anchors
+from diffseg.testing.synthetic import (
     attention_from_segmentation,
     blocks_segmentation,
     peaked_attention,

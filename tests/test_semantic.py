@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from diffseg import AttentionBundle
-from diffseg.capture import attention_layers, capture_attention
-from diffseg.semantic import assign_labels, word_scores
+from diffseg.backbones.capture import attention_layers, capture_attention
+from diffseg.naming.vocabulary import assign_labels, word_scores
 
 from conftest import error_percentile, quadrants_image, relative_error, run_cli, tiny_model
 

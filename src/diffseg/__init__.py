@@ -7,9 +7,9 @@ DiffCut (Couairon et al., NeurIPS 2024): one UNet layer's features cut by a recu
 
 from .bundle import AttentionBundle
 from .config import DEFAULT_MODEL, DiffCutConfig, EncodeConfig, SegmentConfig
-from .diffcut import segment_features
+from .methods.diffcut.segment import segment_features
+from .methods.diffseg.segment import segment_attention
 from .pipeline import DiffSegPipeline, Segmentation
-from .segment import segment_attention
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .aggregation import GridDict, by_size, grid_key
-from .outputs import atomic_path
-from .semantic import Vocabulary
+from .io.outputs import atomic_path
+from .methods.diffseg.aggregation import GridDict, by_size, grid_key
+from .naming.vocabulary import Vocabulary
 
 FORMAT = "diffseg-bundle/2"  # grids keyed "HxW"; DiffCut features
 _FORMAT_V1 = "diffseg-attention-bundle/1"  # square grids keyed by side r; still read

@@ -27,7 +27,6 @@ class EncodeConfig:
     # "native": keep the aspect ratio at about resolution² pixels; "square": the paper's resolution×resolution.
     resize: str = "native"
     crop: str | None = None  # "center": central square first, as the benchmarks' data loaders do
-    prompt: str = ""  # reference: `_UNCONDITIONAL_TOKENS`, the embedding of the empty prompt
     noise_seed: int | None = None  # reference adds no noise: the clean latent goes in at `timestep`
 
 

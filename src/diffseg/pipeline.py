@@ -20,14 +20,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import backbones
+from .backbones import families as backbones
+from .backbones.capture import capture_attention, capture_output, token_grid
+from .backbones.devices import place, resolve_device, resolve_dtype
 from .bundle import AttentionBundle
-from .capture import capture_attention, capture_output, token_grid
 from .config import DEFAULT_MODEL, ENCODE_DEFAULTS, METHOD_DEFAULT, NOISE_SCHEDULE, NamingConfig, encode_settings
-from .devices import place, resolve_device, resolve_dtype
-from .images import as_array, crop as crop_image, to_model_input
+from .io.images import as_array, to_model_input
+from .io.images import crop as crop_image
+from .naming.vocabulary import Vocabulary, build_vocabulary
 from .segmentation import Segmentation, segment_bundle
-from .semantic import Vocabulary, build_vocabulary
 
 __all__ = ["DiffSegPipeline", "Segmentation", "segment_bundle", "resolve_device", "resolve_dtype"]
 
@@ -57,8 +58,10 @@ class DiffSegPipeline:
         model: str = "",
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
+        backbone: backbones.Backbone | None = None,
     ) -> None:
-        self.backbone = backbones.detect(unet.config, scheduler.config if scheduler is not None else None)
+        # The family's facts: as `from_pretrained` read them from the checkpoint's configs, or from these components.
+        self.backbone = backbone or backbones.detect(unet.config, scheduler.config if scheduler is not None else None)
         if self.backbone.family == "sdxl" and (text_encoder_2 is None or tokenizer_2 is None):
             raise ValueError(f"A {self.backbone.name} UNet needs `text_encoder_2` and `tokenizer_2` as well.")
         self.device = resolve_device(device)
@@ -94,8 +97,8 @@ class DiffSegPipeline:
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        _, components = backbones.load(model, dtype=dtype, local_files_only=local_files_only)
-        return cls(**components, model=str(model), device=device, dtype=dtype)
+        backbone, components = backbones.load(model, dtype=dtype, local_files_only=local_files_only)
+        return cls(**components, model=str(model), device=device, dtype=dtype, backbone=backbone)
 
     # ------------------------------------------------------------------ conditioning
 

@@ -12,10 +12,10 @@ from PIL import Image
 
 from .bundle import AttentionBundle
 from .config import DiffCutConfig, NamingConfig, SegmentConfig
-from .diffcut import segment_features
-from .segment import segment_attention
-from .semantic import SegmentLabel, assign_labels, word_scores
-from .visualisation import overlay
+from .io.visualisation import overlay
+from .methods.diffcut.segment import segment_features
+from .methods.diffseg.segment import segment_attention
+from .naming.vocabulary import SegmentLabel, assign_labels, word_scores
 
 _NAMING = NamingConfig()
 SEGMENTERS = {"diffseg": segment_attention, "diffcut": segment_features}

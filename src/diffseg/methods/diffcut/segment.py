@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DiffCutConfig
-from .labelling import label_map
+from ...config import DiffCutConfig
+from ..diffseg.labelling import label_map
 from .ncut import assemble_clusters, recursive_ncut
 
 _DEFAULTS = DiffCutConfig()

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import METHOD_DEFAULT, DiffCutConfig, encode_settings
+from ..config import METHOD_DEFAULT, DiffCutConfig, encode_settings
+from ..io.images import center_crop, load_image
+from ..io.outputs import atomic_path, read_labels
 from .datasets import BENCHMARKS, NUM_CLASSES, RESOLUTION, Benchmark, Sample, protocol_label
-from .images import center_crop, load_image
 from .metrics import Scores, hungarian_scores
-from .outputs import atomic_path, read_labels
-
 
 PROTOCOLS = ("diffseg", "diffcut")
 DIFFCUT_SCORE_SIZE = DiffCutConfig().output_size  # `eval_diffcut.py`: predictions and labels at 128×128
@@ -189,7 +188,7 @@ def evaluate(
     size = (RESOLUTION, RESOLUTION) if protocol == "diffseg" else DIFFCUT_SCORE_SIZE
     job = None
     if pipeline is not None:
-        from .jobs import Job
+        from ..jobs.runner import Job
 
         protocol_encode = {
             "method": method,

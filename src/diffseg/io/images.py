@@ -11,8 +11,8 @@ import glob
 import io
 import os
 from collections.abc import Sequence
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bundle import AttentionBundle
-from .images import crop as crop_array, load_image
-from .segmentation import Segmentation
+from ..bundle import AttentionBundle
+from ..io.images import crop as crop_array
+from ..io.images import load_image
+from ..segmentation import Segmentation
 
 # What a failure in each stage may raise and still be the input's fault, not the program's.
 READ_ERRORS = (OSError, ValueError)

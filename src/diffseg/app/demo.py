@@ -6,25 +6,20 @@ merging and labelling, or DiffCut's normalised cut. The viewer (`web/viewer.js`)
 so opacity, boundaries, hovering and isolating a segment need no server at all (`app_view` makes its data).
 The page fetches nothing from outside this server (system fonts, no analytics), so it works offline.
 
-Where things are: `BundleCache` (encodes and their files), `watch_encode` (progress and cancelling of an encode),
-`build_app` (the page: layout, then one handler per kind of event), `launch`.
+Where things are: `cache.BundleCache` (encodes and their files) and `cache.watch_encode` (progress and cancelling of
+an encode), `build_app` (the page: layout, then one handler per kind of event), `launch`.
 """
 
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
 import shutil
 import signal
 import sys
-import tempfile
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,12 +28,13 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from .aggregation import by_size
-from .app_view import image_uri, render
-from .bundle import AttentionBundle
-from .config import ENCODE_DEFAULTS, METHODS, RESOLUTION_PRESETS, AppConfig, DiffCutConfig, SegmentConfig
-from .config import preset_weights as preset_grid_weights
-from .images import load_image
+from ..bundle import AttentionBundle
+from ..config import ENCODE_DEFAULTS, METHODS, RESOLUTION_PRESETS, AppConfig, DiffCutConfig, SegmentConfig
+from ..config import preset_weights as preset_grid_weights
+from ..io.images import load_image
+from ..methods.diffseg.aggregation import by_size
+from .cache import BundleCache, EncodeCancelled
+from .view import render
 
 _SEGMENT = SegmentConfig()
 _DIFFCUT = DiffCutConfig()
@@ -47,116 +43,7 @@ MAX_PIXELS = _APP.max_pixels  # module-level so tests can lower it
 MAX_GRIDS = 4  # weight sliders, finest grid first; a model with fewer grids (SDXL: 2) shows fewer
 CUSTOM = "custom"  # the preset's name once a weight slider is moved by hand
 OPACITY = 0.5  # the viewer's default overlay opacity (the CLI's overlay uses the same)
-_WEB = resources.files("diffseg").joinpath("web")
-
-
-class EncodeCancelled(Exception):
-    """The user stopped an encode; the page keeps its previous result."""
-
-
-@contextmanager
-def watch_encode(pipeline, report: Callable[[str, float], None], stop: Callable[[], bool]):
-    """Progress and cancelling for encodes run by this thread: before each block of the VAE encoder and of the UNet,
-    `report(stage, fraction of that stage)`, and raise `EncodeCancelled` once `stop()` is true. Other threads'
-    forwards are left alone; the hooks are removed on exit."""
-    owner = threading.get_ident()
-    vae, unet = pipeline.vae.encoder, pipeline.unet
-    stages = {
-        "Encoding the image (VAE)": [*vae.down_blocks, vae.mid_block],
-        "One denoising step (UNet)": [*unet.down_blocks, unet.mid_block, *unet.up_blocks],
-    }
-    handles = []
-    for stage, blocks in stages.items():
-        for k, block in enumerate(blocks):
-            done = k / len(blocks)
-
-            def before(_module, _inputs, stage=stage, fraction=done):
-                if threading.get_ident() != owner:
-                    return
-                if stop():
-                    raise EncodeCancelled("Encoding stopped; the page keeps its previous result.")
-                report(stage, fraction)
-
-            handles.append(block.register_forward_pre_hook(before))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@dataclass
-class _Entry:
-    bundle: AttentionBundle
-    file: Path  # the bundle as safetensors, for download
-    image: str = ""  # the image at the viewer's size (`app_view.image_uri`), made once per bundle
-
-
-class BundleCache:
-    """LRU cache of bundles keyed by everything that defines one: image content, model, method, timestep, words.
-    Each entry has its own file (named from its whole key), so evicting one never removes another's. Counts the
-    encodes it runs."""
-
-    def __init__(self, pipeline, capacity: int = _APP.cache_size, folder: str | Path | None = None) -> None:
-        if capacity < 1:
-            raise ValueError(f"`capacity` must be at least 1 but is {capacity}.")
-        self.pipeline = pipeline
-        self.capacity = capacity
-        self.encodes = 0
-        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
-        self._lock = threading.Lock()
-        self.folder = Path(folder or tempfile.mkdtemp(prefix="diffseg-app-"))
-
-    @staticmethod
-    def digest(image: np.ndarray) -> str:
-        """The image's content, as the first part of its key."""
-        return hashlib.sha256(str(image.shape).encode() + np.ascontiguousarray(image).tobytes()).hexdigest()
-
-    def get(
-        self,
-        image: np.ndarray,
-        timestep: int,
-        words: tuple[str, ...] = (),
-        method: str = "diffseg",
-        *,
-        report: Callable[[str, float], None] | None = None,
-        stop: Callable[[], bool] | None = None,
-        digest: str | None = None,
-    ) -> tuple[_Entry, bool]:
-        """The bundle of `method` for `image` at `timestep` (with cross-attention for `words`, if any), and whether
-        it had to be encoded now. An encode reports its stages to `report` and ends with `EncodeCancelled` when
-        `stop()` turns true (see `watch_encode`); nothing is cached then. `digest`: the image's `digest`, if known."""
-        key = (digest or self.digest(image), self.pipeline.model, method, int(timestep), tuple(words))
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key], False
-        # Encode outside the lock: cached bundles stay available while a new image is encoded.
-        watching = watch_encode(self.pipeline, report or (lambda *_: None), stop or (lambda: False))
-        with watching if (report or stop) else nullcontext():
-            bundle = self.pipeline.encode(image, method=method, timestep=timestep, labels=list(words) or None)
-        name = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
-        file = bundle.save(self.folder / f"{key[0][:12]}-{method}-t{timestep}-{name}.safetensors")
-        entry = _Entry(bundle, file, image_uri(bundle.image))
-        with self._lock:
-            self.encodes += 1
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                _, old = self._entries.popitem(last=False)
-                old.file.unlink(missing_ok=True)
-                shutil.rmtree(self.folder / old.file.stem, ignore_errors=True)  # its downloads (see `Demo.segment`)
-        print(
-            f"diffseg app: encoded image {key[0][:12]} with {method} at t={timestep}"
-            + (f", words {', '.join(words)}" if words else "")
-            + f" (encode #{self.encodes})",
-            file=sys.stderr,
-            flush=True,
-        )
-        return entry, True
-
-    def __len__(self) -> int:
-        return len(self._entries)
+_WEB = resources.files("diffseg.app").joinpath("web")
 
 
 def presets_for(sides: tuple[int, ...]) -> list[str]:
@@ -289,7 +176,7 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
     cache = BundleCache(pipeline, cache_size)
     atexit.register(shutil.rmtree, cache.folder, ignore_errors=True)  # hundreds of MB: removed when the server exits
     examples = sorted(
-        str(p) for p in resources.files("diffseg").joinpath("examples").iterdir() if str(p).endswith(".jpg")
+        str(p) for p in resources.files("diffseg.app").joinpath("examples").iterdir() if str(p).endswith(".jpg")
     )
     captions = [Path(p).stem.replace("_", " ").capitalize() for p in examples]
     sides = pipeline.backbone.grid_sides[:MAX_GRIDS]

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .outputs import label_image, save_image
-from .visualisation import label_anchors, palette
+from ..io.outputs import label_image, save_image
+from ..io.visualisation import label_anchors, palette
 
 SMALL_SEGMENT = 0.005  # segments under 0.5 % of the image: collapsed in the table, named on the viewer on hover only
 VIEWER_SIDE = 1024  # longest side of the viewer's image and id map; areas and the label PNG are at full size

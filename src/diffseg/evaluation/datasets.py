@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import center_crop
+from ..io.images import center_crop
 
 NUM_CLASSES = 27
 RESOLUTION = 512  # reference `RESOLUTION = 512`

@@ -1,6 +1,6 @@
 """Draw the example images shipped with diffseg (made by the project; no third-party content).
 
-    python src/diffseg/examples/make_examples.py
+    python src/diffseg/app/examples/make_examples.py
 
 Simple scenes with a few distinct regions, textured so that they are not flat colour: a landscape, a table top and a
 street. Used by the demo's example gallery and the README's quick start.

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .aggregation import Grid, GridDict, by_size
+from ..methods.diffseg.aggregation import Grid, GridDict, by_size
 
 # Attention scores computed at once (elements): 2**21 float32 = 8 MiB, a block of query rows over all heads.
 _SCORES_PER_BLOCK = 1 << 21
@@ -188,11 +188,6 @@ def attention_layers(unet: torch.nn.Module, kind: str = "self") -> list[str]:
             "UNet (diffusers UNet2DConditionModel)."
         )
     return names
-
-
-def self_attention_layers(unet: torch.nn.Module) -> list[str]:
-    """Processor names of the UNet's self-attention layers: `attn1` of every transformer block."""
-    return attention_layers(unet, "self")
 
 
 @contextmanager

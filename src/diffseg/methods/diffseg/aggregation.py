@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
 Grid = tuple[int, int]  # (height, width) of an attention grid, in tokens
 
 
@@ -134,7 +133,7 @@ def resolution_weights(
     """
     grids = [grid_key(g) for g in grids]
     if isinstance(weights, str):
-        from .config import preset_weights
+        from ...config import preset_weights
 
         weights = preset_weights(weights, by_size(grids))
     if weights is None:

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 # A temporary file names its writer: `.NAME.HOST-PID.RANDOM.tmp`. Two runs may write one output folder at once, so
 # a temporary file is removed only when it is provably stale: its writer (on this host) is gone, or it is older than
 # this process (a writer on another host, or a file of an older version, which records no writer).

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_MODEL
+from ..config import DEFAULT_MODEL
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -163,9 +163,23 @@ UNREACHABLE = "the Hugging Face hub cannot be reached and it is not in the local
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection (assumed so behind a proxy, which we cannot probe).
 
-    Without this, an offline machine spends a minute in the hub client's retries before failing.
+    Without this, an offline machine spends a minute in the hub client's retries before failing. Probed once per
+    process and environment: a run's checks and its loading share the answer.
     """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    from huggingface_hub import constants
+
+    settings = tuple(os.environ.get(v) for v in (*_PROXIES, "HF_HUB_OFFLINE")) + (constants.ENDPOINT,)
+    if settings not in _PROBES:
+        _PROBES[settings] = _probe_hub(timeout)
+    return _PROBES[settings]
+
+
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+_PROBES: dict[tuple, bool] = {}
+
+
+def _probe_hub(timeout: float) -> bool:
+    if any(os.environ.get(v) for v in _PROXIES):
         return True
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
@@ -200,17 +214,17 @@ def check_model_path(model: str) -> None:
         )
 
 
-def inspect(model: str | os.PathLike, *, local_files_only: bool = False) -> Backbone:
+def read_backbone(model: str | os.PathLike, *, local_files_only: bool = False) -> Backbone:
     """The family of a checkpoint (hub id or folder) from its configs alone, without loading weights."""
     model = str(model)
     check_model_path(model)
     offline = False
     if not Path(model).expanduser().is_dir() and not local_files_only and not _hub_reachable():
         local_files_only = offline = True
-    return _inspect(model, local_files_only, offline)[0]
+    return _read_configs(model, local_files_only, offline)[0]
 
 
-def _inspect(model: str, local_files_only: bool, offline: bool) -> tuple[Backbone, dict | None]:
+def _read_configs(model: str, local_files_only: bool, offline: bool) -> tuple[Backbone, dict | None]:
     try:
         unet_config = _read_json(model, "unet", "config.json", local_files_only)
         scheduler_config = _read_json(model, "scheduler", "scheduler_config.json", local_files_only)
@@ -269,7 +283,7 @@ def load(
         local_files_only = offline = True  # the hub cache may still hold it
 
     # 1. Read the configs and decide the family.
-    backbone, scheduler_config = _inspect(model, local_files_only, offline)
+    backbone, scheduler_config = _read_configs(model, local_files_only, offline)
     if local:
         missing = [name for name in backbone.components if not (Path(model).expanduser() / name).is_dir()]
         if missing:

@@ -15,13 +15,13 @@ does not depend on word order.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import VOTING, NamingConfig
+from ..config import VOTING, NamingConfig
 
 SCORE_SIZE = (512, 512)  # reference: cross-attention aggregated at 512 × 512
 _NAMING = NamingConfig()
@@ -102,7 +102,7 @@ def word_scores(
     Returns:
         (W, H·W) float32: row w is word w's normalised map, pixels row-major.
     """
-    from .aggregation import grid_key
+    from ..methods.diffseg.aggregation import grid_key
 
     cross = {grid_key(g): m for g, m in cross.items()}
     grids = list(cross)
@@ -129,9 +129,6 @@ class SegmentLabel:
     label: str | None
     score: float
     area: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def assign_labels(

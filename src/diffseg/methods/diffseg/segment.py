@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from ...config import SegmentConfig, merge_thresholds
 from .aggregation import aggregate, as_attention_maps
-from .config import SegmentConfig, merge_thresholds
 from .labelling import label_map
 from .merging import anchor_grid, merge, refine_kmeans
 

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import Backbone, inspect as inspect_backbone, target_size
-from .config import DEFAULT_MODEL, METHOD_DEFAULT, EncodeConfig, encode_settings
-from .images import crop as crop_image, decode_image, find_images, to_model_input
-from .outputs import WRITERS, atomic_path, outputs_done, read_labels
+from ..backbones.families import Backbone, target_size
+from ..backbones.families import read_backbone
+from ..config import DEFAULT_MODEL, METHOD_DEFAULT, EncodeConfig, encode_settings
+from ..io.images import crop as crop_image
+from ..io.images import decode_image, find_images, to_model_input
+from ..io.outputs import WRITERS, atomic_path, outputs_done, read_labels
 
 _ENCODE = EncodeConfig()
 MANIFEST = "manifest.parquet"
@@ -211,9 +213,9 @@ class SegmentWorker:
         formats: list[str],
         labels: str | None = None,
     ) -> None:
-        from .jobs import Job
-        from .outputs import WRITERS
-        from .pipeline import DiffSegPipeline
+        from ..io.outputs import WRITERS
+        from ..pipeline import DiffSegPipeline
+        from .runner import Job
 
         self.pipe = DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype)
         self.encode = {k: encode[k] for k in ("method", "timestep", "noise_seed") if k in encode}
@@ -224,8 +226,8 @@ class SegmentWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         import torch
 
-        from .jobs import MODEL_ERRORS, encoding_failed
-        from .outputs import write_outputs
+        from ..io.outputs import write_outputs
+        from .runner import MODEL_ERRORS, encoding_failed
 
         n = len(batch["path"])
         rows = [_failed(batch["path"][i], batch["name"][i], self.output, str(batch["error"][i])) for i in range(n)]
@@ -326,7 +328,7 @@ def segment_dataset(
     segment_kwargs = dict(segment_kwargs or {})
     settings = encode_settings(method, timestep=timestep, resolution=resolution, noise_seed=noise_seed)
     timestep, resolution, noise_seed = settings.timestep, settings.resolution, settings.noise_seed
-    backbone = inspect_backbone(str(model))  # the family's sizes, read from its configs before any worker starts
+    backbone = read_backbone(str(model))  # the family's sizes, read from its configs before any worker starts
     target_size((1, 1), backbone, resolution, resize)  # a bad resolution or resize fails here, not in every task
     output = Path(output)
     items = list_inputs(source)

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import NOISE_SCHEDULE
-
-ARCHITECTURES = ("tiny", "sd15")
+from ..config import NOISE_SCHEDULE
 
 
 def _byte_vocab() -> dict[str, int]:
@@ -242,7 +240,7 @@ def build_components(architecture: str = "tiny", seed: int = 0) -> dict[str, obj
 
 def random_pipeline(architecture: str = "tiny", *, seed: int = 0, device="cpu", dtype="auto"):
     """A `DiffSegPipeline` of `architecture` with random weights, built in memory (for benchmarks)."""
-    from .pipeline import DiffSegPipeline
+    from ..pipeline import DiffSegPipeline
 
     components = build_components(architecture, seed)
     with tempfile.TemporaryDirectory() as folder:

@@ -63,7 +63,7 @@ def check_caption_model(model: str) -> bool:
     """
     from pathlib import Path
 
-    from .backbones import _HUB_ID, UNREACHABLE, _hub_reachable
+    from ..backbones.families import _HUB_ID, UNREACHABLE, _hub_reachable
 
     if Path(model).expanduser().is_dir():
         return False
@@ -97,7 +97,7 @@ class Captioner:
             self.model = BlipForConditionalGeneration.from_pretrained(model, local_files_only=offline)
             self.model = self.model.to(device).eval()
         except (OSError, ValueError) as error:
-            from .backbones import UNREACHABLE
+            from ..backbones.families import UNREACHABLE
 
             raise FileNotFoundError(_fetch_it_elsewhere(model, UNREACHABLE if offline else error)) from None
         self.device = device

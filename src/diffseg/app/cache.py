@@ -1,0 +1,131 @@
+"""The demo's cache of encodes: `BundleCache` keeps the expensive step (VAE + one UNet pass) of recent images, in memory
+and as files; `watch_encode` reports an encode's stages and stops it when asked."""
+
+
+import hashlib
+import shutil
+import sys
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import AttentionBundle
+from ..config import AppConfig
+from .view import image_uri
+
+_APP = AppConfig()
+
+
+class EncodeCancelled(Exception):
+    """The user stopped an encode; the page keeps its previous result."""
+
+
+@contextmanager
+def watch_encode(pipeline, report: Callable[[str, float], None], stop: Callable[[], bool]):
+    """Progress and cancelling for encodes run by this thread: before each block of the VAE encoder and of the UNet,
+    `report(stage, fraction of that stage)`, and raise `EncodeCancelled` once `stop()` is true. Other threads'
+    forwards are left alone; the hooks are removed on exit."""
+    owner = threading.get_ident()
+    vae, unet = pipeline.vae.encoder, pipeline.unet
+    stages = {
+        "Encoding the image (VAE)": [*vae.down_blocks, vae.mid_block],
+        "One denoising step (UNet)": [*unet.down_blocks, unet.mid_block, *unet.up_blocks],
+    }
+    handles = []
+    for stage, blocks in stages.items():
+        for k, block in enumerate(blocks):
+            done = k / len(blocks)
+
+            def before(_module, _inputs, stage=stage, fraction=done):
+                if threading.get_ident() != owner:
+                    return
+                if stop():
+                    raise EncodeCancelled("Encoding stopped; the page keeps its previous result.")
+                report(stage, fraction)
+
+            handles.append(block.register_forward_pre_hook(before))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class _Entry:
+    bundle: AttentionBundle
+    file: Path  # the bundle as safetensors, for download
+    image: str = ""  # the image at the viewer's size (`app_view.image_uri`), made once per bundle
+
+
+class BundleCache:
+    """LRU cache of bundles keyed by everything that defines one: image content, model, method, timestep, words.
+    Each entry has its own file (named from its whole key), so evicting one never removes another's. Counts the
+    encodes it runs."""
+
+    def __init__(self, pipeline, capacity: int = _APP.cache_size, folder: str | Path | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"`capacity` must be at least 1 but is {capacity}.")
+        self.pipeline = pipeline
+        self.capacity = capacity
+        self.encodes = 0
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="diffseg-app-"))
+
+    @staticmethod
+    def digest(image: np.ndarray) -> str:
+        """The image's content, as the first part of its key."""
+        return hashlib.sha256(str(image.shape).encode() + np.ascontiguousarray(image).tobytes()).hexdigest()
+
+    def get(
+        self,
+        image: np.ndarray,
+        timestep: int,
+        words: tuple[str, ...] = (),
+        method: str = "diffseg",
+        *,
+        report: Callable[[str, float], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+        digest: str | None = None,
+    ) -> tuple[_Entry, bool]:
+        """The bundle of `method` for `image` at `timestep` (with cross-attention for `words`, if any), and whether
+        it had to be encoded now. An encode reports its stages to `report` and ends with `EncodeCancelled` when
+        `stop()` turns true (see `watch_encode`); nothing is cached then. `digest`: the image's `digest`, if known."""
+        key = (digest or self.digest(image), self.pipeline.model, method, int(timestep), tuple(words))
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key], False
+        # Encode outside the lock: cached bundles stay available while a new image is encoded.
+        watching = watch_encode(self.pipeline, report or (lambda *_: None), stop or (lambda: False))
+        with watching if (report or stop) else nullcontext():
+            bundle = self.pipeline.encode(image, method=method, timestep=timestep, labels=list(words) or None)
+        name = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
+        file = bundle.save(self.folder / f"{key[0][:12]}-{method}-t{timestep}-{name}.safetensors")
+        entry = _Entry(bundle, file, image_uri(bundle.image))
+        with self._lock:
+            self.encodes += 1
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                _, old = self._entries.popitem(last=False)
+                old.file.unlink(missing_ok=True)
+                shutil.rmtree(self.folder / old.file.stem, ignore_errors=True)  # its downloads (see `Demo.segment`)
+        print(
+            f"diffseg app: encoded image {key[0][:12]} with {method} at t={timestep}"
+            + (f", words {', '.join(words)}" if words else "")
+            + f" (encode #{self.encodes})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return entry, True
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,7 @@
+"""`python -m diffseg.cli`: the `diffseg` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""Checks run before any model loads (sizes, output folder, the checkpoint's family and vocabulary), and the loaders the
+commands share."""
+
+from __future__ import annotations
+
+import argparse
+
+MAX_OUTPUT_PIXELS = 400_000_000  # --output-size: a label map larger than this (20000×20000) is refused
+
+
+def check_output_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    if size is not None and size[0] * size[1] > MAX_OUTPUT_PIXELS:
+        raise ValueError(f"`--output-size` {size[0]}x{size[1]} is larger than {MAX_OUTPUT_PIXELS:,} pixels.")
+    return size
+
+def check_writable(folder) -> None:
+    """Create the output folder and make sure files can be written there, before any model loads; remove the stale
+    temporary files a killed run left there (`outputs.sweep_stale`: never a live writer's)."""
+    import tempfile
+    from pathlib import Path
+
+    from ..io.outputs import sweep_stale
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".diffseg-write-check-"):
+            pass
+    except OSError as error:
+        raise OSError(
+            f"Output folder `{folder}` is not writable ({error.strerror or error}); choose another."
+        ) from None
+    sweep_stale(folder)
+
+def check_batch_size(value: int) -> int:
+    if value < 1:
+        raise ValueError(f"`--batch-size` must be at least 1 but is {value}.")
+    return value
+
+def check_model(args: argparse.Namespace, encode: dict | None = None):
+    """The checkpoint's family from its configs (no weights loaded yet), with the encode settings checked against it:
+    a bad resolution fails here, before the model loads."""
+    from ..backbones.families import read_backbone, target_size
+
+    backbone = read_backbone(args.model)
+    if encode is not None:
+        target_size((1, 1), backbone, encode.get("resolution"), encode.get("resize", "square"))
+    explicit = getattr(args, "num_points", None)
+    if explicit is not None and args.method == "diffseg" and backbone.grid_sides:
+        resolution = (encode or {}).get("resolution") or backbone.native_size
+        finest = backbone.grid_sides[0] * resolution // backbone.native_size
+        if explicit > finest:
+            raise ValueError(
+                f"`--num-points {explicit}` does not fit: the finest attention grid of this {backbone.name} checkpoint "
+                f"at {resolution} px is {finest}×{finest}; pass at most {finest} (or leave it out)."
+            )
+    return backbone
+
+def check_naming(args: argparse.Namespace) -> None:
+    """Naming words checked with the checkpoint's tokenizer alone, and a caption model that cannot be had refused,
+    before the model loads."""
+    if getattr(args, "labels", None) is not None:
+        from ..backbones.families import load_tokenizer
+        from ..naming.vocabulary import build_vocabulary
+
+        build_vocabulary(args.labels, load_tokenizer(args.model))
+    if getattr(args, "caption", False):
+        from ..naming.captioning import DEFAULT_CAPTION_MODEL, check_caption_model, default_tagger
+
+        check_caption_model(args.caption_model or DEFAULT_CAPTION_MODEL)
+        default_tagger()  # its data installed
+
+def load_pipeline(args: argparse.Namespace):
+    from ..pipeline import DiffSegPipeline
+
+    return DiffSegPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+
+def load_captioner(args: argparse.Namespace, device):
+    from ..naming.captioning import DEFAULT_CAPTION_MODEL, Captioner, default_tagger
+
+    return Captioner(args.caption_model or DEFAULT_CAPTION_MODEL, device=device, tagger=default_tagger())

@@ -1,0 +1,296 @@
+"""The options the commands share, each parsed and checked before any model loads: model, encoding, segmentation,
+naming and outputs. Defaults are read from `diffseg.config`, never restated."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import (
+    DEFAULT_MODEL,
+    ENCODE_DEFAULTS,
+    METHOD_DEFAULT,
+    METHODS,
+    RESOLUTION_PRESETS,
+    VOTING,
+    DiffCutConfig,
+    EncodeConfig,
+    NamingConfig,
+    SegmentConfig,
+)
+
+_ENCODE = EncodeConfig()
+_SEGMENT = SegmentConfig()
+_DIFFCUT = DiffCutConfig()
+_NAMING = NamingConfig()
+
+
+def _thresholds(text: str) -> float | tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+def _weights(text: str) -> dict[str, float]:
+    """`R:W,...` or `HxW:W,...`: grids as the library names them (`aggregation.grid_key`), finite weights ≥ 0."""
+    import math
+
+    from ..methods.diffseg.aggregation import grid_key
+
+    weights = {}
+    for item in text.split(","):
+        key, _, value = (part.strip() for part in item.partition(":"))
+        try:
+            grid_key(key)
+            weight = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected GRID:WEIGHT pairs such as '64:0.5,32:0.5' or '48x88:1', got {text!r}"
+            ) from None
+        if not (math.isfinite(weight) and weight >= 0):
+            raise argparse.ArgumentTypeError(f"weights must be finite and at least 0, got {value!r} in {text!r}")
+        weights[key.lower()] = weight
+    if not any(w > 0 for w in weights.values()):
+        raise argparse.ArgumentTypeError(f"at least one weight must be above 0, got {text!r}")
+    return weights
+
+def _seed(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed or 'none', got {text!r}") from None
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or SIDE, got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or SIDE, got {text!r}")
+    return (parts[0], parts[-1])
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder (default: {DEFAULT_MODEL})"
+    )
+    group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="UNet and text encoder precision; auto is float16 on GPU, float32 on CPU (VAE: float32)",
+    )
+
+def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> None:
+    diffseg, diffcut = ENCODE_DEFAULTS["diffseg"], ENCODE_DEFAULTS["diffcut"]
+    group = parser.add_argument_group("encoding (the UNet step)")
+    group.add_argument(
+        "--method",
+        choices=METHODS,
+        default="diffseg",
+        help="diffseg: self-attention merged by KL (Tian et al.); diffcut: one layer's features cut by recursive "
+        "normalised cut (Couairon et al.) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--timestep",
+        type=int,
+        default=METHOD_DEFAULT,
+        help=f"UNet timestep (default: the method's paper: DiffSeg {diffseg.timestep}, DiffCut {diffcut.timestep})",
+    )
+    if crop:  # benchmarks fix the crop, the size and the noise: the protocol's
+        group.add_argument(
+            "--crop",
+            choices=["none", "center"],
+            default=_ENCODE.crop or "none",
+            help="center: take the central square first, as the benchmarks do (default: %(default)s)",
+        )
+        group.add_argument(
+            "--resize",
+            choices=["native", "square"],
+            default=_ENCODE.resize,
+            help="native: keep the aspect ratio at about RESOLUTION² pixels; square: the paper's RESOLUTION×RESOLUTION "
+            "(default: %(default)s)",
+        )
+        group.add_argument(
+            "--resolution",
+            type=int,
+            default=METHOD_DEFAULT,
+            help="about RESOLUTION² pixels reach the UNet, each side a multiple of 64 (SDXL family: 32) (default: "
+            f"DiffSeg the model's native size, 512 for SD 1.x; DiffCut {diffcut.resolution})",
+        )
+        group.add_argument(
+            "--noise-seed",
+            type=_seed,
+            default=METHOD_DEFAULT,
+            help="seed of the noise added for the timestep, or 'none' for the clean latent (default: DiffSeg none, "
+            f"as its paper; DiffCut {diffcut.noise_seed}, as its reference)",
+        )
+    group.add_argument("--batch-size", type=int, default=1, help="images per UNet batch (default: %(default)s)")
+
+def encode_kwargs(args: argparse.Namespace) -> dict:
+    """The `DiffSegPipeline.encode` keyword arguments given on the command line, checked (before any model loads)."""
+    from ..config import encode_settings
+
+    given = {name: getattr(args, name, METHOD_DEFAULT) for name in ("timestep", "resolution", "noise_seed")}
+    settings = encode_settings(args.method, **given)
+    if not 0 <= settings.timestep <= 999:
+        raise ValueError(f"`--timestep` must be in [0, 999] but is {settings.timestep}.")
+    if settings.resolution is not None and not 32 <= settings.resolution <= 4096:
+        raise ValueError(
+            f"`--resolution` must be from 32 to 4096 (a multiple of 64, or 32 for SDXL) but is {settings.resolution}."
+        )
+    kwargs = {"method": args.method, **{k: getattr(settings, k) for k in given}}
+    if hasattr(args, "crop"):
+        kwargs.update(crop=None if args.crop == "none" else args.crop, resize=args.resize)
+    return kwargs
+
+def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT.kl_threshold) -> None:
+    group = parser.add_argument_group("segmentation (aggregation, merging, labelling)")
+    group.add_argument(
+        "--kl-threshold",
+        type=_thresholds,
+        default=kl_threshold,
+        help="merge threshold τ, one value or one per iteration (default: "
+        + ("the paper's for the dataset" if kl_threshold is None else "%(default)s")
+        + ")",
+    )
+    group.add_argument(
+        "--iterations", type=int, default=_SEGMENT.iterations, help="merge iterations (default: %(default)s)"
+    )
+    group.add_argument(
+        "--num-points",
+        type=int,
+        default=None,
+        help=f"anchors per axis M of the first merge (default: {_SEGMENT.num_points}; an axis of the finest grid "
+        "shorter than M gets one anchor per position)",
+    )
+    group.add_argument("--refine", action="store_true", help="K-means refinement (needs scikit-learn: diffseg[refine])")
+    group.add_argument(
+        "--float32-merge",
+        action="store_true",
+        help="merge maps that underflow float16 too (default: as the reference, whose float16 first iteration "
+        "leaves them out)",
+    )
+    weights = group.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--resolution-weights",
+        type=_weights,
+        default=None,
+        metavar="R:W,...",
+        help="weight per attention grid, e.g. 64:1,32:0 (a side names the grid of that size on any aspect ratio) or "
+        "48x88:1 (default: proportional to the grid's side)",
+    )
+    weights.add_argument(
+        "--resolution-preset",
+        choices=list(RESOLUTION_PRESETS),
+        default=None,
+        help="a named weighting of the attention grids by rank, finest first (fits any model)",
+    )
+    cut = parser.add_argument_group("DiffCut segmentation (recursive normalised cut), with --method diffcut")
+    cut.add_argument(
+        "--tau",
+        type=float,
+        default=_DIFFCUT.tau,
+        help="accept a cut while its normalised-cut cost is below τ; lower gives fewer segments (default: %(default)s)",
+    )
+    cut.add_argument("--alpha", type=float, default=_DIFFCUT.alpha, help="affinity exponent α (default: %(default)s)")
+    cut.add_argument("--pamr", action="store_true", help="refine with PAMR and a 3×3 median filter (reference option)")
+
+def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) -> None:
+    group = parser.add_argument_group("semantic labels (name each segment)")
+    group.add_argument(
+        "--labels",
+        default=None,
+        metavar="WORDS",
+        help="comma-separated words to name segments with, e.g. 'road,car,person,sky' (offline)",
+    )
+    if captions:
+        group.add_argument(
+            "--caption",
+            action="store_true",
+            help="name segments with the nouns of an automatic BLIP caption (needs diffseg[caption])",
+        )
+        group.add_argument("--caption-model", default=None, help="BLIP captioning checkpoint (hub id or folder)")
+    group.add_argument(
+        "--voting",
+        choices=list(VOTING),
+        default=_NAMING.voting,
+        help="majority vote of per-pixel best words, or highest mean score (default: %(default)s)",
+    )
+    group.add_argument(
+        "--min-confidence",
+        type=float,
+        default=_NAMING.min_confidence,
+        help="leave segments scoring below this unlabelled (default: %(default)s)",
+    )
+    if captions:
+        group.add_argument(
+            "--segment-from",
+            choices=["unconditional", "conditional"],
+            default=_NAMING.segment_from,
+            help="which pass the segments come from when labelling (default: %(default)s, as without labels)",
+        )
+
+def label_kwargs(args: argparse.Namespace) -> dict:
+    return {"voting": args.voting, "min_confidence": args.min_confidence}
+
+def segment_kwargs(args: argparse.Namespace) -> dict:
+    """The segmenter's keyword arguments given on the command line (`segment_attention` for DiffSeg,
+    `segment_features` for DiffCut), checked before any model loads."""
+    import math
+
+    if args.method == "diffcut":
+        for name in ("tau", "alpha"):
+            value = getattr(args, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"`--{name}` must be a positive number but is {value}.")
+        return {"tau": args.tau, "alpha": args.alpha, "pamr": args.pamr}
+    if args.refine:
+        try:
+            import sklearn.cluster  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                "--refine needs scikit-learn: pip install 'diffseg[refine]' (or scikit-learn)."
+            ) from error
+    weights = args.resolution_weights
+    if args.resolution_preset is not None:
+        weights = args.resolution_preset  # weights by rank: resolved on each bundle's grids
+    num_points = _SEGMENT.num_points if args.num_points is None else args.num_points
+    if num_points < 2:
+        raise ValueError(f"`--num-points` must be at least 2 but is {num_points}.")
+    kwargs = {
+        "kl_threshold": args.kl_threshold,
+        "iterations": args.iterations,
+        "num_points": num_points,
+        "refine": args.refine,
+        "resolution_weights": weights,
+        "reference_float16": not args.float32_merge,
+    }
+    thresholds = SegmentConfig(**kwargs).thresholds()  # a threshold list of the wrong length fails here
+    if not all(math.isfinite(t) for t in thresholds):
+        raise ValueError(f"`--kl-threshold` must be finite but is {args.kl_threshold}.")
+    return kwargs
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("outputs (each written atomically: whole or not at all)")
+    group.add_argument("--no-overlay", action="store_true", help="do not write colour overlays (overlays/NAME.png)")
+    group.add_argument("--npy", action="store_true", help="also write the label map as arrays/NAME.npy")
+    group.add_argument(
+        "--coco",
+        action="store_true",
+        help="also write coco/NAME.json: one COCO RLE mask per segment, for detectron2/mmdetection (pycocotools)",
+    )
+
+def output_writers(args: argparse.Namespace, naming: bool = False) -> list:
+    """The output formats asked for on the command line (the same options for `segment` and `segment-dataset`)."""
+    from ..io.outputs import writers_for
+
+    if args.coco:
+        try:
+            import pycocotools  # noqa: F401
+        except ImportError as error:
+            raise ImportError("--coco needs pycocotools: pip install 'diffseg[coco]' (or pycocotools).") from error
+    return writers_for(overlay=not args.no_overlay, npy=args.npy, names=naming, coco=args.coco)

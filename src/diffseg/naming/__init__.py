@@ -1,0 +1,2 @@
+"""Naming segments with words: a vocabulary's cross-attention scores segments (`vocabulary`); BLIP captions give an
+image its own words (`captioning`)."""
