@@ -126,7 +126,7 @@ def test_cli_writes_names_per_image(tiny_checkpoint, image_folder, tmp_path):
             "-o",
             out,
             *tiny_model(tiny_checkpoint),
-            "--labels",
+            "--words",  # the option's name; --labels (below) is its alias
             "red, green, blue",
             "--kl-threshold",
             "0.9",

@@ -59,11 +59,11 @@ def check_model(args: argparse.Namespace, encode: dict | None = None):
 def check_naming(args: argparse.Namespace) -> None:
     """Naming words checked with the checkpoint's tokenizer alone, and a caption model that cannot be had refused,
     before the model loads."""
-    if getattr(args, "labels", None) is not None:
+    if getattr(args, "words", None) is not None:
         from ..backbones.families import load_tokenizer
         from ..naming.vocabulary import build_vocabulary
 
-        build_vocabulary(args.labels, load_tokenizer(args.model))
+        build_vocabulary(args.words, load_tokenizer(args.model))
     if getattr(args, "caption", False):
         from ..naming.captioning import DEFAULT_CAPTION_MODEL, check_caption_model, default_tagger
 

@@ -30,13 +30,13 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
 
     kwargs = segment_kwargs(args)
     encode = encode_kwargs(args)
-    if args.method != "diffseg" and args.labels is not None:
-        raise ValueError("Naming segments (--labels) works with --method diffseg only.")
+    if args.method != "diffseg" and args.words is not None:
+        raise ValueError("Naming segments (--words) works with --method diffseg only.")
     check_model(args, encode)
     check_naming(args)
     if "://" not in str(args.output):
         check_writable(args.output)
-    formats = [w.key for w in output_writers(args, naming=args.labels is not None)]
+    formats = [w.key for w in output_writers(args, naming=args.words is not None)]
     summary = segment_dataset(
         args.input,
         args.output,
@@ -49,7 +49,7 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         segment_kwargs=kwargs,
         **encode,
-        labels=args.labels,
+        labels=args.words,
         label_kwargs=label_kwargs(args),
         formats=tuple(formats),
     )

@@ -200,12 +200,14 @@ def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT
     cut.add_argument("--pamr", action="store_true", help="refine with PAMR and a 3×3 median filter (reference option)")
 
 def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) -> None:
-    group = parser.add_argument_group("semantic labels (name each segment)")
+    group = parser.add_argument_group("naming segments with words")
     group.add_argument(
+        "--words",
         "--labels",
+        dest="words",
         default=None,
         metavar="WORDS",
-        help="comma-separated words to name segments with, e.g. 'road,car,person,sky' (offline)",
+        help="comma-separated words to name segments with, e.g. 'road,car,person,sky' (offline; --labels is the same)",
     )
     if captions:
         group.add_argument(

@@ -40,11 +40,11 @@ def run_segment(args: argparse.Namespace) -> int:
     batch_size = check_batch_size(args.batch_size)
     settings = {**segment_kwargs(args), **label_kwargs(args), "output_size": check_output_size(args.output_size)}
     encode = encode_kwargs(args)
-    naming = args.labels is not None or args.caption
+    naming = args.words is not None or args.caption
     if args.method != "diffseg" and naming:
-        raise ValueError("Naming segments (--labels, --caption) works with --method diffseg only.")
-    if args.labels is not None and args.caption:
-        raise ValueError("Pass either --labels or --caption, not both.")
+        raise ValueError("Naming segments (--words, --caption) works with --method diffseg only.")
+    if args.words is not None and args.caption:
+        raise ValueError("Pass either --words or --caption, not both.")
     writers = output_writers(args, naming)
     check_model(args, encode)  # the checkpoint's configs only: a resolution it cannot take fails here
     check_naming(args)
@@ -61,12 +61,12 @@ def run_segment(args: argparse.Namespace) -> int:
 
     # 2. Load the model.
     pipe = load_pipeline(args)
-    if args.labels is not None:
-        pipe.vocabulary(args.labels)  # fail before any image: empty, too long
+    if args.words is not None:
+        pipe.vocabulary(args.words)  # fail before any image: empty, too long
     captioner = load_captioner(args, pipe.device) if args.caption else None
     if args.method == "diffseg":
         encode["segment_from"] = args.segment_from
-    job = Job(pipe, encode=encode, segment=settings, labels=args.labels, captioner=captioner, batch_size=batch_size)
+    job = Job(pipe, encode=encode, segment=settings, labels=args.words, captioner=captioner, batch_size=batch_size)
 
     # 3. Decode, encode in batches, segment, write.
     start = time.perf_counter()

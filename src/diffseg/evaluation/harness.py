@@ -146,61 +146,35 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    # 1. Check inputs and settings.
+    # 1. Check inputs and settings; a resumed run must have the same.
     bench = BENCHMARKS[benchmark] if isinstance(benchmark, str) else benchmark
     if (pipeline is None) == (predictions is None):
         raise ValueError("Pass exactly one of `pipeline` and `predictions`.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1 but is {batch_size}.")
-    segment_kwargs = dict(segment_kwargs or {})
     if protocol not in PROTOCOLS:
         raise ValueError(f"`protocol` must be one of {PROTOCOLS} but is {protocol!r}.")
-    encode = encode_settings(method, timestep=timestep, resize="square", crop="center")
     if predictions is not None and not Path(predictions).is_dir():
         raise FileNotFoundError(f"Predictions folder `{predictions}` does not exist.")
-    samples = bench.samples(root)
-    if limit is not None:
-        samples = samples[:limit]
+    segment_kwargs = dict(segment_kwargs or {})
+    encode = encode_settings(method, timestep=timestep, resize="square", crop="center")
+    samples = bench.samples(root)[:limit]
+    source = f"predictions:{Path(predictions).resolve()}" if predictions is not None else f"{method}:{pipeline.model}"
     settings = {
         "dataset": bench.name,
-        "method": f"predictions:{Path(predictions).resolve()}"
-        if predictions is not None
-        else f"{method}:{pipeline.model}",
+        "method": source,
         "timestep": encode.timestep if predictions is None else None,
         "protocol": protocol,
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in segment_kwargs.items()},
     }
-    settings = json.loads(json.dumps(settings))  # as it will read back
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    settings_path = output / "settings.json"
-    if settings_path.exists():
-        previous = json.loads(settings_path.read_text())
-        if previous != settings:
-            raise ValueError(
-                f"`{output}` holds a run with other settings ({previous}); resume with the same settings or choose "
-                "another output folder."
-            )
-    else:
-        with atomic_path(settings_path) as tmp:
-            tmp.write_text(json.dumps(settings, indent=2))
-
+    settings = _open_run(output, settings)
     size = (RESOLUTION, RESOLUTION) if protocol == "diffseg" else DIFFCUT_SCORE_SIZE
-    job = None
     if pipeline is not None:
-        from ..jobs.runner import Job
-
-        protocol_encode = {
-            "method": method,
-            "timestep": encode.timestep,
-            "crop": encode.crop,
-            "resize": encode.resize,
-            "resolution": encode.resolution or RESOLUTION,  # DiffSeg's protocol: 512 whatever the model
-            "noise_seed": encode.noise_seed,
-        }
-        job = Job(
-            pipeline, encode=protocol_encode, segment={**segment_kwargs, "output_size": size}, batch_size=batch_size
-        )
+        job = _protocol_job(pipeline, method, encode, {**segment_kwargs, "output_size": size}, batch_size)
+        predict = job.segment_images
+    else:
+        predict = _read_predictions(Path(predictions))
 
     # 2. Read back what is already scored.
     results = ResultsFile(output / "results.jsonl")
@@ -210,80 +184,34 @@ def evaluate(
         log(f"Resuming: {len(samples) - len(todo)} of {len(samples)} images already scored in {output}.")
 
     def summary() -> Summary:
-        scored = [results.records[s.id] for s in samples if s.id in results.records]
-        total = record_scores(*scored)
-        return Summary(
-            dataset=bench.name,
-            images=total.images,
-            pixel_accuracy=total.pixel_accuracy,
-            miou=total.miou,
-            iou=[None if np.isnan(v) else float(v) for v in total.iou],
-            seconds_per_image=float(np.mean([r["seconds"] for r in scored])) if scored else float("nan"),
-            skipped=skipped,
-            settings=settings,
-            paper={
-                "pixel_accuracy": bench.paper_pixel_accuracy,
-                "miou": bench.paper_miou,
-                "diffcut_miou": bench.diffcut_miou,
-            },
-        )
+        return _summary(bench, samples, results, skipped, settings)
 
-    def skip(sample: Sample, reason: str) -> None:
-        skipped.append({"id": sample.id, "reason": reason})
-        bar.write(f"diffseg: skipped {sample.id}: {reason}", file=sys.stderr)
+    def skip(sample_id: str, reason: str) -> None:
+        skipped.append({"id": sample_id, "reason": reason})
+        bar.write(f"diffseg: skipped {sample_id}: {reason}", file=sys.stderr)
 
     # 3. Score: segment (or read) each image, match, append.
     running = record_scores(*results.records.values())
     bar = tqdm(total=len(todo), unit="img", desc=f"evaluate {bench.name}", disable=not progress, dynamic_ncols=True)
     try:
         for batch in _batches(todo, batch_size):
-            loaded = []
-            for sample in batch:
-                if not sample.label.is_file():
-                    skip(sample, f"label `{sample.label}` not found")
-                    continue
-                try:
-                    # Benchmarks use the stored pixel order (no EXIF rotation), as the labels do.
-                    image = np.asarray(load_image(sample.image, exif_transpose=False))
-                    label = bench.read_label(sample.label)
-                except (OSError, ValueError) as error:
-                    skip(sample, str(error))
-                    continue
-                if label.shape != image.shape[:2]:
-                    skip(sample, f"label is {label.shape} but image is {image.shape[:2]}")
-                    continue
-                loaded.append((sample, image, protocol_label(label)))
-            if not loaded:
-                bar.update(len(batch))
-                continue
-            start = time.perf_counter()
-            if job is not None:  # the job runner: an encode or segment failure skips the image, named
-                images = {sample.id: image for sample, image, _ in loaded}
-                preds = []
-                for outcome in job.run([(sample.id, sample.id) for sample, _, _ in loaded], load=images.__getitem__):
-                    preds.append(outcome.result.labels if outcome.ok else None)
+            loaded = [item for item in (_load_sample(bench, sample, skip) for sample in batch) if item is not None]
+            if loaded:
+                start = time.perf_counter()
+                outcomes = list(predict([(s.id, s.id, image) for s, image, _ in loaded]))
+                seconds = (time.perf_counter() - start) / len(loaded)
+                for (sample, _, label), outcome in zip(loaded, outcomes):
                     if not outcome.ok:
-                        skip(next(s for s, _, _ in loaded if s.id == outcome.source), outcome.error)
-            else:
-                preds = []
-                for sample, image, _ in loaded:
-                    path = Path(predictions) / f"{sample.id}.png"
-                    try:
-                        preds.append(prediction_at_protocol_size(read_labels(path), image.shape[:2]))
-                    except (OSError, ValueError) as error:
-                        preds.append(None)
-                        skip(sample, f"prediction `{path}`: {error}")
-            seconds = (time.perf_counter() - start) / len(loaded)
-            for (sample, _, label), pred in zip(loaded, preds):
-                if pred is None:
-                    continue
-                if protocol == "diffcut":  # DiffCut scores at 128², labels downsampled with torch's "nearest"
-                    pred = _nearest(pred, size) if pred.shape != size else pred
-                    label = _nearest(label, size)
-                record = score_image(sample, pred, label, seconds)
-                results.append(record)
-                running += record_scores(record)
-            bar.set_postfix(acc=f"{100 * running.pixel_accuracy:.1f}", miou=f"{100 * running.miou:.1f}")
+                        skip(sample.id, outcome.error)
+                        continue
+                    pred = outcome.result.labels
+                    if protocol == "diffcut":  # DiffCut scores at 128², labels downsampled with torch's "nearest"
+                        pred = _nearest(pred, size) if pred.shape != size else pred
+                        label = _nearest(label, size)
+                    record = score_image(sample, pred, label, seconds)
+                    results.append(record)
+                    running += record_scores(record)
+                bar.set_postfix(acc=f"{100 * running.pixel_accuracy:.1f}", miou=f"{100 * running.miou:.1f}")
             bar.update(len(batch))
             _write_summary(output, summary())
     finally:
@@ -292,6 +220,95 @@ def evaluate(
     final = summary()
     _write_summary(output, final)
     return final
+
+
+def _open_run(output: Path, settings: dict) -> dict:
+    """The run's settings as they read back from `output/settings.json`: written for a new run, compared for a resumed
+    one (other settings are refused, naming them)."""
+    settings = json.loads(json.dumps(settings))  # as it will read back
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "settings.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            raise ValueError(
+                f"`{output}` holds a run with other settings ({previous}); resume with the same settings or choose "
+                "another output folder."
+            )
+    else:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2))
+    return settings
+
+
+def _protocol_job(pipeline, method: str, encode, segment: dict, batch_size: int):
+    """The job runner with the protocol's encode: central square, square resize, DiffSeg at 512 whatever the model
+    (DiffCut at its reference's 1024), the method's timestep and noise."""
+    from ..jobs.runner import Job
+
+    protocol_encode = {
+        "method": method,
+        "timestep": encode.timestep,
+        "crop": encode.crop,
+        "resize": encode.resize,
+        "resolution": encode.resolution or RESOLUTION,  # DiffSeg's protocol: 512 whatever the model
+        "noise_seed": encode.noise_seed,
+    }
+    return Job(pipeline, encode=protocol_encode, segment=segment, batch_size=batch_size)
+
+
+def _read_predictions(folder: Path) -> Callable:
+    """A predictor reading precomputed label PNGs `folder/ID.png`, brought to the protocol's size: the same outcomes
+    the job runner gives."""
+    from ..jobs.runner import Outcome
+    from ..segmentation import Segmentation
+
+    def predict(items: list) -> Iterator:
+        for sample_id, name, image in items:
+            path = folder / f"{sample_id}.png"
+            try:
+                labels = prediction_at_protocol_size(read_labels(path), image.shape[:2])
+            except (OSError, ValueError) as error:
+                yield Outcome(sample_id, name, error=f"prediction `{path}`: {error}")
+                continue
+            yield Outcome(sample_id, name, Segmentation(labels, int(labels.max()) + 1, image))
+
+    return predict
+
+
+def _load_sample(bench: Benchmark, sample: Sample, skip: Callable[[str, str], None]):
+    """(sample, image, protocol label) of one benchmark image, or None after `skip` names why it cannot be scored."""
+    if not sample.label.is_file():
+        return skip(sample.id, f"label `{sample.label}` not found")
+    try:
+        # Benchmarks use the stored pixel order (no EXIF rotation), as the labels do.
+        image = np.asarray(load_image(sample.image, exif_transpose=False))
+        label = bench.read_label(sample.label)
+    except (OSError, ValueError) as error:
+        return skip(sample.id, str(error))
+    if label.shape != image.shape[:2]:
+        return skip(sample.id, f"label is {label.shape} but image is {image.shape[:2]}")
+    return sample, image, protocol_label(label)
+
+
+def _summary(bench: Benchmark, samples: list, results: ResultsFile, skipped: list, settings: dict) -> Summary:
+    scored = [results.records[s.id] for s in samples if s.id in results.records]
+    total = record_scores(*scored)
+    return Summary(
+        dataset=bench.name,
+        images=total.images,
+        pixel_accuracy=total.pixel_accuracy,
+        miou=total.miou,
+        iou=[None if np.isnan(v) else float(v) for v in total.iou],
+        seconds_per_image=float(np.mean([r["seconds"] for r in scored])) if scored else float("nan"),
+        skipped=skipped,
+        settings=settings,
+        paper={
+            "pixel_accuracy": bench.paper_pixel_accuracy,
+            "miou": bench.paper_miou,
+            "diffcut_miou": bench.diffcut_miou,
+        },
+    )
 
 
 def _nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -71,9 +71,11 @@ class Job:
                 except READ_ERRORS as error:
                     yield Outcome(str(source), name, error=str(error))
             if loaded:
-                yield from self._process(loaded)
+                yield from self.segment_images(loaded)
 
-    def _process(self, loaded: list) -> Iterator[Outcome]:
+    def segment_images(self, loaded: Sequence[tuple[str, str, object]]) -> Iterator[Outcome]:
+        """Outcomes of (source, name, image) items already decoded (the evaluation harness enters here, having read
+        each image beside its label): encode as one batch, then segment each."""
         captions = [None] * len(loaded)
         try:
             if self.captioner is None:
