@@ -150,3 +150,28 @@ def test_every_bundle_field_is_validated_at_load(tiny_pipeline, tmp_path):
             AttentionBundle.load(path)
     save_file(good, str(tmp_path / "good.safetensors"), metadata=metadata)
     assert AttentionBundle.load(tmp_path / "good.safetensors").features.shape == diffcut.features.shape
+
+
+@pytest.mark.parametrize(
+    "config, settings, option",
+    [
+        ("DiffCutConfig", {"tau": 0.0}, "tau"),
+        ("DiffCutConfig", {"alpha": float("nan")}, "alpha"),
+        ("SegmentConfig", {"num_points": 1}, "num_points"),
+        ("SegmentConfig", {"kl_threshold": float("inf")}, "kl_threshold"),
+        ("SegmentConfig", {"kl_threshold": (1.0, 1.1), "iterations": 3}, "kl_threshold"),
+    ],
+)
+def test_configs_refuse_bad_settings_where_they_are_made_naming_the_setting(config, settings, option):
+    import diffseg
+
+    with pytest.raises(ValueError, match=f"`{option}`"):
+        getattr(diffseg, config)(**settings)
+
+
+def test_the_cli_reports_a_config_error_under_the_option_name(tmp_path, capsys):
+    image = tmp_path / "in.png"
+    Image.fromarray(quadrants_image(64)).save(image)
+    for argv, option in ((("--method", "diffcut", "--tau", "-1"), "--tau"), (("--num-points", "1"), "--num-points")):
+        assert run_cli("segment", image, "-o", tmp_path / "out", "--model", str(tmp_path), *argv) == 2
+        assert f"`{option}`" in capsys.readouterr().err

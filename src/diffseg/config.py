@@ -7,6 +7,7 @@ from: the paper (Tian et al., "Diffuse, Attend, and Segment", CVPR 2024) or the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +73,12 @@ class SegmentConfig:
     # grids: (h, w), "HxW", or a side r for r×r.
     resolution_weights: Mapping[object, float] | str | None = field(default=None)  # or a preset's name
 
+    def __post_init__(self) -> None:  # validated once, where the settings are made
+        if any(not math.isfinite(t) for t in self.thresholds()):
+            raise ValueError(f"`kl_threshold` must be finite but is {self.kl_threshold}.")
+        if isinstance(self.num_points, bool) or not isinstance(self.num_points, int) or self.num_points < 2:
+            raise ValueError(f"`num_points` must be an integer of at least 2 but is {self.num_points!r}.")
+
     def thresholds(self) -> tuple[float, ...]:
         """One KL threshold per merge iteration, validated."""
         return merge_thresholds(self.kl_threshold, self.iterations)
@@ -127,6 +134,13 @@ class DiffCutConfig:
     alpha: float = 10  # `--alpha 10`: exponent of the min-max normalised cosine affinity
     output_size: tuple[int, int] = (128, 128)  # `generate_masks(..., mask_size=(128, 128))`, where it is scored
     pamr: bool = False  # `--refinement` off by default: PAMR (10 iterations, dilations 1, 2, 4, 8) + 3×3 median
+
+    def __post_init__(self) -> None:  # validated once, where the settings are made
+        for name in ("tau", "alpha"):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a positive number but is {value!r}.")
 
 
 @dataclass(frozen=True)

@@ -241,15 +241,9 @@ def label_kwargs(args: argparse.Namespace) -> dict:
 
 def segment_kwargs(args: argparse.Namespace) -> dict:
     """The segmenter's keyword arguments given on the command line (`segment_attention` for DiffSeg,
-    `segment_features` for DiffCut), checked before any model loads."""
-    import math
-
+    `segment_features` for DiffCut), checked before any model loads by the method's config, which validates them."""
     if args.method == "diffcut":
-        for name in ("tau", "alpha"):
-            value = getattr(args, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"`--{name}` must be a positive number but is {value}.")
-        return {"tau": args.tau, "alpha": args.alpha, "pamr": args.pamr}
+        return _checked(DiffCutConfig, {"tau": args.tau, "alpha": args.alpha, "pamr": args.pamr})
     if args.refine:
         try:
             import sklearn.cluster  # noqa: F401
@@ -260,21 +254,27 @@ def segment_kwargs(args: argparse.Namespace) -> dict:
     weights = args.resolution_weights
     if args.resolution_preset is not None:
         weights = args.resolution_preset  # weights by rank: resolved on each bundle's grids
-    num_points = _SEGMENT.num_points if args.num_points is None else args.num_points
-    if num_points < 2:
-        raise ValueError(f"`--num-points` must be at least 2 but is {num_points}.")
     kwargs = {
         "kl_threshold": args.kl_threshold,
         "iterations": args.iterations,
-        "num_points": num_points,
+        "num_points": _SEGMENT.num_points if args.num_points is None else args.num_points,
         "refine": args.refine,
         "resolution_weights": weights,
         "reference_float16": not args.float32_merge,
     }
-    thresholds = SegmentConfig(**kwargs).thresholds()  # a threshold list of the wrong length fails here
-    if not all(math.isfinite(t) for t in thresholds):
-        raise ValueError(f"`--kl-threshold` must be finite but is {args.kl_threshold}.")
-    return kwargs
+    return _checked(SegmentConfig, kwargs)
+
+
+def _checked(config: type, settings: dict) -> dict:
+    """`settings` once `config` has validated them; its message names the command-line option (`--num-points`)."""
+    try:
+        config(**settings)
+    except ValueError as error:
+        message = str(error)
+        for name in settings:
+            message = message.replace(f"`{name}`", f"`--{name.replace('_', '-')}`")
+        raise ValueError(message) from None
+    return settings
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("outputs (each written atomically: whole or not at all)")
