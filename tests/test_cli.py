@@ -79,7 +79,7 @@ def test_known_errors_are_one_line_messages(tmp_path, image_folder, capsys):
     err = capsys.readouterr().err
     assert err.startswith("diffseg: error: Model folder") and "Traceback" not in err
     assert run_cli("segment", image_folder, "-o", tmp_path / "o", "--kl-threshold", "1,1") == 2
-    assert "`kl_threshold` has 2 values" in capsys.readouterr().err
+    assert "`--kl-threshold` has 2 values" in capsys.readouterr().err
 
 
 def test_traceback_on_request(tmp_path, image_folder, monkeypatch):
