@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from diffseg.evaluation.datasets import BENCHMARKS, coco_class_map, coco_image_ids, protocol_label
+from diffseg.config import SegmentConfig
 from diffseg.evaluation.harness import evaluate
 
 from conftest import quadrants_image, run_cli, tiny_model
@@ -118,7 +119,7 @@ def test_evaluate_cocostuff_end_to_end_reports_a_missing_label(tiny_checkpoint, 
 
 def test_resumed_run_gives_the_uninterrupted_summary(tiny_pipeline, tmp_path):
     make_coco(tmp_path / "coco", n=4)
-    kwargs = {"segment_kwargs": {"kl_threshold": 0.5}, "progress": False}
+    kwargs = {"config": SegmentConfig(kl_threshold=0.5), "progress": False}
     full = evaluate("cocostuff27", tmp_path / "coco", tmp_path / "full", pipeline=tiny_pipeline, limit=4, **kwargs)
     evaluate("cocostuff27", tmp_path / "coco", tmp_path / "part", pipeline=tiny_pipeline, limit=2, **kwargs)
     with open(tmp_path / "part" / "results.jsonl", "a") as f:
@@ -135,7 +136,7 @@ def test_resumed_run_gives_the_uninterrupted_summary(tiny_pipeline, tmp_path):
             tmp_path / "part",
             pipeline=tiny_pipeline,
             limit=4,
-            segment_kwargs={"kl_threshold": 0.9},
+            config=SegmentConfig(kl_threshold=0.9),
             progress=False,
         )
 
@@ -148,13 +149,7 @@ def test_a_killed_run_resumes_to_the_same_summary(tiny_checkpoint, tiny_pipeline
         tmp_path / "full",
         pipeline=tiny_pipeline,
         limit=4,
-        segment_kwargs={
-            "kl_threshold": 1.1,
-            "iterations": 3,
-            "num_points": 16,
-            "refine": False,
-            "resolution_weights": None,
-        },
+        config=SegmentConfig(kl_threshold=1.1, iterations=3, num_points=16, refine=False, resolution_weights=None),
         progress=False,
     )
     run = tmp_path / "killed"
@@ -218,7 +213,7 @@ def test_predictions_mode_scores_label_pngs_of_any_method(tiny_checkpoint, tiny_
         pipeline=tiny_pipeline,
         limit=3,
         progress=False,
-        segment_kwargs={"kl_threshold": 1.1},
+        config=SegmentConfig(kl_threshold=1.1),
     )
     scored = evaluate(
         "cocostuff27",
@@ -262,7 +257,7 @@ def test_evaluate_cityscapes_layout(tiny_pipeline, tmp_path):
         tmp_path / "run",
         pipeline=tiny_pipeline,
         progress=False,
-        segment_kwargs={"kl_threshold": 0.9},
+        config=SegmentConfig(kl_threshold=0.9),
     )
     records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in records) == sorted(names) and summary.images == 3

@@ -5,8 +5,9 @@ DiffSeg (Tian et al., "Diffuse, Attend, and Segment", CVPR 2024): self-attention
 DiffCut (Couairon et al., NeurIPS 2024): one UNet layer's features cut by a recursive normalised cut.
 """
 
-from .bundle import AttentionBundle
-from .config import DEFAULT_MODEL, DiffCutConfig, EncodeConfig, SegmentConfig
+from .bundle import AttentionBundle, FeatureBundle, load_bundle
+from .config import DEFAULT_MODEL, DiffCutConfig, EncodeConfig, NamingConfig, SegmentConfig
+from .methods.registry import METHODS
 from .methods.diffcut.segment import segment_features
 from .methods.diffseg.segment import segment_attention
 from .pipeline import DiffSegPipeline, Segmentation
@@ -14,6 +15,10 @@ from .pipeline import DiffSegPipeline, Segmentation
 __all__ = [
     "DEFAULT_MODEL",
     "AttentionBundle",
+    "FeatureBundle",
+    "load_bundle",
+    "METHODS",
+    "NamingConfig",
     "DiffSegPipeline",
     "EncodeConfig",
     "SegmentConfig",

@@ -1,4 +1,6 @@
-"""The bundle: everything segmentation needs, computed once per image (the UNet's expensive step).
+"""Bundles: what each method segments, computed once per image (the UNet's expensive step).
+
+An `AttentionBundle` (DiffSeg: self-attention per grid) or a `FeatureBundle` (DiffCut: one layer's tokens).
 
 Encode once, segment many: the demo's sliders, evaluation sweeps and `--resume` re-run only steps 3-5 on it.
 A bundle saves to and loads from one safetensors file, so segmentation can be re-run without the model.
@@ -10,6 +12,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -23,23 +26,57 @@ FORMAT = "diffseg-bundle/2"  # grids keyed "HxW"; DiffCut features
 _FORMAT_V1 = "diffseg-attention-bundle/1"  # square grids keyed by side r; still read
 
 
+class _Saved:
+    """What both bundle types share: the encoded image, where it came from, and the file format."""
+
+    image: np.ndarray
+    timestep: int
+    model: str
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the encoded image: the label map's default size."""
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The method's own tensors and metadata, besides the image and provenance."""
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bundle to a safetensors file (atomically: a reader never sees half a file)."""
+        from safetensors.torch import save_file
+
+        tensors, metadata = self._tensors()
+        tensors["image"] = torch.tensor(np.asarray(self.image, dtype=np.uint8))
+        metadata = {"format": FORMAT, "timestep": str(self.timestep), "model": self.model, **metadata}
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AttentionBundle | FeatureBundle:
+        """Read a bundle written by `save`, of either method (see `load_bundle`)."""
+        return load_bundle(path)
+
+
 @dataclass
-class AttentionBundle:
-    """What the UNet produced for one image, with the image it came from: DiffSeg's self-attention at every grid,
-    or DiffCut's layer features.
+class AttentionBundle(_Saved):
+    """What DiffSeg segments: the UNet's self-attention at every grid of one image, with the image it came from.
 
     Attributes:
         attention: (h, w) -> (h·w, h·w) float32 query × key probabilities, averaged over heads and over the layers
-            of that grid; rows sum to 1. Finest first. Empty for a DiffCut bundle.
+            of that grid; rows sum to 1. Finest first.
         image: (H, W, 3) uint8 RGB, the region that was encoded (after any crop), at its own resolution.
         timestep: the UNet timestep the attention was taken at.
         model: the checkpoint (hub id or folder) that produced it.
         layers: (h, w) -> number of self-attention layers averaged at that grid.
         cross_attention: (h, w) -> (h·w, T) cross-attention over the vocabulary prompt's T tokens, when encoded with
-            labels.
+            words.
         vocabulary: the words (and their token positions) the cross-attention belongs to.
-        features: (h, w, C) float32 tokens of DiffCut's layer (None for a DiffSeg bundle).
     """
+
+    method: ClassVar[str] = "diffseg"
 
     attention: dict[tuple[int, int], torch.Tensor]
     image: np.ndarray
@@ -48,126 +85,149 @@ class AttentionBundle:
     layers: dict[tuple[int, int], int] = field(default_factory=dict)
     cross_attention: dict[tuple[int, int], torch.Tensor] | None = None
     vocabulary: Vocabulary | None = None
-    features: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.attention = GridDict((grid_key(g), t) for g, t in self.attention.items())
         self.layers = GridDict((grid_key(g), int(n)) for g, n in self.layers.items())
         if self.cross_attention is not None:
             self.cross_attention = GridDict((grid_key(g), t) for g, t in self.cross_attention.items())
-        if not self.attention and self.features is None:
-            raise ValueError("A bundle needs attention maps (DiffSeg) or features (DiffCut); it has neither.")
+        if not self.attention:
+            raise ValueError("An attention bundle needs attention maps at one grid at least; it has none.")
 
-    @property
-    def method(self) -> str:
-        """ "diffcut" for a bundle of layer features, "diffseg" for one of attention maps."""
-        return "diffcut" if self.features is not None else "diffseg"
+    def to(self, device) -> AttentionBundle:
+        """A copy whose attention maps are on `device` (where segmenting then runs)."""
+        return dataclasses.replace(self, attention={g: t.to(device) for g, t in self.attention.items()})
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(height, width) of the encoded image: the label map's default size."""
-        return int(self.image.shape[0]), int(self.image.shape[1])
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the bundle to a safetensors file (atomically: a reader never sees half a file)."""
-        from safetensors.torch import save_file
-
+    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = {f"attention.{h}x{w}": t.detach().float().cpu().contiguous() for (h, w), t in self.attention.items()}
-        tensors["image"] = torch.tensor(np.asarray(self.image, dtype=np.uint8))
         for (h, w), t in (self.cross_attention or {}).items():
             tensors[f"cross.{h}x{w}"] = t.detach().float().cpu().contiguous()
-        if self.features is not None:
-            tensors["features"] = self.features.detach().float().cpu().contiguous()
-        metadata = {
-            "format": FORMAT,
-            "timestep": str(self.timestep),
-            "model": self.model,
-            "layers": json.dumps({f"{h}x{w}": n for (h, w), n in self.layers.items()}),
-        }
+        metadata = {"layers": json.dumps({f"{h}x{w}": n for (h, w), n in self.layers.items()})}
         if self.vocabulary is not None:
             metadata["vocabulary"] = json.dumps(dataclasses.asdict(self.vocabulary))
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        return path
+        return tensors, metadata
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> AttentionBundle:
-        """Read a bundle written by `save` (this format or the first, square-only one).
 
-        Raises:
-            FileNotFoundError: no such file.
-            ValueError: not a bundle, truncated, or a field malformed; the message names the file and the field.
-        """
-        from safetensors import SafetensorError, safe_open
+@dataclass
+class FeatureBundle(_Saved):
+    """What DiffCut segments: one UNet layer's tokens of one image, with the image it came from.
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Bundle `{path}` does not exist.")
+    Attributes:
+        features: (h, w, C) float32 tokens of DiffCut's layer.
+        image: (H, W, 3) uint8 RGB, the region that was encoded (after any crop), at its own resolution.
+        timestep: the UNet timestep the features were taken at.
+        model: the checkpoint (hub id or folder) that produced it.
+    """
+
+    method: ClassVar[str] = "diffcut"
+
+    features: torch.Tensor
+    image: np.ndarray
+    timestep: int
+    model: str = ""
+
+    def to(self, device) -> FeatureBundle:
+        """A copy whose features are on `device` (where segmenting then runs)."""
+        return dataclasses.replace(self, features=self.features.to(device))
+
+    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return {"features": self.features.detach().float().cpu().contiguous()}, {}
+
+
+Bundle = AttentionBundle | FeatureBundle
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Read a bundle written by `save` (this format or the first, square-only one): a `FeatureBundle` if it holds
+    features, else an `AttentionBundle`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a bundle, truncated, or a field malformed; the message names the file and the field.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Bundle `{path}` does not exist.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") not in (FORMAT, _FORMAT_V1):
+                raise ValueError(f"`{path}` is not a diffseg bundle (format {metadata.get('format')!r}).")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, RuntimeError, SafetensorError) as error:  # truncated or foreign files
+        raise ValueError(f"`{path}` could not be read as a bundle ({error}).") from error
+
+    def field_of(name, read):
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                if metadata.get("format") not in (FORMAT, _FORMAT_V1):
-                    raise ValueError(f"`{path}` is not a diffseg bundle (format {metadata.get('format')!r}).")
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (OSError, RuntimeError, SafetensorError) as error:  # truncated or foreign files
-            raise ValueError(f"`{path}` could not be read as a bundle ({error}).") from error
+            return read()
+        except (KeyError, ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"Bundle `{path}` has a malformed `{name}` ({error!r}); re-encode the image.") from None
 
-        def field_of(name, read):
-            try:
-                return read()
-            except (KeyError, ValueError, TypeError, AttributeError) as error:
-                raise ValueError(
-                    f"Bundle `{path}` has a malformed `{name}` ({error!r}); re-encode the image."
-                ) from None
-
-        def grids(prefix):
-            return {grid_key(k.split(".", 1)[1]): t for k, t in tensors.items() if k.startswith(prefix)}
-
-        attention = field_of("attention", lambda: grids("attention."))
-        cross = field_of("cross", lambda: grids("cross."))
-        for name, maps in (("attention", attention), ("cross", cross)):
-            for grid, t in maps.items():
-                if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                    raise ValueError(
-                        f"Bundle `{path}` has NaN, infinite or negative `{name}` at grid {grid[0]}x{grid[1]}; "
-                        "re-encode the image (in float32 if half precision overflowed)."
-                    )
-        for grid, t in attention.items():
-            if t.dim() not in (2, 3) or tuple(t.shape[-2:]) != (grid[0] * grid[1],) * 2:
-                raise ValueError(
-                    f"Bundle `{path}` has `attention` at grid {grid[0]}x{grid[1]} shaped {tuple(t.shape)}; it must be "
-                    f"({grid[0] * grid[1]}, {grid[0] * grid[1]}). Re-encode the image."
-                )
-        image = field_of("image", lambda: tensors["image"].numpy())
-        if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape or image.dtype != np.uint8:
-            raise ValueError(
-                f"Bundle `{path}` has an `image` shaped {image.shape} ({image.dtype}); it must be (H, W, 3) uint8 "
-                "RGB. Re-encode the image."
-            )
-        features = tensors.get("features")
-        if features is not None and (features.dim() != 3 or 0 in features.shape):
-            raise ValueError(
-                f"Bundle `{path}` has `features` shaped {tuple(features.shape)}; they must be (h, w, C). "
-                "Re-encode the image."
-            )
-        if features is not None and not bool(torch.isfinite(features).all()):
-            raise ValueError(
-                f"Bundle `{path}` has NaN or infinite `features`; re-encode the image (in float32 if half precision "
-                "overflowed)."
-            )
-        return cls(
-            attention={g: attention[g] for g in by_size(attention)},
-            image=image,
-            timestep=field_of("timestep", lambda: int(metadata["timestep"])),
-            model=metadata.get("model", ""),
-            layers=field_of(
-                "layers", lambda: {grid_key(r): int(n) for r, n in json.loads(metadata.get("layers", "{}")).items()}
-            ),
-            cross_attention={g: cross[g] for g in by_size(cross)} or None,
-            vocabulary=field_of("vocabulary", lambda: _vocabulary(metadata.get("vocabulary"))),
-            features=features,
+    image = field_of("image", lambda: tensors["image"].numpy())
+    if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape or image.dtype != np.uint8:
+        raise ValueError(
+            f"Bundle `{path}` has an `image` shaped {image.shape} ({image.dtype}); it must be (H, W, 3) uint8 "
+            "RGB. Re-encode the image."
         )
+    common = {
+        "image": image,
+        "timestep": field_of("timestep", lambda: int(metadata["timestep"])),
+        "model": metadata.get("model", ""),
+    }
+    if "features" in tensors:
+        return FeatureBundle(_checked_features(path, tensors["features"]), **common)
+    attention, cross = _checked_grids(path, tensors, field_of)
+    if not attention:
+        raise ValueError(f"Bundle `{path}` holds neither attention maps nor features; re-encode the image.")
+    return AttentionBundle(
+        attention=attention,
+        layers=field_of(
+            "layers", lambda: {grid_key(r): int(n) for r, n in json.loads(metadata.get("layers", "{}")).items()}
+        ),
+        cross_attention=cross or None,
+        vocabulary=field_of("vocabulary", lambda: _vocabulary(metadata.get("vocabulary"))),
+        **common,
+    )
+
+
+def _checked_features(path: Path, features: torch.Tensor) -> torch.Tensor:
+    if features.dim() != 3 or 0 in features.shape:
+        raise ValueError(
+            f"Bundle `{path}` has `features` shaped {tuple(features.shape)}; they must be (h, w, C). "
+            "Re-encode the image."
+        )
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError(
+            f"Bundle `{path}` has NaN or infinite `features`; re-encode the image (in float32 if half precision "
+            "overflowed)."
+        )
+    return features
+
+
+def _checked_grids(path: Path, tensors: dict, field_of) -> tuple[dict, dict]:
+    """(attention, cross) grid -> tensor, finest first, each checked: finite probabilities, attention square."""
+
+    def grids(prefix):
+        found = {grid_key(k.split(".", 1)[1]): t for k, t in tensors.items() if k.startswith(prefix)}
+        return {g: found[g] for g in by_size(found)}
+
+    attention, cross = field_of("attention", lambda: grids("attention.")), field_of("cross", lambda: grids("cross."))
+    for name, maps in (("attention", attention), ("cross", cross)):
+        for grid, t in maps.items():
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise ValueError(
+                    f"Bundle `{path}` has NaN, infinite or negative `{name}` at grid {grid[0]}x{grid[1]}; "
+                    "re-encode the image (in float32 if half precision overflowed)."
+                )
+    for grid, t in attention.items():
+        if t.dim() not in (2, 3) or tuple(t.shape[-2:]) != (grid[0] * grid[1],) * 2:
+            raise ValueError(
+                f"Bundle `{path}` has `attention` at grid {grid[0]}x{grid[1]} shaped {tuple(t.shape)}; it must be "
+                f"({grid[0] * grid[1]}, {grid[0] * grid[1]}). Re-encode the image."
+            )
+    return attention, cross
 
 
 def _vocabulary(text: str | None) -> Vocabulary | None:

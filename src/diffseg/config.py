@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # The weights the paper used (reference: KerasCV's port of Stable Diffusion v1.4).
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
 
-METHODS = ("diffseg", "diffcut")
+RESIZE = ("native", "square")
+CROPS = (None, "center")
+MAX_RESOLUTION = 4096  # about 4096² pixels reach the UNet at most: beyond, one image's attention would not fit
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -30,11 +36,26 @@ class EncodeConfig:
     crop: str | None = None  # "center": central square first, as the benchmarks' data loaders do
     noise_seed: int | None = None  # reference adds no noise: the clean latent goes in at `timestep`
 
+    def __post_init__(self) -> None:  # validated once, where the settings are made
+        if not _is_int(self.timestep) or not 0 <= self.timestep <= 999:
+            raise ValueError(f"`timestep` must be an integer in [0, 999] but is {self.timestep!r}.")
+        resolution = self.resolution
+        if resolution is not None and (not _is_int(resolution) or not 32 <= resolution <= MAX_RESOLUTION):
+            raise ValueError(
+                f"`resolution` must be from 32 to {MAX_RESOLUTION} (a multiple of 64, or 32 for SDXL) but is "
+                f"{self.resolution!r}."
+            )
+        if self.resize not in RESIZE:
+            raise ValueError(f"`resize` must be one of {RESIZE} but is {self.resize!r}.")
+        if self.crop not in CROPS:
+            raise ValueError(f"`crop` must be one of {CROPS} but is {self.crop!r}.")
+        if self.noise_seed is not None and not _is_int(self.noise_seed):
+            raise ValueError(f"`noise_seed` must be an integer or None but is {self.noise_seed!r}.")
+
 
 # DiffCut's reference (`tools/ldm.py`, `eval_diffcut.py`): t = 50 (`--step 50`), 1024² input (`--img_size 1024`,
 # whatever the model), noise drawn once with `torch.Generator().manual_seed(42)` and added for that timestep.
-DIFFCUT_ENCODE = EncodeConfig(timestep=50, resolution=1024, noise_seed=42)
-ENCODE_DEFAULTS = {"diffseg": EncodeConfig(), "diffcut": DIFFCUT_ENCODE}
+ENCODE_DEFAULTS = {"diffseg": EncodeConfig(), "diffcut": EncodeConfig(timestep=50, resolution=1024, noise_seed=42)}
 
 
 class _MethodDefault:
@@ -48,11 +69,10 @@ METHOD_DEFAULT = _MethodDefault()
 
 
 def encode_settings(method: str, **given) -> EncodeConfig:
-    """The method's `EncodeConfig` with the arguments given (those not `METHOD_DEFAULT`) replacing its defaults."""
+    """The method's `EncodeConfig` with the arguments given (those not `METHOD_DEFAULT`) replacing its defaults,
+    validated."""
     if method not in ENCODE_DEFAULTS:
-        raise ValueError(f"`method` must be one of {METHODS} but is {method!r}.")
-    from dataclasses import replace
-
+        raise ValueError(f"`method` must be one of {tuple(ENCODE_DEFAULTS)} but is {method!r}.")
     return replace(ENCODE_DEFAULTS[method], **{k: v for k, v in given.items() if v is not METHOD_DEFAULT})
 
 
@@ -103,6 +123,7 @@ def merge_thresholds(kl_threshold: float | Sequence[float], iterations: int) -> 
 
 
 VOTING = ("majority", "mean")  # each pixel votes for its best word (the mode wins), or the best mean score
+SEGMENT_FROM = ("unconditional", "conditional")  # with words: the UNet pass the self-attention comes from
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,15 @@ class NamingConfig:
     voting: str = "majority"  # reference `get_semantics` (ours is the mode of the votes; see `semantic`)
     min_confidence: float = 0.0  # every segment gets a word
     segment_from: str = "unconditional"  # segments from the unconditional pass: naming never changes them
+
+    def __post_init__(self) -> None:  # validated once, where the settings are made
+        if self.voting not in VOTING:
+            raise ValueError(f"`voting` must be one of {VOTING} but is {self.voting!r}.")
+        value = self.min_confidence
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            raise ValueError(f"`min_confidence` must be a finite number but is {value!r}.")
+        if self.segment_from not in SEGMENT_FROM:
+            raise ValueError(f"`segment_from` must be one of {SEGMENT_FROM} but is {self.segment_from!r}.")
 
 
 # Stable Diffusion's training noise schedule (SD 1.x, 2.x and SDXL share it), for checkpoints without a scheduler.

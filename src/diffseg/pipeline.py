@@ -3,7 +3,7 @@
 pipe = DiffSegPipeline.from_pretrained()              # CompVis/stable-diffusion-v1-4, or a local folder
 result = pipe("photo.jpg")                             # encode + segment (DiffSeg)
 bundle = pipe.encode("photo.jpg")                      # the expensive step, once
-coarse = pipe.segment(bundle, kl_threshold=1.3)        # the cheap step, as often as you like
+coarse = pipe.segment(bundle, kl_threshold=1.3)        # the cheap step, as often as you like (or a SegmentConfig)
 cut = pipe.segment(pipe.encode("photo.jpg", method="diffcut"), tau=0.4)   # DiffCut
 
 How each Stable Diffusion family loads and is conditioned lives in `backbones`; this module only runs it.
@@ -11,7 +11,6 @@ How each Stable Diffusion family loads and is conditioned lives in `backbones`; 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 from collections.abc import Sequence
@@ -23,11 +22,23 @@ from PIL import Image
 from .backbones import families as backbones
 from .backbones.capture import capture_attention, capture_output, token_grid
 from .backbones.devices import place, resolve_device, resolve_dtype
-from .bundle import AttentionBundle
-from .config import DEFAULT_MODEL, ENCODE_DEFAULTS, METHOD_DEFAULT, NOISE_SCHEDULE, NamingConfig, encode_settings
+from .bundle import Bundle
+from .config import (
+    DEFAULT_MODEL,
+    ENCODE_DEFAULTS,
+    METHOD_DEFAULT,
+    NOISE_SCHEDULE,
+    SEGMENT_FROM,
+    DiffCutConfig,
+    EncodeConfig,
+    NamingConfig,
+    SegmentConfig,
+    encode_settings,
+)
 from .io.images import as_array, to_model_input
 from .io.images import crop as crop_image
 from .naming.vocabulary import Vocabulary, build_vocabulary
+from .methods.registry import method_named
 from .segmentation import Segmentation, segment_bundle
 
 __all__ = ["DiffSegPipeline", "Segmentation", "segment_bundle", "resolve_device", "resolve_dtype"]
@@ -152,19 +163,21 @@ class DiffSegPipeline:
         *,
         method: str = "diffseg",
         timestep: int = METHOD_DEFAULT,
-        crop: str | None = None,
+        crop: str | None = METHOD_DEFAULT,
         resolution: int | None = METHOD_DEFAULT,
-        resize: str = "native",
+        resize: str = METHOD_DEFAULT,
         noise_seed: int | None = METHOD_DEFAULT,
         labels: Sequence[str] | str | None = None,
         segment_from: str = _NAMING.segment_from,
-    ) -> AttentionBundle | list[AttentionBundle]:
+        config: EncodeConfig | None = None,
+    ) -> Bundle | list[Bundle]:
         """Run the VAE and one UNet step; keep what `method` segments.
 
         Args:
             images: one image or a list (Pillow, (H, W, 3) uint8 array, or path). Images of the same input size go
                 through the UNet as one batch.
-            method: "diffseg" (self-attention at every grid) or "diffcut" (one layer's features).
+            method: a name of `methods.registry.METHODS`: "diffseg" (self-attention at every grid) or "diffcut" (one
+                layer's features).
             timestep: UNet timestep (default: DiffSeg 300, DiffCut 50, as their papers).
             crop: None to use the whole image, "center" to take the central square first (the benchmarks').
             resolution: about resolution² pixels reach the UNet (a multiple of the family's `size_multiple`).
@@ -178,29 +191,30 @@ class DiffSegPipeline:
                 also runs conditioned on a prompt of these words, in the same batch, and its cross-attention is kept.
             segment_from: with `labels`, the pass the self-attention comes from: "unconditional" (default; the
                 segments are exactly those without labels) or "conditional" (text changes the self-attention too).
+            config: an `EncodeConfig` to use as it is, instead of the method's defaults and the keywords above.
 
         Returns:
-            A bundle per image (a list for a list).
+            A bundle per image (a list for a list): an `AttentionBundle` (DiffSeg) or a `FeatureBundle` (DiffCut).
         """
-        # 1. Check inputs.
-        settings = encode_settings(method, timestep=timestep, resolution=resolution, noise_seed=noise_seed)
-        timestep, resolution, noise_seed = settings.timestep, settings.resolution, settings.noise_seed
+        # 1. Check inputs: the settings are made (and validated) once.
+        spec = method_named(method)
+        if config is None:
+            given = {"timestep": timestep, "crop": crop, "resolution": resolution, "resize": resize}
+            config = encode_settings(method, **given, noise_seed=noise_seed)
         single = isinstance(images, (Image.Image, np.ndarray, str, os.PathLike))
         batch = [images] if single else list(images)
         if not batch:
             raise ValueError("`images` is empty; pass at least one image.")
-        if isinstance(timestep, bool) or not isinstance(timestep, int) or not 0 <= timestep < 1000:
-            raise ValueError(f"`timestep` must be an integer in [0, 999] but is {timestep!r}.")
-        if labels is not None and method != "diffseg":
-            raise ValueError("Naming segments with `labels` works with method 'diffseg' only.")
+        if labels is not None and not spec.names_segments:
+            raise ValueError(f"Naming segments with `labels` does not work with method {method!r}; use 'diffseg'.")
         vocabulary = self.vocabulary(labels) if labels is not None else None
 
         # 2. Decode and crop: the region encoded is also what the labels will cover.
-        arrays = [crop_image(as_array(image), crop) for image in batch]
-        sizes = [self.input_size(a.shape[:2], resolution, resize) for a in arrays]
+        arrays = [crop_image(as_array(image), config.crop) for image in batch]
+        sizes = [self.input_size(a.shape[:2], config.resolution, config.resize) for a in arrays]
 
         # 3. One UNet batch per input size (a list of photos of one camera is one batch).
-        bundles: list[AttentionBundle | None] = [None] * len(batch)
+        bundles: list[Bundle | None] = [None] * len(batch)
         for size in dict.fromkeys(sizes):
             members = [i for i, s in enumerate(sizes) if s == size]
             pixels = to_model_input([arrays[i] for i in members], size)  # (B, 3, H, W) in [-1, 1]
@@ -208,8 +222,7 @@ class DiffSegPipeline:
                 pixels,
                 [arrays[i] for i in members],
                 method=method,
-                timestep=timestep,
-                noise_seed=noise_seed,
+                config=config,
                 vocabulary=vocabulary,
                 segment_from=segment_from,
             )
@@ -224,32 +237,16 @@ class DiffSegPipeline:
         images: Sequence[np.ndarray],
         *,
         method: str = "diffseg",
-        timestep: int = ENCODE_DEFAULTS["diffseg"].timestep,
-        noise_seed: int | None = None,
+        config: EncodeConfig | None = None,
         vocabulary: Vocabulary | None = None,
         segment_from: str = _NAMING.segment_from,
-    ) -> list[AttentionBundle]:
+    ) -> list[Bundle]:
         """Bundles of a prepared batch (see `images.to_model_input`) whose (H, W, 3) uint8 `images` (after any
-        crop) the labels will cover; what `encode` does once images are decoded and resized, and what the Ray
-        worker calls on the batches its decode tasks prepared."""
-        common = {"timestep": timestep, "model": self.model}
-        if method == "diffcut":
-            tokens = self.features(pixels, timestep=timestep, noise_seed=noise_seed)  # (B, h, w, C)
-            return [AttentionBundle({}, image, features=t.float().cpu(), **common) for t, image in zip(tokens, images)]
-        maps, layers, cross = self.attend(
-            pixels, timestep=timestep, noise_seed=noise_seed, vocabulary=vocabulary, segment_from=segment_from
-        )
-        return [
-            AttentionBundle(
-                attention={g: m[k].cpu() for g, m in maps.items()},
-                image=image,
-                layers=layers,
-                cross_attention=None if cross is None else {g: m[k].cpu() for g, m in cross.items()},
-                vocabulary=vocabulary,
-                **common,
-            )
-            for k, image in enumerate(images)
-        ]
+        crop) the labels will cover: the method's encode step (`methods.registry`) with `config`'s timestep and noise
+        (default: the method's). What `encode` does once images are decoded and resized, and what the job runner
+        calls on batches decoded elsewhere (the Ray job's decode tasks)."""
+        spec = method_named(method)
+        return spec.encode(self, pixels, images, config or spec.encode_defaults, vocabulary, segment_from)
 
     def _step_inputs(self, pixels: torch.Tensor, timestep: int, noise_seed: int | None) -> tuple:
         """(latents, timesteps, conditioning) of one UNet step on `pixels`, conditioned on the empty prompt."""
@@ -300,8 +297,8 @@ class DiffSegPipeline:
             (h, w) -> number of self-attention layers averaged; (h, w) -> (B, h·w, T) cross-attention over the
             prompt's T tokens (None without a vocabulary). Tensors are on the pipeline's device.
         """
-        if segment_from not in ("unconditional", "conditional"):
-            raise ValueError(f"`segment_from` must be 'unconditional' or 'conditional' but is {segment_from!r}.")
+        if segment_from not in SEGMENT_FROM:
+            raise ValueError(f"`segment_from` must be one of {SEGMENT_FROM} but is {segment_from!r}.")
         batch, size = len(pixels), tuple(pixels.shape[-2:])
         # One UNet step conditioned on the empty prompt; with a vocabulary, the conditional copies in the same batch.
         latents, t, inputs = self._step_inputs(pixels, timestep, noise_seed)
@@ -344,23 +341,27 @@ class DiffSegPipeline:
 
     # ------------------------------------------------------------------ segment: the cheap step
 
-    def segment(self, bundle: AttentionBundle, config=None, **kwargs) -> Segmentation:
-        """Segment a bundle, with a `SegmentConfig`/`DiffCutConfig` and/or keyword settings; see `segment_bundle`.
-        Needs no model: a loaded bundle works as well. On a GPU pipeline the work runs on the GPU."""
+    def segment(
+        self,
+        bundle: Bundle,
+        config: SegmentConfig | DiffCutConfig | None = None,
+        *,
+        output_size: tuple[int, int] | None = None,
+        naming: NamingConfig | None = None,
+        **overrides,
+    ) -> Segmentation:
+        """Segment a bundle with its method's settings (`config`, and/or keyword overrides of its fields); see
+        `segment_bundle`. Needs no model: a loaded bundle works as well. On a GPU pipeline the work runs on the GPU."""
         if self.device.type == "cuda":
-            bundle = dataclasses.replace(
-                bundle,
-                attention={g: t.to(self.device) for g, t in bundle.attention.items()},
-                features=None if bundle.features is None else bundle.features.to(self.device),
-            )
-        return segment_bundle(bundle, config, **kwargs)
+            bundle = bundle.to(self.device)
+        return segment_bundle(bundle, config, output_size=output_size, naming=naming, **overrides)
 
-    def __call__(self, image: ImageLike, *, method: str = "diffseg", crop: str | None = None, **kwargs) -> Segmentation:
-        """Encode and segment one image. Keywords of `encode` (timestep, resolution, resize, noise_seed) go to the
-        encode; the rest to `segment`."""
-        encode_keys = {"timestep", "resolution", "resize", "noise_seed", "labels", "segment_from"}
+    def __call__(self, image: ImageLike, *, method: str = "diffseg", **kwargs) -> Segmentation:
+        """Encode and segment one image. Keywords of `encode` (timestep, crop, resolution, resize, noise_seed, labels,
+        segment_from) go to the encode; the rest to `segment`."""
+        encode_keys = {"timestep", "crop", "resolution", "resize", "noise_seed", "labels", "segment_from"}
         encode_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in encode_keys}
-        return self.segment(self.encode(image, method=method, crop=crop, **encode_kwargs), **kwargs)
+        return self.segment(self.encode(image, method=method, **encode_kwargs), **kwargs)
 
 
 def _concat(a: dict, b: dict) -> dict:

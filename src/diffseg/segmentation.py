@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .bundle import AttentionBundle
+from .bundle import Bundle
 from .config import DiffCutConfig, NamingConfig, SegmentConfig
 from .io.visualisation import overlay
-from .methods.diffcut.segment import segment_features
-from .methods.diffseg.segment import segment_attention
+from .methods.registry import Method, method_of
 from .naming.vocabulary import SegmentLabel, assign_labels, word_scores
 
 _NAMING = NamingConfig()
-SEGMENTERS = {"diffseg": segment_attention, "diffcut": segment_features}
 
 
 @dataclass
@@ -44,52 +40,55 @@ class Segmentation:
         return Image.fromarray(overlay(self.image, self.labels, names=names))
 
 
-def method_settings(method: str) -> set[str]:
-    """The keyword settings a method's segmenter takes (besides its input and `output_size`)."""
-    parameters = inspect.signature(SEGMENTERS[method]).parameters
-    return {name for name, p in parameters.items() if p.kind == p.KEYWORD_ONLY} - {"output_size", "image"}
+def settings_for(method: Method, config=None, **overrides):
+    """The method's settings object: `config` (default: the method's defaults) with `overrides` replacing fields,
+    validated by the config's own `__post_init__`.
+
+    Raises:
+        ValueError: `config` belongs to another method, or an override is not one of its settings.
+    """
+    if config is None:
+        config = method.config()
+    elif not isinstance(config, method.config):
+        raise ValueError(f"A {method.name} bundle takes a {method.config.__name__}, not a {type(config).__name__}.")
+    if not overrides:
+        return config
+    known = {f.name for f in dataclasses.fields(method.config)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not settings of {method.name}; it takes {sorted(known)}.")
+    return dataclasses.replace(config, **overrides)
 
 
 def segment_bundle(
-    bundle: AttentionBundle,
+    bundle: Bundle,
     config: SegmentConfig | DiffCutConfig | None = None,
     *,
     output_size: tuple[int, int] | None = None,
-    voting: str = _NAMING.voting,
-    min_confidence: float = _NAMING.min_confidence,
-    **settings,
+    naming: NamingConfig | None = None,
+    **overrides,
 ) -> Segmentation:
-    """Segment a bundle with its method: `segment_attention` (DiffSeg) or `segment_features` (DiffCut), with the
-    settings of `config` (a `SegmentConfig` or `DiffCutConfig`, the method's) and any keyword `settings` over them.
-    Labels at the image's size unless `output_size` is given.
+    """Segment a bundle with its method (`methods.registry`): DiffSeg's `segment_attention` or DiffCut's
+    `segment_features`, with the settings of `config` (the method's `SegmentConfig` or `DiffCutConfig`; default: its
+    defaults) and any keyword `overrides` of its fields. Labels at the image's size unless `output_size` is given.
 
-    A bundle encoded with labels also gets its segments named (`semantic.assign_labels`, with `voting` and
-    `min_confidence`); naming never changes the label map.
+    A bundle encoded with words also gets its segments named (`vocabulary.assign_labels`, by `naming`'s voting and
+    minimum confidence); naming never changes the label map.
     """
-    if config is not None:
-        expected = DiffCutConfig if bundle.method == "diffcut" else SegmentConfig
-        if not isinstance(config, expected):
-            raise ValueError(f"A {bundle.method} bundle takes a {expected.__name__}, not a {type(config).__name__}.")
-        given = {k: v for k, v in dataclasses.asdict(config).items() if k in method_settings(bundle.method)}
-        settings = {**given, **settings}
+    method = method_of(bundle)
+    config = settings_for(method, config, **overrides)
+    naming = naming or _NAMING
     size = tuple(int(v) for v in output_size) if output_size is not None else bundle.image_size
     if len(size) != 2 or min(size) < 1 or size[0] * size[1] > 2**31 - 1:
         raise ValueError(f"`output_size` must be two positive integers with fewer than 2³¹ pixels but is {size}.")
-    unknown = set(settings) - method_settings(bundle.method)
-    if unknown:
-        raise ValueError(
-            f"{sorted(unknown)} are not settings of {bundle.method}; it takes {sorted(method_settings(bundle.method))}."
-        )
     image = bundle.image
     if image.shape[:2] != size:
         image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-    if bundle.method == "diffcut":
-        pixels = torch.tensor(image).permute(2, 0, 1)[None].float() / 255 if settings.get("pamr") else None
-        labels = segment_features(bundle.features, output_size=size, image=pixels, **settings)
-    else:
-        labels = segment_attention(bundle.attention, output_size=size, **settings)
+    labels = method.segment(bundle, config, size, image)
     names = None
-    if bundle.cross_attention is not None and bundle.vocabulary is not None:
+    if getattr(bundle, "cross_attention", None) is not None and bundle.vocabulary is not None:
         scores = word_scores(bundle.cross_attention, bundle.vocabulary)
-        names = assign_labels(labels, scores, bundle.vocabulary.words, voting=voting, min_confidence=min_confidence)
+        names = assign_labels(
+            labels, scores, bundle.vocabulary.words, voting=naming.voting, min_confidence=naming.min_confidence
+        )
     return Segmentation(labels=labels, num_segments=int(labels.max()) + 1, image=image, names=names)

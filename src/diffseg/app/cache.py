@@ -1,7 +1,6 @@
 """The demo's cache of encodes: `BundleCache` keeps the expensive step (VAE + one UNet pass) of recent images, in memory
 and as files; `watch_encode` reports an encode's stages and stops it when asked."""
 
-
 import hashlib
 import shutil
 import sys

@@ -3,7 +3,6 @@
 Known errors become a one-line message and exit status 2; set DIFFSEG_TRACEBACK=1 for the full traceback.
 """
 
-
 import argparse
 import os
 import sys
@@ -26,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_app_command(commands)
     add_segment_dataset_command(commands)
     return parser
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     # diffusers passes a deprecated argument to the hub client on every load; the warning is not the user's to act on.

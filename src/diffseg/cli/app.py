@@ -10,6 +10,7 @@ from .options import add_model_arguments
 
 _APP = AppConfig()
 
+
 def run_app(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
@@ -25,6 +26,7 @@ def run_app(args: argparse.Namespace) -> int:
         cache_size=args.cache_size,
     )
     return 0
+
 
 def add_app_command(commands) -> None:
     p = commands.add_parser(

@@ -13,6 +13,7 @@ def check_output_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
         raise ValueError(f"`--output-size` {size[0]}x{size[1]} is larger than {MAX_OUTPUT_PIXELS:,} pixels.")
     return size
 
+
 def check_writable(folder) -> None:
     """Create the output folder and make sure files can be written there, before any model loads; remove the stale
     temporary files a killed run left there (`outputs.sweep_stale`: never a live writer's)."""
@@ -32,22 +33,24 @@ def check_writable(folder) -> None:
         ) from None
     sweep_stale(folder)
 
+
 def check_batch_size(value: int) -> int:
     if value < 1:
         raise ValueError(f"`--batch-size` must be at least 1 but is {value}.")
     return value
 
-def check_model(args: argparse.Namespace, encode: dict | None = None):
+
+def check_model(args: argparse.Namespace, encode=None):
     """The checkpoint's family from its configs (no weights loaded yet), with the encode settings checked against it:
     a bad resolution fails here, before the model loads."""
     from ..backbones.families import read_backbone, target_size
 
     backbone = read_backbone(args.model)
-    if encode is not None:
-        target_size((1, 1), backbone, encode.get("resolution"), encode.get("resize", "square"))
+    if encode is not None:  # an `EncodeConfig`
+        target_size((1, 1), backbone, encode.resolution, encode.resize)
     explicit = getattr(args, "num_points", None)
     if explicit is not None and args.method == "diffseg" and backbone.grid_sides:
-        resolution = (encode or {}).get("resolution") or backbone.native_size
+        resolution = (encode.resolution if encode is not None else None) or backbone.native_size
         finest = backbone.grid_sides[0] * resolution // backbone.native_size
         if explicit > finest:
             raise ValueError(
@@ -55,6 +58,7 @@ def check_model(args: argparse.Namespace, encode: dict | None = None):
                 f"at {resolution} px is {finest}×{finest}; pass at most {finest} (or leave it out)."
             )
     return backbone
+
 
 def check_naming(args: argparse.Namespace) -> None:
     """Naming words checked with the checkpoint's tokenizer alone, and a caption model that cannot be had refused,
@@ -70,10 +74,12 @@ def check_naming(args: argparse.Namespace) -> None:
         check_caption_model(args.caption_model or DEFAULT_CAPTION_MODEL)
         default_tagger()  # its data installed
 
+
 def load_pipeline(args: argparse.Namespace):
     from ..pipeline import DiffSegPipeline
 
     return DiffSegPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+
 
 def load_captioner(args: argparse.Namespace, device):
     from ..naming.captioning import DEFAULT_CAPTION_MODEL, Captioner, default_tagger

@@ -12,10 +12,8 @@ from .options import (
     add_model_arguments,
     add_output_arguments,
     add_segment_arguments,
-    encode_kwargs,
-    label_kwargs,
+    job_config,
     output_writers,
-    segment_kwargs,
 )
 
 
@@ -28,11 +26,8 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
         ) from error
     from ..jobs.dataset import segment_dataset
 
-    kwargs = segment_kwargs(args)
-    encode = encode_kwargs(args)
-    if args.method != "diffseg" and args.words is not None:
-        raise ValueError("Naming segments (--words) works with --method diffseg only.")
-    check_model(args, encode)
+    config = job_config(args)
+    check_model(args, config.encode)
     check_naming(args)
     if "://" not in str(args.output):
         check_writable(args.output)
@@ -40,17 +35,14 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
     summary = segment_dataset(
         args.input,
         args.output,
+        config,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
         ray_address=args.ray_address,
         batch_size=check_batch_size(args.batch_size),
         num_gpus_per_worker=args.num_gpus_per_worker,
         concurrency=args.concurrency,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        segment_kwargs=kwargs,
-        **encode,
-        labels=args.words,
-        label_kwargs=label_kwargs(args),
         formats=tuple(formats),
     )
     print(
@@ -61,6 +53,7 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
     for failure in summary.failed:
         print(f"  failed {failure['path']}: {failure['error']}", file=sys.stderr)
     return 1 if summary.failed else 0
+
 
 def add_segment_dataset_command(commands) -> None:
     p = commands.add_parser(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .checks import check_batch_size, check_model, check_writable, load_pipeline
-from .options import add_encode_arguments, add_model_arguments, add_segment_arguments, encode_kwargs, segment_kwargs
+from .options import add_encode_arguments, add_model_arguments, add_segment_arguments, encode_config, method_config
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -17,8 +17,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     bench = BENCHMARKS[args.dataset]
     if args.kl_threshold is None:
         args.kl_threshold = bench.kl_threshold  # the paper's setting for this dataset
-    kwargs = segment_kwargs(args)
-    encode = encode_kwargs(args)
+    config = method_config(args)
+    encode = encode_config(args)
     batch_size = check_batch_size(args.batch_size)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"`--limit` must be at least 1 but is {args.limit}.")
@@ -26,16 +26,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     check_writable(output)
     if not args.predictions:
         check_model(args)
-    pipeline = None if args.predictions else load_pipeline(args)
     summary = evaluate(
         bench,
         args.root,
         output,
-        pipeline=pipeline,
+        pipeline=None if args.predictions else load_pipeline(args),
         predictions=args.predictions,
-        segment_kwargs=None if args.predictions else kwargs,
-        method=args.method,
-        timestep=encode["timestep"],
+        config=config,
+        timestep=encode.timestep,
         protocol=args.protocol,
         batch_size=batch_size,
         limit=args.limit,
@@ -45,6 +43,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"pixel_accuracy": summary.pixel_accuracy, "miou": summary.miou, "images": summary.images}))
     return 1 if summary.skipped else 0
+
 
 def add_evaluate_command(commands) -> None:
     p = commands.add_parser(

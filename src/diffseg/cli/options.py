@@ -7,16 +7,18 @@ import argparse
 
 from ..config import (
     DEFAULT_MODEL,
-    ENCODE_DEFAULTS,
     METHOD_DEFAULT,
-    METHODS,
+    RESIZE,
     RESOLUTION_PRESETS,
+    SEGMENT_FROM,
     VOTING,
     DiffCutConfig,
     EncodeConfig,
     NamingConfig,
     SegmentConfig,
+    encode_settings,
 )
+from ..methods.registry import METHODS
 
 _ENCODE = EncodeConfig()
 _SEGMENT = SegmentConfig()
@@ -30,6 +32,7 @@ def _thresholds(text: str) -> float | tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
     return values[0] if len(values) == 1 else values
+
 
 def _weights(text: str) -> dict[str, float]:
     """`R:W,...` or `HxW:W,...`: grids as the library names them (`aggregation.grid_key`), finite weights ≥ 0."""
@@ -54,6 +57,7 @@ def _weights(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"at least one weight must be above 0, got {text!r}")
     return weights
 
+
 def _seed(text: str) -> int | None:
     if text.lower() == "none":
         return None
@@ -61,6 +65,7 @@ def _seed(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer seed or 'none', got {text!r}") from None
+
 
 def _size(text: str) -> tuple[int, int]:
     try:
@@ -70,6 +75,7 @@ def _size(text: str) -> tuple[int, int]:
     if len(parts) not in (1, 2) or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or SIDE, got {text!r}")
     return (parts[0], parts[-1])
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
@@ -84,15 +90,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="UNet and text encoder precision; auto is float16 on GPU, float32 on CPU (VAE: float32)",
     )
 
+
 def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> None:
-    diffseg, diffcut = ENCODE_DEFAULTS["diffseg"], ENCODE_DEFAULTS["diffcut"]
+    diffseg, diffcut = METHODS["diffseg"].encode_defaults, METHODS["diffcut"].encode_defaults
     group = parser.add_argument_group("encoding (the UNet step)")
     group.add_argument(
         "--method",
-        choices=METHODS,
+        choices=list(METHODS),
         default="diffseg",
-        help="diffseg: self-attention merged by KL (Tian et al.); diffcut: one layer's features cut by recursive "
-        "normalised cut (Couairon et al.) (default: %(default)s)",
+        help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + " (default: %(default)s)",
     )
     group.add_argument(
         "--timestep",
@@ -109,7 +115,7 @@ def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> 
         )
         group.add_argument(
             "--resize",
-            choices=["native", "square"],
+            choices=list(RESIZE),
             default=_ENCODE.resize,
             help="native: keep the aspect ratio at about RESOLUTION² pixels; square: the paper's RESOLUTION×RESOLUTION "
             "(default: %(default)s)",
@@ -130,22 +136,14 @@ def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> 
         )
     group.add_argument("--batch-size", type=int, default=1, help="images per UNet batch (default: %(default)s)")
 
-def encode_kwargs(args: argparse.Namespace) -> dict:
-    """The `DiffSegPipeline.encode` keyword arguments given on the command line, checked (before any model loads)."""
-    from ..config import encode_settings
 
+def encode_config(args: argparse.Namespace) -> EncodeConfig:
+    """The encode settings given on the command line over the method's defaults, checked before any model loads."""
     given = {name: getattr(args, name, METHOD_DEFAULT) for name in ("timestep", "resolution", "noise_seed")}
-    settings = encode_settings(args.method, **given)
-    if not 0 <= settings.timestep <= 999:
-        raise ValueError(f"`--timestep` must be in [0, 999] but is {settings.timestep}.")
-    if settings.resolution is not None and not 32 <= settings.resolution <= 4096:
-        raise ValueError(
-            f"`--resolution` must be from 32 to 4096 (a multiple of 64, or 32 for SDXL) but is {settings.resolution}."
-        )
-    kwargs = {"method": args.method, **{k: getattr(settings, k) for k in given}}
     if hasattr(args, "crop"):
-        kwargs.update(crop=None if args.crop == "none" else args.crop, resize=args.resize)
-    return kwargs
+        given.update(crop=None if args.crop == "none" else args.crop, resize=args.resize)
+    return _checked(lambda **fields: encode_settings(args.method, **fields), given)
+
 
 def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT.kl_threshold) -> None:
     group = parser.add_argument_group("segmentation (aggregation, merging, labelling)")
@@ -199,6 +197,7 @@ def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT
     cut.add_argument("--alpha", type=float, default=_DIFFCUT.alpha, help="affinity exponent α (default: %(default)s)")
     cut.add_argument("--pamr", action="store_true", help="refine with PAMR and a 3×3 median filter (reference option)")
 
+
 def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) -> None:
     group = parser.add_argument_group("naming segments with words")
     group.add_argument(
@@ -231,17 +230,22 @@ def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) 
     if captions:
         group.add_argument(
             "--segment-from",
-            choices=["unconditional", "conditional"],
+            choices=list(SEGMENT_FROM),
             default=_NAMING.segment_from,
             help="which pass the segments come from when labelling (default: %(default)s, as without labels)",
         )
 
-def label_kwargs(args: argparse.Namespace) -> dict:
-    return {"voting": args.voting, "min_confidence": args.min_confidence}
 
-def segment_kwargs(args: argparse.Namespace) -> dict:
-    """The segmenter's keyword arguments given on the command line (`segment_attention` for DiffSeg,
-    `segment_features` for DiffCut), checked before any model loads by the method's config, which validates them."""
+def naming_config(args: argparse.Namespace) -> NamingConfig:
+    fields = {"voting": args.voting, "min_confidence": args.min_confidence}
+    if hasattr(args, "segment_from"):
+        fields["segment_from"] = args.segment_from
+    return _checked(NamingConfig, fields)
+
+
+def method_config(args: argparse.Namespace) -> SegmentConfig | DiffCutConfig:
+    """The method's settings given on the command line (`SegmentConfig` for DiffSeg, `DiffCutConfig` for DiffCut),
+    checked before any model loads by the config itself."""
     if args.method == "diffcut":
         return _checked(DiffCutConfig, {"tau": args.tau, "alpha": args.alpha, "pamr": args.pamr})
     if args.refine:
@@ -254,27 +258,48 @@ def segment_kwargs(args: argparse.Namespace) -> dict:
     weights = args.resolution_weights
     if args.resolution_preset is not None:
         weights = args.resolution_preset  # weights by rank: resolved on each bundle's grids
-    kwargs = {
+    fields = {
         "kl_threshold": args.kl_threshold,
         "iterations": args.iterations,
-        "num_points": _SEGMENT.num_points if args.num_points is None else args.num_points,
         "refine": args.refine,
         "resolution_weights": weights,
         "reference_float16": not args.float32_merge,
     }
-    return _checked(SegmentConfig, kwargs)
+    if args.num_points is not None:
+        fields["num_points"] = args.num_points
+    return _checked(SegmentConfig, fields)
 
 
-def _checked(config: type, settings: dict) -> dict:
-    """`settings` once `config` has validated them; its message names the command-line option (`--num-points`)."""
+def job_config(args: argparse.Namespace, output_size: tuple[int, int] | None = None):
+    """Every setting of a job, made once from the command line: what `segment` and `segment-dataset` hand the runner."""
+    from ..jobs.runner import JobConfig
+
+    words = getattr(args, "words", None)
+    if words is not None and getattr(args, "caption", False):
+        raise ValueError("Pass either --words or --caption, not both.")
+    if (words is not None or getattr(args, "caption", False)) and not METHODS[args.method].names_segments:
+        raise ValueError(f"Naming segments (--words, --caption) works with --method diffseg only, not {args.method}.")
+    return JobConfig(
+        method=args.method,
+        encode=encode_config(args),
+        segment=method_config(args),
+        naming=naming_config(args),
+        words=words,
+        output_size=output_size,
+    )
+
+
+def _checked(make, fields: dict):
+    """`make(**fields)` (a config, which validates its fields); its message names the command-line option
+    (`--num-points`) instead of the field."""
     try:
-        config(**settings)
+        return make(**fields)
     except ValueError as error:
         message = str(error)
-        for name in settings:
+        for name in fields:
             message = message.replace(f"`{name}`", f"`--{name.replace('_', '-')}`")
         raise ValueError(message) from None
-    return settings
+
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("outputs (each written atomically: whole or not at all)")
@@ -285,6 +310,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write coco/NAME.json: one COCO RLE mask per segment, for detectron2/mmdetection (pycocotools)",
     )
+
 
 def output_writers(args: argparse.Namespace, naming: bool = False) -> list:
     """The output formats asked for on the command line (the same options for `segment` and `segment-dataset`)."""

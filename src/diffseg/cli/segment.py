@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from tqdm import tqdm
+
 from .checks import (
     check_batch_size,
     check_model,
@@ -22,80 +24,67 @@ from .options import (
     add_model_arguments,
     add_output_arguments,
     add_segment_arguments,
-    encode_kwargs,
-    label_kwargs,
+    job_config,
     output_writers,
-    segment_kwargs,
 )
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from pathlib import Path
 
     from ..io.images import find_images
-    from ..io.outputs import outputs_done, write_outputs
-    from ..jobs.runner import Job
+    from ..io.outputs import OutputFolder
+    from ..jobs.runner import Job, pending
 
-    # 1. Check inputs and arguments, before anything loads.
+    # 1. Check inputs and arguments, before anything loads: every setting made once.
     batch_size = check_batch_size(args.batch_size)
-    settings = {**segment_kwargs(args), **label_kwargs(args), "output_size": check_output_size(args.output_size)}
-    encode = encode_kwargs(args)
-    naming = args.words is not None or args.caption
-    if args.method != "diffseg" and naming:
-        raise ValueError("Naming segments (--words, --caption) works with --method diffseg only.")
-    if args.words is not None and args.caption:
-        raise ValueError("Pass either --words or --caption, not both.")
-    writers = output_writers(args, naming)
-    check_model(args, encode)  # the checkpoint's configs only: a resolution it cannot take fails here
+    config = job_config(args, output_size=check_output_size(args.output_size))
+    sink = OutputFolder(Path(args.output), tuple(output_writers(args, naming=args.words is not None or args.caption)))
+    check_model(args, config.encode)  # the checkpoint's configs only: a resolution it cannot take fails here
     check_naming(args)
     found, missing = find_images(args.paths)
-    failures = list(missing)
     for item, reason in missing:
         print(f"diffseg: skipped {item}: {reason}", file=sys.stderr)
-    todo = [(str(p), n) for p, n in found if not (args.resume and outputs_done(args.output, n, writers, str(p)))]
+    items = [(str(p), n) for p, n in found]
+    todo = pending(items, [sink]) if args.resume else items
     check_writable(args.output)
-    skipped = len(found) - len(todo)
     if not todo:
-        print(f"Nothing to do: {len(found)} images found, {skipped} already done.", file=sys.stderr)
-        return 1 if failures else 0
+        print(f"Nothing to do: {len(found)} images found, {len(found)} already done.", file=sys.stderr)
+        return 1 if missing else 0
 
     # 2. Load the model.
     pipe = load_pipeline(args)
     if args.words is not None:
         pipe.vocabulary(args.words)  # fail before any image: empty, too long
     captioner = load_captioner(args, pipe.device) if args.caption else None
-    if args.method == "diffseg":
-        encode["segment_from"] = args.segment_from
-    job = Job(pipe, encode=encode, segment=settings, labels=args.words, captioner=captioner, batch_size=batch_size)
+    job = Job(pipe, config, captioner=captioner, batch_size=batch_size)
 
     # 3. Decode, encode in batches, segment, write.
-    start = time.perf_counter()
-    done = 0
+    start, done, failures = time.perf_counter(), 0, list(missing)
     with tqdm(total=len(todo), unit="img", desc="segment", dynamic_ncols=True) as progress:
-        for outcome in job.run(todo):
+        for outcome in job.run(todo, [sink]):
             if outcome.ok:
-                try:
-                    write_outputs(outcome, args.output, writers)
-                    done += 1
-                    progress.set_postfix(segments=outcome.result.num_segments)
-                except (OSError, ValueError, ImportError) as error:  # e.g. disk full: report the image, carry on
-                    outcome.error = f"writing failed: {error}"
-            if not outcome.ok:
+                done += 1
+                progress.set_postfix(segments=outcome.result.num_segments)
+            else:
                 failures.append((outcome.source, outcome.error))
                 progress.write(f"diffseg: failed {outcome.source}: {outcome.error}", file=sys.stderr)
             progress.update(1)
+    report(done, len(found) - len(todo), failures, time.perf_counter() - start, args.output)
+    return 1 if failures else 0
 
-    seconds = time.perf_counter() - start
+
+def report(done: int, skipped: int, failures: list, seconds: float, output) -> None:
+    """The closing lines of a run: counts, speed, and every failure with its reason."""
     print(
         f"Segmented {done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} img/s); "
-        f"{skipped} already done, {len(failures)} failed. Outputs in {args.output}",
+        f"{skipped} already done, {len(failures)} failed. Outputs in {output}",
         file=sys.stderr,
     )
     if failures:
         print("Failed:", file=sys.stderr)
         for item, reason in failures:
             print(f"  {item}: {reason}", file=sys.stderr)
-    return 1 if failures else 0
 
 
 def add_segment_command(commands) -> None:

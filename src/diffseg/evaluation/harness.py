@@ -15,12 +15,12 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..config import METHOD_DEFAULT, DiffCutConfig, encode_settings
+from ..config import METHOD_DEFAULT, DiffCutConfig, SegmentConfig, encode_settings
 from ..io.images import center_crop, load_image
 from ..io.outputs import atomic_path, read_labels
 from .datasets import BENCHMARKS, NUM_CLASSES, RESOLUTION, Benchmark, Sample, protocol_label
@@ -113,9 +113,32 @@ def prediction_at_protocol_size(prediction: np.ndarray, image_size: tuple[int, i
     )
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-    for first in range(0, len(items), size):
-        yield items[first : first + size]
+class Scorer:
+    """The evaluation's sink (`jobs.runner.Sink`): each outcome scored against its label at the protocol's size and
+    appended to `results.jsonl`; an image is done once its line is there."""
+
+    def __init__(self, results: ResultsFile, protocol: str) -> None:
+        self.results, self.protocol = results, protocol
+        self.size = (RESOLUTION, RESOLUTION) if protocol == "diffseg" else DIFFCUT_SCORE_SIZE
+        self.labels: dict[str, tuple[Sample, np.ndarray]] = {}  # what the next outcomes are scored against
+        self.seconds = 0.0  # per image, of the batch being scored
+        self.running = record_scores(*results.records.values())
+
+    def done(self, name: str, source: str) -> bool:
+        return name in self.results.records
+
+    def expect(self, sample: Sample, label: np.ndarray) -> None:
+        self.labels[sample.id] = (sample, label)
+
+    def write(self, outcome) -> None:
+        sample, label = self.labels.pop(outcome.name)
+        pred = outcome.result.labels
+        if self.protocol == "diffcut":  # DiffCut scores at 128², labels downsampled with torch's "nearest"
+            pred = _nearest(pred, self.size) if pred.shape != self.size else pred
+            label = _nearest(label, self.size)
+        record = score_image(sample, pred, label, self.seconds)
+        self.results.append(record)
+        self.running += record_scores(record)
 
 
 def evaluate(
@@ -125,8 +148,7 @@ def evaluate(
     *,
     pipeline=None,
     predictions: str | Path | None = None,
-    segment_kwargs: dict | None = None,
-    method: str = "diffseg",
+    config: SegmentConfig | DiffCutConfig | None = None,
     timestep: int = METHOD_DEFAULT,
     protocol: str = "diffseg",
     batch_size: int = 1,
@@ -136,9 +158,10 @@ def evaluate(
 ) -> Summary:
     """Score a benchmark, resuming from `output` if it holds an earlier run of the same settings.
 
-    Exactly one of `pipeline` (segment with `method`, "diffseg" or "diffcut", whose settings `segment_kwargs` are)
-    and `predictions` (a folder of label PNGs named `ID.png`, any method) is given. Images are center-cropped and
-    resized to the method's square input (DiffSeg 512², DiffCut 1024²), as both references do.
+    Exactly one of `pipeline` (segment with the method whose settings `config` is: a `SegmentConfig` for DiffSeg,
+    the default, or a `DiffCutConfig`) and `predictions` (a folder of label PNGs named `ID.png`, any method) is
+    given. Images are center-cropped and resized to the method's square input (DiffSeg 512², DiffCut 1024²), as both
+    references do.
 
     `protocol` "diffseg" (default, the DiffSeg paper's) scores at 512×512 against nearest-resized labels;
     "diffcut" (DiffCut's `eval_diffcut.py`) predicts at 128×128 and downsamples the labels to it with torch's
@@ -150,76 +173,80 @@ def evaluate(
     bench = BENCHMARKS[benchmark] if isinstance(benchmark, str) else benchmark
     if (pipeline is None) == (predictions is None):
         raise ValueError("Pass exactly one of `pipeline` and `predictions`.")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be at least 1 but is {batch_size}.")
     if protocol not in PROTOCOLS:
         raise ValueError(f"`protocol` must be one of {PROTOCOLS} but is {protocol!r}.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be at least 1 but is {batch_size}.")
     if predictions is not None and not Path(predictions).is_dir():
         raise FileNotFoundError(f"Predictions folder `{predictions}` does not exist.")
-    segment_kwargs = dict(segment_kwargs or {})
-    encode = encode_settings(method, timestep=timestep, resize="square", crop="center")
     samples = bench.samples(root)[:limit]
-    source = f"predictions:{Path(predictions).resolve()}" if predictions is not None else f"{method}:{pipeline.model}"
-    settings = {
-        "dataset": bench.name,
-        "method": source,
-        "timestep": encode.timestep if predictions is None else None,
-        "protocol": protocol,
-        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in segment_kwargs.items()},
-    }
-    output = Path(output)
-    settings = _open_run(output, settings)
-    size = (RESOLUTION, RESOLUTION) if protocol == "diffseg" else DIFFCUT_SCORE_SIZE
     if pipeline is not None:
-        job = _protocol_job(pipeline, method, encode, {**segment_kwargs, "output_size": size}, batch_size)
-        predict = job.segment_images
+        job = _protocol_job(pipeline, config or SegmentConfig(), timestep, protocol, batch_size)
+        predict, settings = job.segment_images, _run_settings(bench, protocol, job.config, pipeline.model)
     else:
         predict = _read_predictions(Path(predictions))
+        settings = _run_settings(bench, protocol, None, f"predictions:{Path(predictions).resolve()}")
+    output = Path(output)
+    settings = _open_run(output, settings)
 
     # 2. Read back what is already scored.
     results = ResultsFile(output / "results.jsonl")
-    todo = [s for s in samples if s.id not in results.records]
+    scorer = Scorer(results, protocol)
+    todo = [s for s in samples if not scorer.done(s.id, str(s.image))]
     skipped: list[dict] = []
     if len(todo) < len(samples):
         log(f"Resuming: {len(samples) - len(todo)} of {len(samples)} images already scored in {output}.")
-
-    def summary() -> Summary:
-        return _summary(bench, samples, results, skipped, settings)
 
     def skip(sample_id: str, reason: str) -> None:
         skipped.append({"id": sample_id, "reason": reason})
         bar.write(f"diffseg: skipped {sample_id}: {reason}", file=sys.stderr)
 
     # 3. Score: segment (or read) each image, match, append.
-    running = record_scores(*results.records.values())
     bar = tqdm(total=len(todo), unit="img", desc=f"evaluate {bench.name}", disable=not progress, dynamic_ncols=True)
     try:
-        for batch in _batches(todo, batch_size):
-            loaded = [item for item in (_load_sample(bench, sample, skip) for sample in batch) if item is not None]
-            if loaded:
-                start = time.perf_counter()
-                outcomes = list(predict([(s.id, s.id, image) for s, image, _ in loaded]))
-                seconds = (time.perf_counter() - start) / len(loaded)
-                for (sample, _, label), outcome in zip(loaded, outcomes):
-                    if not outcome.ok:
-                        skip(sample.id, outcome.error)
-                        continue
-                    pred = outcome.result.labels
-                    if protocol == "diffcut":  # DiffCut scores at 128², labels downsampled with torch's "nearest"
-                        pred = _nearest(pred, size) if pred.shape != size else pred
-                        label = _nearest(label, size)
-                    record = score_image(sample, pred, label, seconds)
-                    results.append(record)
-                    running += record_scores(record)
-                bar.set_postfix(acc=f"{100 * running.pixel_accuracy:.1f}", miou=f"{100 * running.miou:.1f}")
+        for first in range(0, len(todo), batch_size):
+            batch = todo[first : first + batch_size]
+            _score_batch(batch, bench, predict, scorer, skip)
+            bar.set_postfix(acc=f"{100 * scorer.running.pixel_accuracy:.1f}", miou=f"{100 * scorer.running.miou:.1f}")
             bar.update(len(batch))
-            _write_summary(output, summary())
+            _write_summary(output, _summary(bench, samples, results, skipped, settings))
     finally:
         bar.close()
         results.close()
-    final = summary()
+    final = _summary(bench, samples, results, skipped, settings)
     _write_summary(output, final)
     return final
+
+
+def _score_batch(batch: list[Sample], bench: Benchmark, predict: Callable, scorer: Scorer, skip: Callable) -> None:
+    """Read a batch's images and labels, predict them in one call, score each outcome (or say why it is skipped)."""
+    from ..jobs.runner import deliver
+
+    loaded = [item for item in (_load_sample(bench, sample, skip) for sample in batch) if item is not None]
+    if not loaded:
+        return
+    start = time.perf_counter()
+    outcomes = list(predict([(s.id, s.id, image) for s, image, _ in loaded]))
+    scorer.seconds = (time.perf_counter() - start) / len(loaded)
+    for (sample, _, label), outcome in zip(loaded, outcomes):
+        scorer.expect(sample, label)
+        if not deliver(outcome, [scorer]).ok:
+            skip(sample.id, outcome.error)
+
+
+def _run_settings(bench: Benchmark, protocol: str, job, source: str) -> dict:
+    """What a run is, as `settings.json` records it: the dataset, the method (or predictions folder), the timestep
+    and the segment settings (the protocol fixes the rest)."""
+    if job is None:
+        return {"dataset": bench.name, "method": source, "timestep": None, "protocol": protocol}
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(job.segment).items() if k != "output_size"}
+    return {
+        "dataset": bench.name,
+        "method": f"{job.method}:{source}",
+        "timestep": job.encode.timestep,
+        "protocol": protocol,
+        **fields,
+    }
 
 
 def _open_run(output: Path, settings: dict) -> dict:
@@ -241,20 +268,17 @@ def _open_run(output: Path, settings: dict) -> dict:
     return settings
 
 
-def _protocol_job(pipeline, method: str, encode, segment: dict, batch_size: int):
+def _protocol_job(pipeline, config, timestep, protocol: str, batch_size: int):
     """The job runner with the protocol's encode: central square, square resize, DiffSeg at 512 whatever the model
-    (DiffCut at its reference's 1024), the method's timestep and noise."""
-    from ..jobs.runner import Job
+    (DiffCut at its reference's 1024), the method's timestep and noise; label maps at the protocol's score size."""
+    from ..jobs.runner import Job, JobConfig
+    from ..methods.registry import method_of
 
-    protocol_encode = {
-        "method": method,
-        "timestep": encode.timestep,
-        "crop": encode.crop,
-        "resize": encode.resize,
-        "resolution": encode.resolution or RESOLUTION,  # DiffSeg's protocol: 512 whatever the model
-        "noise_seed": encode.noise_seed,
-    }
-    return Job(pipeline, encode=protocol_encode, segment=segment, batch_size=batch_size)
+    method = method_of(config).name
+    encode = encode_settings(method, timestep=timestep, resize="square", crop="center")
+    encode = replace(encode, resolution=encode.resolution or RESOLUTION)  # DiffSeg's protocol: 512 whatever the model
+    size = (RESOLUTION, RESOLUTION) if protocol == "diffseg" else DIFFCUT_SCORE_SIZE
+    return Job(pipeline, JobConfig(method, encode, config, output_size=size), batch_size=batch_size)
 
 
 def _read_predictions(folder: Path) -> Callable:

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config import CROPS
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
-CROPS = (None, "center")
 
 
 def load_image(path: str | os.PathLike, *, exif_transpose: bool = True) -> Image.Image:

@@ -263,3 +263,18 @@ def write_outputs(outcome, output: str | os.PathLike, writers: list[Writer]) -> 
     """Write one outcome in every format, each file atomically (raises OSError or ValueError on failure)."""
     for writer in writers:
         writer.write(outcome, writer.path(output, outcome.name))
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """The job runner's sink for files (`jobs.runner.Sink`): each outcome in every format asked for; an input is done
+    when every file exists and its label map was made from that input (`outputs_done`)."""
+
+    folder: Path
+    writers: tuple[Writer, ...]
+
+    def done(self, name: str, source: str) -> bool:
+        return outputs_done(self.folder, name, list(self.writers), source)
+
+    def write(self, outcome) -> None:
+        write_outputs(outcome, self.folder, list(self.writers))

@@ -20,16 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backbones.families import Backbone, target_size
-from ..backbones.families import read_backbone
-from ..config import DEFAULT_MODEL, METHOD_DEFAULT, EncodeConfig, encode_settings
+from ..backbones.families import Backbone, read_backbone, target_size
+from ..config import DEFAULT_MODEL, EncodeConfig
 from ..io.images import crop as crop_image
 from ..io.images import decode_image, find_images, to_model_input
-from ..io.outputs import WRITERS, atomic_path, outputs_done, read_labels
+from ..io.outputs import WRITERS, OutputFolder, atomic_path, read_labels
+from .runner import Job, JobConfig, Outcome, deliver, pending
 
-_ENCODE = EncodeConfig()
 MANIFEST = "manifest.parquet"
-COLUMNS = ("path", "name", "output", "height", "width", "num_segments", "labels", "status", "error")
 LIST_SUFFIXES = (".txt", ".lst", ".parquet")
 
 
@@ -124,9 +122,22 @@ def read_bytes(path: str) -> bytes:
 
 # ------------------------------------------------------------------------------------------------ manifest
 
+# The manifest's columns and their Arrow types, in order: spelled once.
+COLUMNS = {
+    "path": "string",
+    "name": "string",
+    "output": "string",
+    "height": "int64",
+    "width": "int64",
+    "num_segments": "int64",
+    "labels": "string",  # segment id -> word, as JSON, when segments are named
+    "status": "string",  # "done" or "failed"
+    "error": "string",
+}
+
 
 def read_manifest(output: Path) -> dict[str, dict]:
-    path = output / MANIFEST
+    path = Path(output) / MANIFEST
     if not path.exists():
         return {}
     import pyarrow.parquet as pq
@@ -134,134 +145,109 @@ def read_manifest(output: Path) -> dict[str, dict]:
     return {row["name"]: row for row in pq.read_table(path).to_pylist()}
 
 
-def write_manifest(output: Path, rows: dict[str, dict]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class Manifest:
+    """`OUTPUT/manifest.parquet`: one row per input, and the job's resume sink. An input is done when its files are
+    (`OutputFolder.done`); a label PNG whose row a killed run never wrote is adopted into the manifest."""
 
-    table = pa.Table.from_pylist(
-        [{c: row.get(c) for c in COLUMNS} for row in rows.values()],
-        schema=pa.schema(
-            [
-                ("path", pa.string()),
-                ("name", pa.string()),
-                ("output", pa.string()),
-                ("height", pa.int64()),
-                ("width", pa.int64()),
-                ("num_segments", pa.int64()),
-                ("labels", pa.string()),
-                ("status", pa.string()),
-                ("error", pa.string()),
-            ]
-        ),
-    )
-    with atomic_path(output / MANIFEST) as tmp:
-        pq.write_table(table, tmp)
+    def __init__(self, files: OutputFolder, rows: dict[str, dict] | None = None) -> None:
+        self.files, self.folder = files, Path(files.folder)
+        self.rows = read_manifest(self.folder) if rows is None else rows
+
+    def done(self, name: str, source: str) -> bool:
+        if not self.files.done(name, source):
+            return False
+        row = self.rows.get(name)
+        if row is None or row["status"] != "done" or row["path"] != source:  # written by a run that died first
+            adopted = read_labels(self.label_path(name))
+            labels = row["labels"] if row is not None else None
+            self.rows[name] = self.row(source, name, adopted.shape, int(adopted.max()) + 1, labels)
+        return True
+
+    def label_path(self, name: str) -> Path:
+        return WRITERS["labels"].path(self.folder, name)
+
+    def row(self, source: str, name: str, shape=None, num_segments=None, labels=None, error: str = "") -> dict:
+        height, width = shape if shape is not None else (None, None)
+        return {
+            "path": source,
+            "name": name,
+            "output": str(self.label_path(name)),
+            "height": height,
+            "width": width,
+            "num_segments": num_segments,
+            "labels": labels,
+            "status": "failed" if error else "done",
+            "error": error,
+        }
+
+    def outcome_row(self, outcome) -> dict:
+        """The row of a job runner's `Outcome`."""
+        if not outcome.ok:
+            return self.row(outcome.source, outcome.name, error=outcome.error)
+        result = outcome.result
+        names = json.dumps({str(s.id): s.label for s in result.names}) if result.names is not None else None
+        return self.row(outcome.source, outcome.name, result.labels.shape, result.num_segments, names)
+
+    def record(self, row: dict) -> None:
+        self.rows[row["name"]] = {c: _none_if_nan(row[c]) for c in COLUMNS}
+
+    def save(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([(column, getattr(pa, kind)()) for column, kind in COLUMNS.items()])
+        table = pa.Table.from_pylist([{c: row.get(c) for c in COLUMNS} for row in self.rows.values()], schema=schema)
+        with atomic_path(self.folder / MANIFEST) as tmp:
+            pq.write_table(table, tmp)
 
 
-def _failed(path: str, name: str, output: Path, error: str) -> dict:
-    return {
-        "path": path,
-        "name": name,
-        "output": str(WRITERS["labels"].path(output, name)),
-        "height": None,
-        "width": None,
-        "num_segments": None,
-        "labels": None,
-        "status": "failed",
-        "error": error,
-    }
+def _none_if_nan(value):
+    return None if isinstance(value, float) and np.isnan(value) else value
 
 
 # ------------------------------------------------------------------------------------------------ Ray stages
 
 
-def decode_row(row: dict, crop: str | None, resolution: int | None, resize: str, backbone: Backbone) -> dict:
+def decode_row(row: dict, encode: EncodeConfig, backbone: Backbone) -> dict:
     """CPU stage (a Ray task per row): read, decode and crop one image, and resize it into the UNet's input, float32,
     as `diffseg segment` prepares it (`backbones.target_size`, with the family the driver read from the checkpoint's
     configs). The cropped image travels too: the label map covers it, the overlay is drawn on it. A failure is
     carried as the row's error, never raised."""
     try:
-        image = crop_image(np.asarray(decode_image(read_bytes(row["path"]), row["path"])), crop)
-        size = target_size(image.shape[:2], backbone, resolution, resize)
+        image = crop_image(np.asarray(decode_image(read_bytes(row["path"]), row["path"])), encode.crop)
+        size = target_size(image.shape[:2], backbone, encode.resolution, encode.resize)
         pixels = to_model_input([image], size)[0].numpy()
-        return {**row, "pixels": pixels, "image": image, "height": image.shape[0], "width": image.shape[1], "error": ""}
+        return {**row, "pixels": pixels, "image": image, "error": ""}
     except (OSError, ValueError) as error:
         empty = np.zeros((3, backbone.size_multiple, backbone.size_multiple), np.float32)
-        return {
-            **row,
-            "pixels": empty,
-            "image": np.zeros((1, 1, 3), np.uint8),
-            "height": 0,
-            "width": 0,
-            "error": str(error),
-        }
+        return {**row, "pixels": empty, "image": np.zeros((1, 1, 3), np.uint8), "error": str(error)}
 
 
 class SegmentWorker:
-    """GPU (or CPU) stage: one pipeline per actor. Encodes a batch (one UNet call per input shape in it), then
-    segments and writes each image as `diffseg segment` does: the job runner's segment stage and error policy
-    (`jobs.Job.finish`), the same writers."""
+    """GPU (or CPU) stage: one pipeline per actor, running the job runner on the batches the decode tasks prepared
+    (`Job.segment_prepared`: one UNet call per input shape, its error policy) into the same sinks as `diffseg
+    segment` (`OutputFolder`); returns each input's manifest row."""
 
-    def __init__(
-        self,
-        model: str,
-        device: str,
-        dtype: str,
-        encode: dict,
-        segment: dict,
-        output: str,
-        formats: list[str],
-        labels: str | None = None,
-    ) -> None:
-        from ..io.outputs import WRITERS
+    def __init__(self, model: str, device: str, dtype: str, config: JobConfig, output: str, formats: list[str]) -> None:
         from ..pipeline import DiffSegPipeline
-        from .runner import Job
 
-        self.pipe = DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype)
-        self.encode = {k: encode[k] for k in ("method", "timestep", "noise_seed") if k in encode}
-        self.job = Job(self.pipe, encode=encode, segment=segment, labels=labels)
-        self.vocabulary = self.pipe.vocabulary(labels) if labels is not None else None
-        self.output, self.writers = Path(output), [WRITERS[f] for f in formats]
+        self.job = Job(DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype), config)
+        self.files = OutputFolder(Path(output), tuple(WRITERS[f] for f in formats))
+        self.manifest = Manifest(self.files, rows={})  # the rows are the driver's; a worker only makes its own
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        import torch
-
-        from ..io.outputs import write_outputs
-        from .runner import MODEL_ERRORS, encoding_failed
-
         n = len(batch["path"])
-        rows = [_failed(batch["path"][i], batch["name"][i], self.output, str(batch["error"][i])) for i in range(n)]
+        items = [(str(batch["path"][i]), str(batch["name"][i])) for i in range(n)]
         good = [i for i in range(n) if not batch["error"][i]]
-        shapes = {i: tuple(np.shape(batch["pixels"][i])) for i in good}
-        for shape in dict.fromkeys(shapes.values()):  # images of one input shape share a UNet call
-            group = [i for i in good if shapes[i] == shape]
-            items = [(str(batch["path"][i]), str(batch["name"][i])) for i in group]
-            try:
-                pixels = torch.from_numpy(np.stack([np.asarray(batch["pixels"][i], np.float32) for i in group]))
-                images = [np.asarray(batch["image"][i], np.uint8) for i in group]
-                bundles = self.pipe.encode_pixels(pixels, images, vocabulary=self.vocabulary, **self.encode)
-                outcomes = self.job.finish(items, bundles)
-            except MODEL_ERRORS as error:  # e.g. out of memory: the group fails, the job goes on
-                outcomes = encoding_failed(items, error)
-            for i, outcome in zip(group, outcomes):
-                if outcome.ok:
-                    try:
-                        write_outputs(outcome, self.output, self.writers)
-                    except (OSError, ValueError, ImportError) as error:
-                        outcome.error = f"writing failed: {error}"
-                if not outcome.ok:
-                    rows[i]["error"] = outcome.error
-                    continue
-                result = outcome.result
-                names = json.dumps({str(s.id): s.label for s in result.names}) if result.names is not None else None
-                rows[i].update(
-                    height=int(result.labels.shape[0]),
-                    width=int(result.labels.shape[1]),
-                    num_segments=result.num_segments,
-                    labels=names,
-                    status="done",
-                    error="",
-                )
+        outcomes = {i: Outcome(*items[i], error=str(batch["error"][i])) for i in range(n) if i not in good}
+        made = self.job.segment_prepared(
+            [items[i] for i in good],
+            [batch["pixels"][i] for i in good],
+            [np.asarray(batch["image"][i], np.uint8) for i in good],
+        )
+        for i, outcome in zip(good, made):
+            outcomes[i] = deliver(outcome, [self.files])
+        rows = [self.manifest.outcome_row(outcomes[i]) for i in range(n)]
         return {c: [row[c] for row in rows] for c in COLUMNS}
 
 
@@ -283,23 +269,15 @@ def _connect(address: str):
 def segment_dataset(
     source: str | os.PathLike,
     output: str | os.PathLike,
+    config: JobConfig | None = None,
     *,
+    model: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
     ray_address: str = "local",
     batch_size: int = 4,
     num_gpus_per_worker: float | None = None,
     concurrency: int = 1,
-    model: str = DEFAULT_MODEL,
-    device: str = "auto",
-    dtype: str = "auto",
-    method: str = "diffseg",
-    timestep: int = METHOD_DEFAULT,
-    crop: str | None = _ENCODE.crop,
-    resolution: int | None = METHOD_DEFAULT,
-    resize: str = _ENCODE.resize,
-    noise_seed: int | None = METHOD_DEFAULT,
-    segment_kwargs: dict | None = None,
-    labels: str | None = None,
-    label_kwargs: dict | None = None,
     formats: tuple[str, ...] = ("labels",),
     progress: bool = True,
 ) -> JobSummary:
@@ -308,102 +286,76 @@ def segment_dataset(
     Args:
         source: a folder, a glob, or a .txt/.lst/.parquet file listing image paths or URIs.
         output: folder for `labels/NAME.png` and `manifest.parquet`; re-use it to resume.
+        config: the job's settings (method, encode, segment, naming words), as `diffseg segment` takes them; with
+            words, the manifest's `labels` column holds each image's segment id -> word as JSON. Default: DiffSeg's.
         ray_address: "local" starts Ray on this machine (unless it is already initialised), "auto" joins the
             cluster this machine belongs to, "ray://host:10001" a remote one.
         batch_size: images per UNet batch on each worker.
         num_gpus_per_worker: GPUs per actor (fractions share a GPU); None: 1 if the cluster has GPUs, else 0.
         concurrency: number of actors.
-        method: "diffseg" or "diffcut"; `timestep` and `resolution` default to the method's (see
-            `config.ENCODE_DEFAULTS`); `segment_kwargs` are its segmenter's settings.
-        resize: "native" (aspect ratio kept) or "square" (the paper's); see `DiffSegPipeline.encode`.
-        labels: comma-separated words to name segments with; the manifest's `labels` column then holds each
-            image's segment id -> word as JSON.
         formats: keys of `outputs.WRITERS` to write besides the label PNG ("overlay", "npy", "names", "coco").
     """
-    from tqdm import tqdm
-
     # 1. Check inputs; read back what is done.
+    config = config or JobConfig()
     if batch_size < 1 or concurrency < 1:
         raise ValueError(f"`batch_size` and `concurrency` must be at least 1 but are {batch_size} and {concurrency}.")
-    segment_kwargs = dict(segment_kwargs or {})
-    settings = encode_settings(method, timestep=timestep, resolution=resolution, noise_seed=noise_seed)
-    timestep, resolution, noise_seed = settings.timestep, settings.resolution, settings.noise_seed
     backbone = read_backbone(str(model))  # the family's sizes, read from its configs before any worker starts
-    target_size((1, 1), backbone, resolution, resize)  # a bad resolution or resize fails here, not in every task
+    target_size((1, 1), backbone, config.encode.resolution, config.encode.resize)  # fails here, not in every task
     output = Path(output)
     items = list_inputs(source)
     output.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(output)
-    summary = JobSummary()
-    todo = []
-    writers = [WRITERS[f] for f in dict.fromkeys(("labels", *formats))]
-    for path, name in items:
-        target = WRITERS["labels"].path(output, name)
-        row = manifest.get(name)
-        if not outputs_done(output, name, writers, path):  # every format asked for, made from this input
-            todo.append({"path": path, "name": name})
-        elif row is not None and row["status"] == "done" and row["path"] == path:
-            summary.skipped += 1
-        else:
-            adopted = read_labels(target)  # written by a run that died before its manifest update
-            manifest[name] = {
-                "path": path,
-                "name": name,
-                "output": str(target),
-                "height": adopted.shape[0],
-                "width": adopted.shape[1],
-                "num_segments": int(adopted.max()) + 1,
-                "labels": row["labels"] if row is not None else None,
-                "status": "done",
-                "error": "",
-            }
-            summary.skipped += 1
+    formats = tuple(dict.fromkeys(("labels", *formats)))
+    manifest = Manifest(OutputFolder(output, tuple(WRITERS[f] for f in formats)))
+    todo = pending(items, [manifest])
+    summary = JobSummary(skipped=len(items) - len(todo))
     if not todo:
-        write_manifest(output, manifest)
+        manifest.save()
         return summary
 
-    # 2. Connect to Ray and describe the stream: decode on CPUs, segment on the actors.
-    ray = _connect(ray_address)
+    # 2. Describe the stream: decode on CPUs, segment on the actors.
+    worker = {"model": str(model), "device": device, "dtype": dtype, "config": config, "output": str(output)}
+    data = _stream(_connect(ray_address), todo, backbone, {**worker, "formats": list(formats)}, batch_size,
+                   concurrency, num_gpus_per_worker)  # fmt: skip
+
+    # 3. Stream results into the manifest.
+    _collect(data, manifest, {name: source for source, name in todo}, summary, progress)
+    return summary
+
+
+def _stream(ray, todo, backbone: Backbone, worker: dict, batch_size: int, concurrency: int, num_gpus):
+    """The Ray Data stream: decode tasks on CPUs, then `SegmentWorker` actors."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our bar counts images; Ray's would interleave with it
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if num_gpus_per_worker is None:
-        num_gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    data = ray.data.from_items(todo)
+    if num_gpus is None:
+        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    data = ray.data.from_items([{"path": source, "name": name} for source, name in todo])
     # Half a CPU per decode task: more decodes run beside the workers, and (unlike the workers' one CPU) it keeps
     # Ray from fusing decoding into the model actors, so the accelerator is not kept waiting on JPEG decoding.
-    decode = {"crop": crop, "resolution": resolution, "resize": resize, "backbone": backbone}
-    data = data.map(decode_row, fn_kwargs=decode, num_cpus=0.5)
-    data = data.map_batches(
+    data = data.map(decode_row, fn_kwargs={"encode": worker["config"].encode, "backbone": backbone}, num_cpus=0.5)
+    return data.map_batches(
         SegmentWorker,
-        fn_constructor_kwargs={
-            "model": str(model),
-            "device": device,
-            "dtype": dtype,
-            "encode": {"method": method, "timestep": timestep, "noise_seed": noise_seed},
-            "segment": {**segment_kwargs, **(label_kwargs or {})},
-            "output": str(output),
-            "formats": ["labels", *(f for f in formats if f != "labels")],
-            "labels": labels,
-        },
+        fn_constructor_kwargs=worker,
         batch_size=batch_size,
         concurrency=concurrency,
         num_cpus=1,
-        num_gpus=num_gpus_per_worker,
+        num_gpus=num_gpus,
         batch_format="numpy",
     )
 
-    # 3. Stream results into the manifest.
-    start = time.perf_counter()
-    pending = {row["name"]: row for row in todo}
-    last_write = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", desc="segment-dataset", disable=not progress, dynamic_ncols=True)
+
+def _collect(data, manifest: Manifest, pending_items: dict[str, str], summary: JobSummary, progress: bool) -> None:
+    """Record each row as it streams in (the manifest rewritten every 10 s and at the end); if the job stops, the
+    inputs never reached are recorded as failed with the reason, then the error goes on."""
+    from tqdm import tqdm
+
+    start = last_write = time.perf_counter()
+    bar = tqdm(total=len(pending_items), unit="img", desc="segment-dataset", disable=not progress, dynamic_ncols=True)
     try:
         for batch in data.iter_batches(batch_size=None, batch_format="pandas"):
             for row in batch.to_dict("records"):
-                row = {c: (None if isinstance(row[c], float) and np.isnan(row[c]) else row[c]) for c in COLUMNS}
-                manifest[row["name"]] = row
-                pending.pop(row["name"], None)
+                manifest.record(row)
+                pending_items.pop(row["name"], None)
                 if row["status"] == "done":
                     summary.done += 1
                 else:
@@ -412,14 +364,13 @@ def segment_dataset(
                 bar.update(1)
             bar.set_postfix(done=summary.done, failed=len(summary.failed))
             if time.perf_counter() - last_write > 10:
-                write_manifest(output, manifest)
+                manifest.save()
                 last_write = time.perf_counter()
     except Exception as error:  # noqa: BLE001 - the job stopped: record what was not reached, then re-raise
-        for row in pending.values():
-            manifest[row["name"]] = _failed(row["path"], row["name"], output, f"job stopped before this image: {error}")
+        for name, source in pending_items.items():
+            manifest.record(manifest.row(source, name, error=f"job stopped before this image: {error}"))
         raise
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - start
-        write_manifest(output, manifest)
-    return summary
+        manifest.save()

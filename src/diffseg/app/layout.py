@@ -1,0 +1,234 @@
+"""The demo's page: its components, laid out, with each control's range, label and help; no behaviour.
+
+`build_page` makes the components inside a `gr.Blocks` and returns them by name (`Page`); `demo.Demo` wires them to its
+handlers. Initial values come from the config objects, so a default is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+import gradio as gr
+
+from ..config import RESOLUTION_PRESETS, DiffCutConfig, SegmentConfig
+from ..config import preset_weights as preset_grid_weights
+from ..methods.registry import METHODS
+
+_SEGMENT = SegmentConfig()
+_DIFFCUT = DiffCutConfig()
+MAX_GRIDS = 4  # weight sliders, finest grid first; a model with fewer grids (SDXL: 2) shows fewer
+CUSTOM = "custom"  # the preset's name once a weight slider is moved by hand
+OPACITY = 0.5  # the viewer's default overlay opacity (the CLI's overlay uses the same)
+_WEB = resources.files("diffseg.app").joinpath("web")
+
+
+def asset(name: str) -> str:
+    """A static file of the page (`web/`): its script, style sheet or viewer."""
+    return _WEB.joinpath(name).read_text(encoding="utf-8")
+
+
+def examples() -> list[str]:
+    """The example photos shipped with the demo."""
+    folder = resources.files("diffseg.app").joinpath("examples")
+    return sorted(str(p) for p in folder.iterdir() if str(p).endswith(".jpg"))
+
+
+def presets_for(sides: tuple[int, ...]) -> list[str]:
+    """The presets that weigh one of a model's grids (SDXL's two grids leave out "third and fourth")."""
+    names = []
+    for name in RESOLUTION_PRESETS:
+        try:
+            preset_grid_weights(name, [(s, s) for s in sides])
+            names.append(name)
+        except ValueError:
+            continue
+    return names
+
+
+def preset_weights(name: str, sides: tuple[int, ...] = (64, 32, 16, 8)) -> list[float]:
+    """Slider values (finest first, `MAX_GRIDS` of them) for a named preset on a model whose grids have `sides` at
+    its native size, as relative weights with the smallest non-zero one 1: "proportional" is the paper's 8:4:2:1
+    (r / Σr once normalised), "two finest" 2:1. Short, exact numbers; sliders past the model's grids are 0."""
+    weights = preset_grid_weights(name, [(s, s) for s in sides])
+    values = list(sides) if weights is None else list(weights.values())
+    smallest = min(v for v in values if v > 0)
+    return [round(v / smallest, 6) for v in values] + [0.0] * (MAX_GRIDS - len(values))
+
+
+@dataclass
+class Controls:
+    """The page's inputs, so that handlers read settings by name (Gradio passes a set of inputs as one dict)."""
+
+    image: gr.Image
+    method: gr.Radio
+    timestep: gr.Slider
+    words: gr.Textbox
+    kl: gr.Slider
+    iterations: gr.Slider
+    points: gr.Slider
+    refine: gr.Checkbox
+    preset: gr.Dropdown
+    tau: gr.Slider
+    alpha: gr.Slider
+    pamr: gr.Checkbox
+    weights: list[gr.Slider]
+
+    def ordered(self) -> list:
+        return [v for k, v in vars(self).items() if k != "weights"] + self.weights
+
+    def all(self) -> set:
+        return set(self.ordered())
+
+
+@dataclass
+class Results:
+    """The page's outputs of a segmentation."""
+
+    viewer: gr.HTML
+    status: gr.Markdown
+    label_file: gr.File
+    bundle_file: gr.File
+    table: gr.HTML
+
+    def all(self) -> list:
+        return list(vars(self).values())
+
+
+@dataclass
+class Page:
+    """Every component a handler reads or sets."""
+
+    blocks: gr.Blocks
+    controls: Controls
+    results: Results
+    groups: dict[str, gr.Group]  # method name -> the group of its segment controls
+    reset: gr.Button
+    cancel: gr.Button
+
+
+def _slider(elem_id: str, label: str, span: tuple, value, info: str, **options) -> gr.Slider:
+    low, high, step = span
+    return gr.Slider(low, high, value=value, step=step, label=label, elem_id=elem_id, info=info, **options)
+
+
+def build_page(model_name: str, sides: tuple[int, ...]) -> Page:
+    """The demo's components for a model called `model_name` whose attention grids have `sides` (finest first)."""
+    with gr.Blocks(title="DiffSeg", analytics_enabled=False) as blocks:  # nothing leaves the server
+        gr.Markdown(
+            f"## diffseg — unsupervised zero-shot segmentation with {model_name}\n"
+            "Upload an image: one UNet step captures what the method needs (slow, once per image, method and "
+            "timestep); every other control re-segments the cached result at once. Point at a segment for its name "
+            "and area; click it (or its table row) to isolate it."
+        )
+        with gr.Row(elem_id="main"):
+            with gr.Column(scale=1, elem_id="controls"):
+                controls, groups, reset = _control_column(sides)
+            with gr.Column(scale=2, elem_id="result"):
+                results, cancel = _result_column()
+    return Page(blocks, controls, results, groups, reset, cancel)
+
+
+def _control_column(sides: tuple[int, ...]) -> tuple[Controls, dict[str, gr.Group], gr.Button]:
+    image = gr.Image(
+        type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="input-image"
+    )
+    gr.Examples(examples=examples(), inputs=image, elem_id="examples", label="Examples")
+    method = gr.Radio(
+        list(METHODS),
+        value="diffseg",
+        label="Method (re-encodes)",
+        elem_id="method",
+        info="DiffSeg: self-attention merged by KL; DiffCut: a layer's features, recursive normalised cut",
+    )
+    timestep = _slider(
+        "timestep",
+        "Timestep (re-encodes)",
+        (0, 999, 1),
+        METHODS["diffseg"].encode_defaults.timestep,
+        "The noise level of the one UNet step (papers: DiffSeg 300, DiffCut 50)",
+    )
+    words = gr.Textbox(
+        label="Name segments with (comma-separated words, optional; re-encodes)",
+        placeholder="road, car, person, sky",
+        elem_id="labels",
+    )
+    with gr.Group(visible=False) as diffcut_controls:
+        tau = _slider(
+            "tau", "Cut threshold τ", (0.05, 1.5, 0.01), _DIFFCUT.tau,
+            "A region is cut while the cut costs less than τ: lower gives fewer segments",
+        )  # fmt: skip
+        alpha = _slider(
+            "alpha", "Affinity exponent α", (1, 20, 0.5), _DIFFCUT.alpha,
+            "Sharpens feature similarity: higher separates more",
+        )  # fmt: skip
+        pamr = gr.Checkbox(
+            value=_DIFFCUT.pamr,
+            label="PAMR refinement",
+            elem_id="pamr",
+            info="Snaps segment edges to the image's colour edges (slower)",
+        )
+    with gr.Group() as diffseg_controls:
+        kl = _slider(
+            "kl-threshold", "KL threshold τ", (0.05, 3.0, 0.05), _SEGMENT.kl_threshold,
+            "Attention maps closer than τ merge: higher gives fewer, larger segments",
+        )  # fmt: skip
+        iterations = _slider(
+            "iterations", "Merge iterations", (1, 6, 1), _SEGMENT.iterations,
+            "Rounds of merging the proposals with each other",
+        )  # fmt: skip
+        points = _slider(
+            "num-points", "Anchor grid (M×M)", (2, 32, 1), _SEGMENT.num_points,
+            "Starting points of the first merge: more can find smaller segments",
+        )  # fmt: skip
+        refine = gr.Checkbox(
+            value=_SEGMENT.refine,
+            label="K-means refinement",
+            elem_id="refine",
+            info="Re-assigns every attention map to its nearest proposal (slower)",
+        )
+        preset = gr.Dropdown(
+            [*presets_for(sides), CUSTOM],
+            value="proportional",
+            label="Resolution preset",
+            elem_id="preset",
+            info="How much each attention grid counts; proportional is the paper's",
+        )
+        weights = [
+            _slider(
+                f"weight-{k}",
+                f"Weight of grid {k + 1}" + (f" ({sides[k]}² at native size)" if k < len(sides) else ""),
+                (0, 8, 0.5),
+                w,
+                "Relative to the other grids' (normalised to sum 1)",
+                visible=k < len(sides),
+            )
+            for k, w in enumerate(preset_weights("proportional", sides))
+        ]
+    reset = gr.Button("Reset to the papers' settings", elem_id="reset", variant="secondary")
+    controls = Controls(
+        image, method, timestep, words, kl, iterations, points, refine, preset, tau, alpha, pamr, weights
+    )
+    return controls, {"diffseg": diffseg_controls, "diffcut": diffcut_controls}, reset
+
+
+def _result_column() -> tuple[Results, gr.Button]:
+    with gr.Row(elem_id="status-row"):
+        status = gr.Markdown("Upload an image or pick an example.", elem_id="status")
+        cancel = gr.Button("Stop encoding", elem_id="cancel", size="sm", variant="secondary", scale=0)
+    viewer = gr.HTML(
+        "<p class='viewer-empty'>The segmentation appears here.</p>", elem_id="viewer", js_on_load=asset("viewer.js")
+    )
+    with gr.Row(elem_id="view-controls"):  # read by the viewer in the browser: no server event
+        _slider(
+            "opacity", "Overlay opacity", (0, 1, 0.05), OPACITY, "0 shows the image, 1 the label map",
+            interactive=True,  # no server event: Gradio would otherwise disable it
+        )  # fmt: skip
+        gr.Checkbox(
+            value=True, label="Boundaries", elem_id="boundaries", info="White lines between segments", interactive=True
+        )
+    with gr.Row(elem_id="downloads"):
+        label_file = gr.File(label="Label map (PNG of ids)", elem_id="label-download")
+        bundle_file = gr.File(label="Bundle: what the UNet produced (safetensors)", elem_id="bundle-download")
+    table = gr.HTML(elem_id="segments")
+    return Results(viewer, status, label_file, bundle_file, table), cancel
