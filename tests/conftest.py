@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -78,6 +85,27 @@ def error_percentile(ours, reference, q: float = 99.0) -> float:
 def run_cli(*argv) -> int:
     """Run `diffseg ARGV...` in this process (paths and numbers as they are); returns the exit status."""
     return main([str(a) for a in argv])
+
+
+def kill_mid_run(argv, started, seed: int | None = None, *, group: bool = False, timeout: float = 240, env=None):
+    """The one kill harness: run `diffseg ARGV...` in a subprocess, and SIGKILL it (with `group`, its whole process
+    group: a Ray job's own processes too) once `started()` holds, at once or, with `seed`, a seeded random moment of
+    up to a second later. Returns the killed process."""
+    command = [sys.executable, "-m", "diffseg.cli", *map(str, argv)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=group, env=env
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not started():
+        time.sleep(0.02)
+    if seed is not None:
+        time.sleep(random.Random(seed).uniform(0.0, 0.8))
+    if group:
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    return process
 
 
 def tiny_model(checkpoint) -> tuple:

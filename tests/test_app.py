@@ -200,6 +200,8 @@ def _serve(tiny_checkpoint, tmp_path, *options):
                 str(tiny_checkpoint),
                 "--device",
                 "cpu",
+                "--host",
+                "127.0.0.1",
                 "--port",
                 str(port),
                 "--max-upload-mb",

@@ -13,7 +13,7 @@ from PIL import Image
 from diffseg.jobs.dataset import list_inputs, read_manifest
 from diffseg.io.outputs import read_labels
 
-from conftest import quadrants_image, run_cli, tiny_model
+from conftest import kill_mid_run, quadrants_image, run_cli, tiny_model
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (the ray extra)")
 
@@ -29,6 +29,13 @@ def run_job(source, output, checkpoint, *extra):
         "1",
         "--kl-threshold",
         "0.5",
+        # the README's Ray options, at their values for this machine: a local instance, one CPU worker
+        "--ray-address",
+        "local",
+        "--concurrency",
+        "1",
+        "--num-gpus-per-worker",
+        "0",
         *extra,
     )
 
@@ -223,29 +230,14 @@ def test_segment_dataset_killed_at_random_resumes_without_losing_or_redoing_anyt
 ):
     """The whole job (driver and its own local Ray) killed a random moment after its first label map, then
     resumed: every image done once, label maps written before the kill untouched, none half-written."""
-    import random
-    import subprocess
-    import sys
-
     folder, out = tmp_path / "images", tmp_path / "job"
     folder.mkdir()
     for k in range(8):
         Image.fromarray(np.roll(quadrants_image(64, 96), 9 * k, axis=1)).save(folder / f"{k}.png")
     argv = ["segment-dataset", folder, "-o", out, *tiny_model(tiny_checkpoint), "--batch-size", "1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "diffseg.cli", *map(str, argv)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill takes its Ray processes too
-        env=env,
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None and not list((out / "labels").glob("*.png")):
-        time.sleep(0.05)
-    time.sleep(random.Random(seed).uniform(0.0, 1.0))
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    # its own process group: the kill takes its Ray processes too
+    process = kill_mid_run(argv, lambda: bool(list((out / "labels").glob("*.png"))), seed, group=True, env=env)
     done = sorted((out / "labels").glob("*.png"))
     assert process.returncode == -signal.SIGKILL and 1 <= len(done) < 8  # killed mid-run
     stamps = {p: p.stat().st_mtime_ns for p in done}

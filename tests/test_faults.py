@@ -2,11 +2,7 @@
 complete and valid, nothing done is recomputed, nothing is missing. (`segment-dataset`: tests/test_dataset_job.py.)"""
 
 import json
-import random
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,25 +10,10 @@ from PIL import Image
 
 from diffseg.io.outputs import read_labels
 
-from conftest import quadrants_image, run_cli, tiny_model
+from conftest import kill_mid_run, quadrants_image, run_cli, tiny_model
 from test_evaluate import make_coco
 
 IMAGES = 10
-
-
-def _start(argv: list) -> subprocess.Popen:
-    command = [sys.executable, "-m", "diffseg.cli", *map(str, argv)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _kill_after(process: subprocess.Popen, started, seed: int, timeout: float = 180) -> None:
-    """SIGKILL `process` a random moment (seeded) after `started()` first holds."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None and not started():
-        time.sleep(0.02)
-    time.sleep(random.Random(seed).uniform(0.0, 0.8))
-    process.send_signal(signal.SIGKILL)
-    process.wait()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -42,8 +23,7 @@ def test_segment_killed_at_random_resumes_without_losing_or_redoing_anything(tin
     for k in range(IMAGES):
         Image.fromarray(np.roll(quadrants_image(64, 96), 7 * k, axis=1)).save(folder / f"{k}.png")
     argv = ["segment", folder, "-o", out, *tiny_model(tiny_checkpoint), "--resume", "--npy"]
-    process = _start(argv)
-    _kill_after(process, lambda: len(list((out / "arrays").glob("*.npy"))) >= 1, seed)
+    process = kill_mid_run(argv, lambda: len(list((out / "arrays").glob("*.npy"))) >= 1, seed)
     complete = {p.stem for p in (out / "arrays").glob("*.npy")}  # the last file an image gets
     assert process.returncode == -signal.SIGKILL and 1 <= len(complete) < IMAGES  # killed mid-run
     stamps = {p: p.stat().st_mtime_ns for name in complete for p in out.rglob(f"{name}.*")}
@@ -66,8 +46,7 @@ def test_evaluate_killed_at_random_resumes_to_every_image_once(tiny_checkpoint, 
     argv = ["evaluate", "cocostuff27", "--root", tmp_path / "coco", "--limit", "6", "-o", run]
     argv += [*tiny_model(tiny_checkpoint)]
     results = run / "results.jsonl"
-    process = _start(argv)
-    _kill_after(process, lambda: results.exists() and results.read_text().count("\n") >= 1, seed)
+    process = kill_mid_run(argv, lambda: results.exists() and results.read_text().count("\n") >= 1, seed)
     before = [line for line in results.read_text().splitlines() if line.endswith("}")]
     assert process.returncode == -signal.SIGKILL and 1 <= len(before) < len(ids)  # killed mid-run
     assert run_cli(*argv) == 0

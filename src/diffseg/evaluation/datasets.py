@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..config import SegmentConfig
 from ..io.images import center_crop
 
 NUM_CLASSES = 27
@@ -126,7 +127,7 @@ class Cityscapes(Benchmark):
 BENCHMARKS: dict[str, Benchmark] = {
     "cocostuff27": CocoStuff27(
         name="cocostuff27",
-        kl_threshold=1.1,
+        kl_threshold=SegmentConfig().kl_threshold,  # the paper's COCO-Stuff setting is the default
         paper_pixel_accuracy=72.5,
         paper_miou=43.6,
         layout="ROOT/val2017/ID.jpg (COCO val2017 images) and ROOT/annotation_val2017/ID.png (COCO-Stuff "
