@@ -28,7 +28,7 @@ from diffseg.testing.synthetic import attention_from_segmentation, shapes_segmen
 def main() -> None:
     args = arguments(__doc__, repeat=5).parse_args()
 
-    with resources.as_file(resources.files("diffseg").joinpath("examples/street.jpg")) as path:
+    with resources.as_file(resources.files("diffseg.app").joinpath("examples/street.jpg")) as path:
         image = np.asarray(Image.open(path).convert("RGB").resize((512, 512)))
     attention = {r: a.mean(0) for r, a in attention_from_segmentation(shapes_segmentation(64, 0, 6)).items()}
     bundle = AttentionBundle(attention=attention, image=image, timestep=300, layers={64: 5, 32: 5, 16: 5, 8: 1})
