@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import AttentionBundle
+from ..bundle import Bundle
 from ..config import AppConfig
 from .view import image_uri
 
@@ -58,7 +58,7 @@ def watch_encode(pipeline, report: Callable[[str, float], None], stop: Callable[
 
 @dataclass
 class _Entry:
-    bundle: AttentionBundle
+    bundle: Bundle  # the method's: AttentionBundle or FeatureBundle
     file: Path  # the bundle as safetensors, for download
     image: str = ""  # the image at the viewer's size (`app_view.image_uri`), made once per bundle
 
