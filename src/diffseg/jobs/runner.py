@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -162,6 +163,11 @@ class Job:
             return
         yield from self.finish(items, bundles, captions)
 
+    @cached_property
+    def vocabulary(self):
+        """The job's words, tokenised once (None without words)."""
+        return self.pipe.vocabulary(self.config.words) if self.config.words is not None else None
+
     def _encode(self, images: list, words) -> list[Bundle]:
         config = self.config
         return self.pipe.encode(
@@ -176,7 +182,7 @@ class Job:
         come in the items' order."""
         shapes = [tuple(np.shape(p)) for p in pixels]
         outcomes: dict[int, Outcome] = {}
-        vocabulary = self.pipe.vocabulary(self.config.words) if self.config.words is not None else None
+        vocabulary = self.vocabulary
         for shape in dict.fromkeys(shapes):
             group = [i for i, s in enumerate(shapes) if s == shape]
             try:
