@@ -143,8 +143,8 @@ def image_folder(tmp_path):
 
 # Tests that start a browser, a Ray instance or a killed subprocess: `pytest -m "not slow"` leaves them out for a fast
 # inner loop; CI (`.ci/run`) runs everything.
-SLOW_FIXTURES = {"local_ray", "app_server", "sdxl_app_server"}
-SLOW_NAMES = ("killed", "ray_address", "real_browser")
+SLOW_FIXTURES = {"local_ray", "browser", "demo_server", "sdxl_demo_server", "user"}
+SLOW_NAMES = ("killed", "ray_address")
 
 
 def pytest_collection_modifyitems(items):

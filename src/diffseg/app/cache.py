@@ -1,6 +1,7 @@
 """The demo's cache of encodes: `BundleCache` keeps the expensive step (VAE + one UNet pass) of recent images, in memory
 and as files; `watch_encode` reports an encode's stages and stops it when asked."""
 
+import dataclasses
 import hashlib
 import shutil
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backbones.families import public_name
 from ..bundle import Bundle
 from ..config import AppConfig
 from .view import image_uri
@@ -77,6 +79,7 @@ class BundleCache:
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self.folder = Path(folder or tempfile.mkdtemp(prefix="diffseg-app-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def digest(image: np.ndarray) -> str:
@@ -106,6 +109,8 @@ class BundleCache:
         watching = watch_encode(self.pipeline, report or (lambda *_: None), stop or (lambda: False))
         with watching if (report or stop) else nullcontext():
             bundle = self.pipeline.encode(image, method=method, timestep=timestep, labels=list(words) or None)
+        # Bundles are downloaded by others: they name the checkpoint, not the server's path to it.
+        bundle = dataclasses.replace(bundle, model=public_name(self.pipeline.model))
         name = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
         file = bundle.save(self.folder / f"{key[0][:12]}-{method}-t{timestep}-{name}.safetensors")
         entry = _Entry(bundle, file, image_uri(bundle.image))

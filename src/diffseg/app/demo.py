@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -113,8 +114,8 @@ class Demo:
     event. Each handler takes the page's settings as one dict (by control); those that set controls return them
     beside the results."""
 
-    def __init__(self, pipeline, page: Page, cache: BundleCache) -> None:
-        self.pipeline, self.page, self.cache = pipeline, page, cache
+    def __init__(self, pipeline, page: Page, cache: BundleCache, folder: Path) -> None:
+        self.pipeline, self.page, self.cache, self.folder = pipeline, page, cache, folder.resolve()
         self.controls, self.results = page.controls, page.results
         self.sides = pipeline.backbone.grid_sides[:MAX_GRIDS]
         self.sessions: dict[str, Session] = {}
@@ -127,11 +128,17 @@ class Demo:
         return self.sessions.setdefault(getattr(request, "session_hash", None) or "", Session())
 
     def decoded(self, path: str) -> tuple[np.ndarray, str]:
+        """The upload's image and digest. Uploads live in the app's folder (Gradio's temporary folder, see
+        `build_app`): one dropped from this cache is deleted, so a long-running demo keeps a bounded number."""
         if path not in self.uploads:
+            if not Path(path).exists():
+                raise ValueError("This image is no longer on the server (it keeps the latest few): upload it again.")
             image = read_upload(path)
             self.uploads[path] = (image, BundleCache.digest(image))
             while len(self.uploads) > self.cache.capacity:
-                self.uploads.popitem(last=False)
+                old, _ = self.uploads.popitem(last=False)
+                if Path(old).resolve().is_relative_to(self.folder):  # an upload, never one of the examples
+                    Path(old).unlink(missing_ok=True)
         self.uploads.move_to_end(path)
         return self.uploads[path]
 
@@ -226,7 +233,7 @@ class Demo:
             return self.keep()
         outputs = self.segment(values, request, progress)
         previous = self.session(request).image
-        if self.results.status not in outputs and previous and previous != values[image]:
+        if self.results.status not in outputs and previous and previous != values[image] and Path(previous).exists():
             outputs[image] = previous
         return outputs
 
@@ -315,12 +322,18 @@ class Demo:
 
 
 def build_app(pipeline, *, cache_size: int = _APP.cache_size):
-    """The Gradio Blocks for `pipeline` (not launched), wired to a `Demo`. Returns (blocks, cache)."""
-    cache = BundleCache(pipeline, cache_size)
-    atexit.register(shutil.rmtree, cache.folder, ignore_errors=True)  # hundreds of MB: removed when the server exits
+    """The Gradio Blocks for `pipeline` (not launched), wired to a `Demo`. Returns (blocks, cache).
+
+    Every file the page uses lives in one folder of the app's own, removed when the server exits: the bundles and
+    their downloads (`cache.folder`, evicted with the cache) and Gradio's uploads and served files (the folder is
+    Gradio's temporary folder, so a download already there is served without a copy)."""
+    folder = Path(tempfile.mkdtemp(prefix="diffseg-app-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # hundreds of MB: removed when the server exits
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)  # read by each component as it is made, and by the upload route
+    cache = BundleCache(pipeline, cache_size, folder=folder / "bundles")
     page = build_page(pipeline.backbone.name, pipeline.backbone.grid_sides[:MAX_GRIDS])
     with page.blocks:  # events are wired inside the page
-        Demo(pipeline, page, cache).wire()
+        Demo(pipeline, page, cache, folder).wire()
     return page.blocks, cache
 
 

@@ -205,6 +205,13 @@ def _missing_weights(model: str, what: str, reason: str) -> FileNotFoundError:
     )
 
 
+def public_name(model: str | os.PathLike) -> str:
+    """How a result names its checkpoint where others see it (the demo's downloads): a hub id as it is, a local
+    folder by its own name, never the server's path to it."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else str(model)
+
+
 def check_model_path(model: str) -> None:
     """Fail early, naming the fix, when `model` is neither an existing folder nor shaped like a hub id."""
     if not Path(model).expanduser().is_dir() and not _HUB_ID.match(model):
