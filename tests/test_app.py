@@ -101,8 +101,26 @@ def test_upload_errors_are_readable(tmp_path, monkeypatch):
         read_upload(str(tmp_path / "bad.png"))
     Image.fromarray(quadrants_image(100, 100)).save(tmp_path / "big.png")
     monkeypatch.setattr("diffseg.app.demo.MAX_PIXELS", 5000)
-    with pytest.raises(ValueError, match="100×100 pixels; the limit"):
+    with pytest.raises(ValueError, match="“big.png” is 100×100 pixels .0 megapixels.; the limit"):
         read_upload(str(tmp_path / "big.png"))
+    # A PNG too large for Pillow to open at all (30000×30000: a header is enough) is called too large, with its
+    # size, not unreadable.
+    with pytest.raises(ValueError, match="“huge.png” is 900 megapixels; the limit is 0 megapixels"):
+        read_upload(str(huge_png(tmp_path / "huge.png", 30000, 30000)))
+
+
+def huge_png(path, width: int, height: int):
+    """A PNG claiming `width`×`height` with one compressed row of pixel data (what opening it reads is the header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    row = zlib.compress(bytes(1 + 3 * width))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b""))
+    return path
 
 
 def test_segment_table_is_sorted_by_area_with_small_segments_collapsed():

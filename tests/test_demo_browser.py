@@ -358,6 +358,8 @@ def test_presets_set_the_weights_and_a_weight_moved_by_hand_makes_them_custom(us
         page.get_by_role("option", name="third and fourth").click()
 
     assert "from cache" in user.result(choose_preset) and user.log.encodes() == 1
+    time.sleep(1.0)
+    assert user.log.segmentations() == 2  # one run for one choice
     # Short relative numbers: 8:4:2:1 is the paper's 64:32:16:8.
     assert [page.locator(f"#weight-{k} input[type=number]").input_value() for k in range(4)] == ["0", "0", "2", "1"]
     assert "from cache" in user.type("weight-1", "1")
@@ -471,6 +473,49 @@ def test_a_long_running_demo_keeps_a_bounded_number_of_files(user, demo_server, 
     assert len([f for f in files if f.suffix == ".safetensors"]) <= 4  # 2 bundles, each with its download link
     assert len([f for f in files if f.name.endswith("-labels.png")]) <= 2  # their label-map downloads
     assert not [f for f in (demo_server.temp / "gradio").rglob("*") if f.is_file()]  # nothing in Gradio's own
+
+
+def test_a_number_outside_its_controls_range_is_refused_by_the_controls_label(user, tmp_path):
+    kept = user.upload(_photo(tmp_path, "ranges"))
+    page = user.page
+    for elem_id, typed, label, shown in [
+        ("kl-threshold", "99", "KL threshold τ goes from 0.05 to 3", "1.1"),
+        ("kl-threshold", "-1", "KL threshold τ goes from 0.05 to 3", "1.1"),
+        ("timestep", "5000", "Timestep (re-encodes) goes from 0 to 999", "300"),
+    ]:
+        box = page.locator(f"#{elem_id} input[type=number]")
+        box.fill(typed)
+        box.press("Enter")
+        page.get_by_text(label).first.wait_for(timeout=30_000)
+        # The box goes back to the value of the result the page shows, and that result stays.
+        page.wait_for_function(
+            "([id, v]) => document.querySelector(`#${id} input[type=number]`).value === v", arg=[elem_id, shown]
+        )
+        assert user.status == kept
+    assert user.log.encodes() == 1 and user.log.segmentations() == 1  # nothing ran on a refused value
+
+
+def test_diffcut_chosen_with_words_says_on_the_page_that_they_are_not_used(user, tmp_path):
+    user.upload(_photo(tmp_path, "cut-words"))
+    assert "encoded in" in user.words("red, green")
+    cut = user.choose("diffcut")
+    assert "encoded in" in cut and "the words are not used: diffcut does not name segments" in cut
+    assert user.page.locator("#tau").is_visible() and user.page.locator("#segments th", has_text="name").count() == 0
+
+
+def test_one_progress_display_over_the_viewer(user, tmp_path):
+    """Gradio draws its progress over every output of an event unless told where: the page has one, on the viewer."""
+    user.page.evaluate(
+        """() => { window.progressElsewhere = 0; new MutationObserver(() => {
+            const shown = [...document.querySelectorAll('[data-testid=status-tracker]:not(.hide)')]
+                .filter(e => e.offsetParent && e.closest('.block') && !e.closest('#viewer'));  // on a component
+            window.progressElsewhere = Math.max(window.progressElsewhere, shown.length);
+            if (shown.length) window.progressWhere = shown.map(e => e.closest('.block').id);
+        }).observe(document.body, {childList: true, subtree: true, attributes: true}); }"""
+    )
+    user.upload(_photo(tmp_path, "progress"))
+    user.type("kl-threshold", "0.5")
+    assert user.page.evaluate("window.progressElsewhere") == 0, user.page.evaluate("window.progressWhere")
 
 
 def test_bad_uploads_get_the_apps_message_once_and_the_page_keeps_its_result(user, tmp_path):

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -75,18 +77,21 @@ def read_upload(path: str | None) -> np.ndarray:
     """The uploaded image as (H, W, 3) uint8, or a readable error for the page."""
     if not path:
         raise ValueError("No image: upload one or pick an example.")
+    name = Path(path).name
+    limit = f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels. Resize it first."
     try:
         with Image.open(path) as probe:
             width, height = probe.size
+    except Image.DecompressionBombError as error:  # Pillow refuses to open it at all: only its pixel count is known
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(pixels.group(1)) / 1e6:.0f} megapixels" if pixels else "too large to open"
+        raise ValueError(f"“{name}” is {size}; {limit}") from error
     except Exception as error:  # noqa: BLE001 - any decoding failure is the upload's fault
-        name = Path(path).name
         raise ValueError(
             f"“{name}” could not be read as an image: upload a PNG, JPEG, WebP, TIFF, BMP or GIF file."
         ) from error
     if width * height > MAX_PIXELS:
-        raise ValueError(
-            f"The image is {width}×{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels. Resize it first."
-        )
+        raise ValueError(f"“{name}” is {width}×{height} pixels ({width * height / 1e6:.0f} megapixels); {limit}")
     return np.asarray(load_image(path))
 
 
@@ -99,6 +104,16 @@ def upload_path(value) -> str | None:
     return value.get("path") if isinstance(value, dict) else getattr(value, "path", None)
 
 
+class OutOfRange(ValueError):
+    """A typed number outside its control's range (Gradio's number boxes accept any number)."""
+
+    def __init__(self, control, value) -> None:
+        super().__init__(
+            f"{control.label} goes from {control.minimum:g} to {control.maximum:g}: {value} is outside that range."
+        )
+        self.control = control
+
+
 @dataclass
 class Session:
     """One browser session's state: whether its encode should stop, its last message, and what its page shows."""
@@ -107,6 +122,7 @@ class Session:
     warned: tuple[str, float] = ("", -1e9)  # the last message and when it was shown
     shown: tuple | None = None  # the settings the page shows the result of
     image: str | None = None  # the upload path of that result
+    values: dict = field(default_factory=dict)  # control -> value of that result: what a refused value returns to
 
 
 class Demo:
@@ -149,8 +165,27 @@ class Demo:
 
     # ------------------------------------------------------------------ the one path from settings to the page
 
+    def check_ranges(self, values: dict) -> None:
+        """Refuse, by the control's label, a number typed outside its control's range."""
+        for control in self.controls.numbers():
+            value = values[control]
+            try:
+                inside = math.isfinite(float(value)) and control.minimum <= float(value) <= control.maximum
+            except (TypeError, ValueError):
+                inside = False
+            if not inside:
+                raise OutOfRange(control, value)
+
+    @staticmethod
+    def anchor_limit(bundle: Bundle) -> int | None:
+        """The most anchors per axis this bundle's finest grid holds (its longer side; `merging.anchor_grid`), or
+        None for a method without anchors."""
+        attention = getattr(bundle, "attention", None)
+        return max(by_size(attention)[0]) if attention else None
+
     def method_settings(self, values: dict, bundle: Bundle) -> SegmentConfig | DiffCutConfig:
-        """The bundle's method's settings object, from the controls."""
+        """The bundle's method's settings object, from the controls (the anchor grid already within the image's
+        limit, see `segment`)."""
         c = self.controls
         if bundle.method == "diffcut":
             return DiffCutConfig(tau=values[c.tau], alpha=values[c.alpha], pamr=values[c.pamr])
@@ -173,11 +208,14 @@ class Demo:
         settings_shown = tuple(repr(values[control]) for control in c.ordered())
         if session.shown == settings_shown:
             return self.keep()
+        notes, adjusted = [], {}
         try:
+            self.check_ranges(values)
             array, digest = self.decoded(path)
             words = parse_words(values[c.words])
             if words and not method_named(method).names_segments:
-                raise ValueError("Naming segments works with DiffSeg only: clear the words or choose DiffSeg.")
+                notes.append(f"the words are not used: {method} does not name segments (DiffSeg does)")
+                words = ()
             entry, encoded = self.cache.get(
                 array,
                 int(values[c.timestep]),
@@ -188,6 +226,12 @@ class Demo:
                 digest=digest,
             )
             encode_seconds, start = time.perf_counter() - start, time.perf_counter()
+            limit = self.anchor_limit(entry.bundle)
+            if limit is not None:  # the anchor grid's slider follows the image; the defaults give a result on any
+                if values[c.points] > limit:
+                    notes.append(f"anchor grid {limit}: this image's finest attention grid allows at most {limit}")
+                    values = {**values, c.points: limit}
+                adjusted[c.points] = gr.update(maximum=min(limit, c.points.maximum), value=values[c.points])
             # Where the model runs: on a GPU server, the GPU.
             result = self.pipeline.segment(entry.bundle, self.method_settings(values, entry.bundle))
             name = Path(path).stem  # Gradio keeps the upload's own file name
@@ -198,16 +242,21 @@ class Demo:
         except EncodeCancelled as stopped:
             gr.Info(str(stopped))
             return self.keep()
+        except OutOfRange as refused:  # the control goes back to the value of the result the page shows
+            shown = session.values.get(refused.control, refused.control.value)
+            return {**self.warn(session, str(refused)), refused.control: shown}
         except (ValueError, ImportError, OSError) as error:
             return self.warn(session, str(error))
         self.segmentations += 1
-        session.shown, session.image = settings_shown, path
+        session.shown, session.image = tuple(repr(values[control]) for control in c.ordered()), path
+        session.values = {control: values[control] for control in c.numbers()}
         print(f"diffseg app: segmentation #{self.segmentations} in {view.seconds:.2f} s", file=sys.stderr, flush=True)
         source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
         count = f"{len(view.rows)} segment" + ("" if len(view.rows) == 1 else "s")
         return {
+            **adjusted,
             self.results.viewer: view.viewer,
-            self.results.status: f"**{count}** · segmented in {view.seconds:.2f} s · {source}",
+            self.results.status: " · ".join([f"**{count}**", f"segmented in {view.seconds:.2f} s", source, *notes]),
             self.results.label_file: str(view.label_file),
             self.results.bundle_file: str(bundle_file),
             self.results.table: view.table,
@@ -292,31 +341,33 @@ class Demo:
 
     def wire(self) -> None:
         """Connect the page's events to the handlers (inside the page's Blocks)."""
-        c, page, outputs = self.controls, self.page, self.results.all()
+        c, page = self.controls, self.page
         inputs = c.all()
+
+        # Every segmenting event may set the numbers (a refused value goes back; the anchor grid follows the image)
+        # besides the results; each event names what else it sets.
+        def outputs(*more):
+            return list(dict.fromkeys([*more, *self.results.all(), *c.numbers()]))
+
         # "always_last": while one segmentation runs, further moves collapse into one run with the latest values.
         # No preprocessing: handlers read the image's path with `upload_path`, so a bad upload gets our message.
-        latest = {"trigger_mode": "always_last", "preprocess": False}
-        setters = [c.timestep, c.preset, *c.weights]
+        # One progress display, over the viewer (Gradio would draw one over every output).
+        latest = {"trigger_mode": "always_last", "preprocess": False, "show_progress_on": self.results.viewer}
+        instant = {**latest, "show_progress": "minimal"}
         groups = list(page.groups.values())
         # Only the image, the method, the timestep and the words can run the model; the rest re-use the cached bundle.
         encoding = [
-            c.image.change(self.on_image, inputs, [c.image, *outputs], **latest),  # upload, example, clear
-            c.timestep.release(self.on_change, inputs, outputs, **latest),  # pointer, keys (web/page.js)
-            c.words.submit(self.on_change, inputs, outputs, **latest),
-            c.method.input(self.on_method, inputs, [c.timestep, *groups, *outputs], **latest),
-            page.reset.click(
-                self.on_reset,
-                inputs,
-                [*setters, c.kl, c.iterations, c.points, c.refine, c.tau, c.alpha, c.pamr, *outputs],
-                **latest,
-            ),
+            c.image.change(self.on_image, inputs, outputs(c.image), **latest),  # upload, example, clear
+            c.timestep.release(self.on_change, inputs, outputs(), **latest),  # pointer, keys (web/page.js)
+            c.words.submit(self.on_change, inputs, outputs(), **latest),
+            c.method.input(self.on_method, inputs, outputs(*groups), **latest),
+            page.reset.click(self.on_reset, inputs, outputs(c.preset, c.refine, c.pamr), **latest),
         ]
         for control in (c.kl, c.iterations, c.points, c.tau, c.alpha, c.refine, c.pamr):
-            control.input(self.on_change, inputs, outputs, **latest, show_progress="minimal")
+            control.input(self.on_change, inputs, outputs(), **instant)
         for control in c.weights:
-            control.input(self.on_weight, inputs, [c.preset, *outputs], **latest, show_progress="minimal")
-        c.preset.input(self.on_preset, inputs, [*c.weights, *outputs], **latest)
+            control.input(self.on_weight, inputs, outputs(c.preset), **instant)
+        c.preset.input(self.on_preset, inputs, outputs(), **latest)
         # Stopping: the page drops the running event at once; the server stops its encode at the next block.
         page.cancel.click(self.on_cancel, None, None, cancels=encoding, queue=False)
 

@@ -74,6 +74,10 @@ class Controls:
     pamr: gr.Checkbox
     weights: list[gr.Slider]
 
+    def numbers(self) -> list[gr.Slider]:
+        """The controls with a number box (and so a range to keep to)."""
+        return [self.timestep, self.kl, self.iterations, self.points, self.tau, self.alpha, *self.weights]
+
     def ordered(self) -> list:
         return [v for k, v in vars(self).items() if k != "weights"] + self.weights
 
