@@ -283,6 +283,24 @@ def test_the_page_names_everything_for_screen_readers(user, tmp_path):
     assert page.locator("#examples .caption").all_inner_texts() == ["Landscape", "Street", "Tabletop"]
 
 
+def test_every_control_shows_a_focus_ring_and_downloads_are_named_by_their_file(user, tmp_path):
+    user.upload(_photo(tmp_path, "keyboard"))
+    page = user.page
+    page.locator("#labels textarea, #labels input").first.focus()
+    rings = {}
+    for selector in ("#kl-threshold input[type=range]", "#refine input", "#method input[value=diffcut]", "#reset"):
+        page.locator(selector).first.focus()
+        page.keyboard.press("Shift+Tab")  # focus by keyboard: what :focus-visible is for
+        page.keyboard.press("Tab")
+        rings[selector] = page.evaluate(
+            "() => { const s = getComputedStyle(document.activeElement);"
+            " return s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2; }"
+        )
+    assert all(rings.values()), rings
+    snapshot = page.locator("#downloads").aria_snapshot()
+    assert 'link "Download keyboard-labels.png' in snapshot and 'link "Download keyboard.safetensors' in snapshot
+
+
 def test_the_kl_threshold_resegments_from_the_cache_and_the_table_is_sorted_by_area(user, tmp_path):
     first = user.upload(_photo(tmp_path, "kl"))
     moved = user.type("kl-threshold", "0.3")
@@ -363,6 +381,9 @@ def test_presets_set_the_weights_and_a_weight_moved_by_hand_makes_them_custom(us
     # Short relative numbers: 8:4:2:1 is the paper's 64:32:16:8.
     assert [page.locator(f"#weight-{k} input[type=number]").input_value() for k in range(4)] == ["0", "0", "2", "1"]
     assert "from cache" in user.type("weight-1", "1")
+    assert page.locator("#preset input").input_value() == "custom"
+    page.locator("#preset input").focus()
+    page.keyboard.type("xyz")  # typing does not edit a preset's name
     assert page.locator("#preset input").input_value() == "custom"
 
 
@@ -540,13 +561,46 @@ def test_bad_uploads_get_the_apps_message_once_and_the_page_keeps_its_result(use
     assert _count(user.status) == kept and page.locator("#viewer canvas").is_visible()
 
 
-def test_stop_while_nothing_encodes_changes_nothing(user, tmp_path):
-    kept = _count(user.upload(_photo(tmp_path, "idle-stop")))
-    errors = user.page.inner_text("body").count("Error")
-    user.page.locator("#cancel").click()
-    time.sleep(0.5)
-    assert _count(user.status) == kept and user.page.inner_text("body").count("Error") <= errors  # no new error
-    assert "from cache" in user.type("kl-threshold", "0.5") and user.log.encodes() == 1  # the next move runs
+def test_stop_is_shown_only_while_something_runs(user, tmp_path):
+    page = user.page
+    assert not page.locator("#cancel").is_visible()
+    page.set_input_files("#input-image input[type=file]", str(_photo(tmp_path, "stop-shown")))
+    page.locator("#cancel").wait_for(state="visible", timeout=30_000)  # while the upload is encoded
+    _settled(page)
+    page.locator("#cancel").wait_for(state="hidden", timeout=10_000)
+
+
+def _stopped(user, act) -> None:
+    """Do `act` and press Stop as soon as it shows (at once: during the encode), then let the page settle."""
+    act()
+    user.page.locator("#cancel").click(timeout=30_000)
+    user.page.get_by_text("Stopped; the page shows its previous result.").wait_for(timeout=30_000)
+    user.page.locator("#cancel").wait_for(state="hidden", timeout=60_000)  # nothing runs any more
+    _settled(user.page)
+    time.sleep(1.0)  # anything the Stop failed to stop would reach the log by now
+
+
+def test_stop_during_an_encode_keeps_the_page_consistent_and_runs_nothing_more(user, tmp_path):
+    user.upload(_photo(tmp_path, "before-stop"))
+    shown = user.choose("diffcut")  # DiffCut's encode (1024²) is slow enough to stop on any machine
+    page = user.page
+    _stopped(user, lambda: page.set_input_files("#input-image input[type=file]", str(_photo(tmp_path, "stopped"))))
+    assert user.log.encodes() == 2 and user.log.segmentations() == 2  # the stopped image was neither
+    assert shown in user.status and page.locator("#viewer canvas").get_attribute("aria-label").startswith("before-stop")
+    # The input shows the image of the result again, and the next move acts on it, from the cache.
+    assert "from cache" in user.type("tau", "0.4") and user.log.encodes() == 2
+    assert page.locator("#viewer canvas").get_attribute("aria-label").startswith("before-stop")
+
+
+def test_stop_during_a_method_switch_restores_the_methods_controls(user, tmp_path):
+    user.upload(_photo(tmp_path, "switch-stop"))
+    page = user.page
+    _stopped(user, lambda: page.get_by_role("radio", name="diffcut").check())
+    assert page.get_by_role("radio", name="diffseg").is_checked()
+    assert page.locator("#timestep input[type=number]").input_value() == "300"
+    assert page.locator("#kl-threshold").is_visible() and not page.locator("#tau").is_visible()
+    assert "from cache" in user.type("kl-threshold", "0.5")  # DiffSeg at t=300, as the page says
+    assert user.log.encodes() == 1 and "with diffcut" not in user.log.text()
 
 
 def test_on_a_phone_the_result_stays_in_view_while_a_slider_moves(browser, demo_server, tmp_path):

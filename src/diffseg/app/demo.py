@@ -44,6 +44,7 @@ __all__ = ["build_app", "launch", "preset_weights", "presets_for", "read_upload"
 
 _APP = AppConfig()
 MAX_PIXELS = _APP.max_pixels  # module-level so tests can lower it
+STOP_GRACE = 3.0  # seconds after Stop in which a run that was waiting for the stopped one is dropped too
 
 
 def slider_weights(bundle: Bundle, values: list[float]) -> dict[tuple[int, int], float]:
@@ -116,13 +117,15 @@ class OutOfRange(ValueError):
 
 @dataclass
 class Session:
-    """One browser session's state: whether its encode should stop, its last message, and what its page shows."""
+    """One browser session's state: its Stop presses, its last message, and what its page shows."""
 
-    stopping: bool = False
+    stops: int = 0  # Stop presses so far: a run stops when this changes after it began (a later run is unaffected)
+    stopped_at: float = -1e9  # when Stop was last pressed (time.monotonic)
     warned: tuple[str, float] = ("", -1e9)  # the last message and when it was shown
     shown: tuple | None = None  # the settings the page shows the result of
     image: str | None = None  # the upload path of that result
-    values: dict = field(default_factory=dict)  # control -> value of that result: what a refused value returns to
+    values: dict = field(default_factory=dict)  # control -> value of that result: what Stop and refusals return to
+    status: str = ""  # that result's status line
 
 
 class Demo:
@@ -203,11 +206,16 @@ class Demo:
         c, session = self.controls, self.session(request)
         start = time.perf_counter()
         path, method = values[c.image], values[c.method]
-        session.stopping = False
+        stops = session.stops
         # Gradio sends a replaced image's change twice; settings the page already shows need no run.
         settings_shown = tuple(repr(values[control]) for control in c.ordered())
         if session.shown == settings_shown:
             return self.keep()
+        # A run Gradio held back while the stopped one ran ("always_last") starts when that one is cancelled: it
+        # belongs to what was stopped when it asks for another encode than the page shows.
+        if time.monotonic() - session.stopped_at < STOP_GRACE and session.values:
+            if any(values[control] != session.values[control] for control in c.encoding()):
+                return self.keep()
         notes, adjusted = [], {}
         try:
             self.check_ranges(values)
@@ -222,7 +230,7 @@ class Demo:
                 words,
                 method,
                 report=lambda stage, fraction: progress(fraction, desc=stage),
-                stop=lambda: session.stopping,
+                stop=lambda: session.stops != stops,
                 digest=digest,
             )
             encode_seconds, start = time.perf_counter() - start, time.perf_counter()
@@ -249,14 +257,15 @@ class Demo:
             return self.warn(session, str(error))
         self.segmentations += 1
         session.shown, session.image = tuple(repr(values[control]) for control in c.ordered()), path
-        session.values = {control: values[control] for control in c.numbers()}
+        session.values = {control: values[control] for control in c.ordered()}
         print(f"diffseg app: segmentation #{self.segmentations} in {view.seconds:.2f} s", file=sys.stderr, flush=True)
         source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
         count = f"{len(view.rows)} segment" + ("" if len(view.rows) == 1 else "s")
+        session.status = " · ".join([f"**{count}**", f"segmented in {view.seconds:.2f} s", source, *notes])
         return {
             **adjusted,
             self.results.viewer: view.viewer,
-            self.results.status: " · ".join([f"**{count}**", f"segmented in {view.seconds:.2f} s", source, *notes]),
+            self.results.status: session.status,
             self.results.label_file: str(view.label_file),
             self.results.bundle_file: str(bundle_file),
             self.results.table: view.table,
@@ -272,6 +281,16 @@ class Demo:
         return self.keep()
 
     # ------------------------------------------------------------------ handlers, one per kind of event
+
+    def setting(self, controls: dict, values: dict, request, progress, extra: dict | None = None) -> dict:
+        """Re-segment with `controls` set to new values, and set them on the page, with `extra` updates, unless Stop
+        was pressed meanwhile (Stop has put the page back as the result shows it)."""
+        session = self.session(request)
+        stops = session.stops
+        outputs = self.on_change({**values, **controls}, request, progress)
+        if session.stops != stops:
+            return self.keep()
+        return {**controls, **(extra or {}), **outputs}
 
     def on_image(self, values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
         """A new image (upload, example). Cleared, or refused for its size: the page keeps its result, and the
@@ -306,7 +325,7 @@ class Demo:
         if name == CUSTOM:
             return self.keep()
         chosen = dict(zip(self.controls.weights, preset_weights(name, self.sides)))
-        return {**chosen, **self.on_change({**values, **chosen}, request, progress)}
+        return self.setting(chosen, values, request, progress)
 
     def on_reset(self, values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
         """Every segmentation control back to its paper's default, then a re-run (the timestep's may re-encode)."""
@@ -324,18 +343,30 @@ class Demo:
             c.pamr: diffcut.pamr,
             **dict(zip(c.weights, preset_weights("proportional", self.sides))),
         }
-        return {**defaults, **self.on_change({**values, **defaults}, request, progress)}
+        return self.setting(defaults, values, request, progress)
 
     def on_method(self, values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
         """Each method shows its controls and starts at its paper's timestep."""
         method = values[self.controls.method]
         timestep = method_named(method).encode_defaults.timestep
         shown = {group: gr.update(visible=name == method) for name, group in self.page.groups.items()}
-        outputs = self.on_change({**values, self.controls.timestep: timestep}, request, progress)
-        return {self.controls.timestep: timestep, **shown, **outputs}
+        return self.setting({self.controls.timestep: timestep}, values, request, progress, shown)
 
-    def on_cancel(self, request: gr.Request) -> None:
-        self.session(request).stopping = True
+    def on_cancel(self, request: gr.Request) -> dict:
+        """Stop: the running encode ends at its next block (`watch_encode`), and every control, the input image and
+        the method's controls go back to what the viewer shows, which the status line says."""
+        c, session = self.controls, self.session(request)
+        session.stops += 1
+        session.stopped_at = time.monotonic()
+        if not session.values:  # nothing shown yet: the input empties
+            return {c.image: None, self.results.status: "Stopped. Upload an image or pick an example."}
+        method = session.values[c.method]
+        shown = {group: gr.update(visible=name == method) for name, group in self.page.groups.items()}
+        status = f"Stopped; the page shows its previous result. {session.status}"
+        values = dict(session.values)
+        if not Path(values[c.image]).exists():  # an upload dropped with the cache: the input keeps what it has
+            del values[c.image]
+        return {**values, **shown, self.results.status: status}
 
     # ------------------------------------------------------------------ wiring
 
@@ -363,13 +394,17 @@ class Demo:
             c.method.input(self.on_method, inputs, outputs(*groups), **latest),
             page.reset.click(self.on_reset, inputs, outputs(c.preset, c.refine, c.pamr), **latest),
         ]
-        for control in (c.kl, c.iterations, c.points, c.tau, c.alpha, c.refine, c.pamr):
-            control.input(self.on_change, inputs, outputs(), **instant)
-        for control in c.weights:
-            control.input(self.on_weight, inputs, outputs(c.preset), **instant)
-        c.preset.input(self.on_preset, inputs, outputs(), **latest)
+        running = [
+            *encoding,
+            *[
+                control.input(self.on_change, inputs, outputs(), **instant)
+                for control in (c.kl, c.iterations, c.points, c.tau, c.alpha, c.refine, c.pamr)
+            ],
+            *[control.input(self.on_weight, inputs, outputs(c.preset), **instant) for control in c.weights],
+            c.preset.input(self.on_preset, inputs, outputs(), **latest),
+        ]
         # Stopping: the page drops the running event at once; the server stops its encode at the next block.
-        page.cancel.click(self.on_cancel, None, None, cancels=encoding, queue=False)
+        page.cancel.click(self.on_cancel, None, outputs(*c.ordered(), *groups), cancels=running, queue=False)
 
 
 def build_app(pipeline, *, cache_size: int = _APP.cache_size):

@@ -74,6 +74,10 @@ class Controls:
     pamr: gr.Checkbox
     weights: list[gr.Slider]
 
+    def encoding(self) -> list:
+        """The controls that define a bundle: changing one runs the model."""
+        return [self.image, self.method, self.timestep, self.words]
+
     def numbers(self) -> list[gr.Slider]:
         """The controls with a number box (and so a range to keep to)."""
         return [self.timestep, self.kl, self.iterations, self.points, self.tau, self.alpha, *self.weights]
@@ -197,6 +201,7 @@ def _control_column(sides: tuple[int, ...]) -> tuple[Controls, dict[str, gr.Grou
             label="Resolution preset",
             elem_id="preset",
             info="How much each attention grid counts; proportional is the paper's",
+            filterable=False,  # a choice, not a text box: typing must not append to the preset's name
         )
         weights = [
             _slider(
@@ -219,7 +224,8 @@ def _control_column(sides: tuple[int, ...]) -> tuple[Controls, dict[str, gr.Grou
 def _result_column() -> tuple[Results, gr.Button]:
     with gr.Row(elem_id="status-row"):
         status = gr.Markdown("Upload an image or pick an example.", elem_id="status")
-        cancel = gr.Button("Stop encoding", elem_id="cancel", size="sm", variant="secondary", scale=0)
+        # Shown only while something runs (web/page.js): an encode, or a slow re-segmentation.
+        cancel = gr.Button("Stop", elem_id="cancel", size="sm", variant="stop", scale=0)
     viewer = gr.HTML(
         "<p class='viewer-empty'>The segmentation appears here.</p>", elem_id="viewer", js_on_load=asset("viewer.js")
     )

@@ -5,7 +5,9 @@
   // 2. The timestep re-encodes on keyboard changes too: Gradio's slider fires "release" (which re-encodes) on
   //    pointer-up and on leaving its number box only, so arrow keys (after a pause, so that holding a key encodes
   //    once) and Enter in the number box end the change the same way a mouse release does.
-  // 3. Example thumbnails get their captions as visible text and as accessible names; the input image a name.
+  // 3. Example thumbnails get their captions as visible text and as accessible names; the input image a name;
+  //    download links the name of their file.
+  // 4. Stop is shown only while an event runs.
   const CAPTIONS = __CAPTIONS__; // filled in by app.py from the examples' file names
   const apply = () => {
     // Gradio's container hides its overflow, which makes it the scroller of the phone layout's sticky viewer
@@ -46,11 +48,25 @@
     document.querySelectorAll("#input-image img:not([alt]), #input-image img[alt='']").forEach((img) => {
       img.setAttribute("alt", "The image to segment");
     });
+    // Stop is shown while the viewer's progress display is (every event that runs shows it there).
+    const running = !!document.querySelector("#viewer [data-testid=status-tracker]:not(.hide)");
+    document.body.classList.toggle("diffseg-running", running);
+    // Download links are named by what they download, not only by its size ("4.3 MB").
+    document.querySelectorAll("#label-download a, #bundle-download a").forEach((link) => {
+      const file = link.closest("tr")?.querySelector(".filename")?.getAttribute("aria-label");
+      const name = file && `Download ${file} (${link.textContent.trim()})`;
+      if (name && link.getAttribute("aria-label") !== name) link.setAttribute("aria-label", name);
+    });
     // Gradio's icon-only buttons without a name of their own get their title as one.
     document.querySelectorAll("button:not([aria-label])").forEach((button) => {
       if (!button.textContent.trim() && button.title) button.setAttribute("aria-label", button.title);
     });
   };
-  new MutationObserver(apply).observe(document.body, { childList: true, subtree: true });
+  new MutationObserver(apply).observe(document.body, {
+    childList: true,
+    subtree: true,
+    attributes: true,
+    attributeFilter: ["class"],
+  });
   apply();
 }
