@@ -187,3 +187,34 @@ def test_names_are_anchored_inside_their_segments_and_never_overlap():
     plain = overlay(image, labels)
     named = overlay(image, labels, names={0: "sky", 1: "sea", 2: "boat"})
     assert not np.array_equal(plain, named)  # names were written
+
+
+def test_a_failure_beyond_the_server_gets_the_apps_message_and_keeps_the_result(tiny_pipeline, tmp_path, monkeypatch):
+    """PAMR or a huge cut running out of memory: the page shows the app's message, never PyTorch's, and keeps what
+    it shows. (The failure is injected into the segmentation step; the encode is the real model's.)"""
+    import gradio as gr
+
+    from diffseg.app.demo import FAILED, Demo
+    from diffseg.app.layout import build_page
+
+    page = build_page("tiny", tiny_pipeline.backbone.grid_sides)
+    demo = Demo(tiny_pipeline, page, BundleCache(tiny_pipeline, folder=tmp_path / "bundles"), tmp_path)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(quadrants_image(64, 64)).save(photo)
+    values = {control: control.value for control in page.controls.ordered()}
+    values[page.controls.image] = str(photo)
+
+    def no_progress(*_, **__):
+        return None
+
+    shown = demo.segment(values, None, no_progress)
+    assert page.results.status in shown  # a result
+
+    def out_of_memory(*_, **__):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate 89128960000 bytes")
+
+    monkeypatch.setattr(tiny_pipeline, "segment", out_of_memory)
+    monkeypatch.setattr(gr, "Warning", lambda message: None)
+    kept = demo.segment({**values, page.controls.kl: 0.5}, None, no_progress)
+    assert kept == demo.keep() and demo.session(None).warned[0] == FAILED
+    assert "alloc" not in FAILED and demo.session(None).values[page.controls.kl] == values[page.controls.kl]

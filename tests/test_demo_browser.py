@@ -250,7 +250,14 @@ def _point(page, segment: dict) -> tuple[float, float]:
 
 
 def _screenshot(page, name: str) -> None:
-    """The README's screenshots are the test's: they always show the page as it is."""
+    """The README's screenshots are the test's: they always show the page as it is (once Gradio's progress veil
+    has faded out)."""
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#viewer [data-testid=status-tracker]')]"
+        ".every(e => getComputedStyle(e).opacity === '0' || !e.offsetParent)",
+        timeout=30_000,
+    )
+    time.sleep(0.5)
     for folder in (ARTIFACTS, DOCS):
         folder.mkdir(exist_ok=True)
         page.screenshot(path=str(folder / name))
@@ -338,6 +345,9 @@ def test_hover_names_a_segment_and_a_click_or_a_row_isolates_it_without_the_serv
     row = page.locator(f"#segments tr[data-segment='{other['id']}']")
     row.click()
     assert _viewer(page)["selected"] == str(other["id"])
+    # On a desktop the table sits beside the viewer: a row clicked keeps the image in view.
+    canvas, table = page.locator("#viewer canvas").bounding_box(), page.locator("#segments").bounding_box()
+    assert table["x"] >= canvas["x"] + canvas["width"] and 0 <= canvas["y"] and canvas["y"] + canvas["height"] <= 1000
     assert page.locator(f"#segments tr[data-segment='{big['id']}']").get_attribute("aria-selected") == "false"
     row.click()  # again: nothing isolated
     assert _viewer(page)["selected"] == "" and user.log.segmentations() == 2  # the upload and the KL move

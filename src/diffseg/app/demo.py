@@ -44,6 +44,10 @@ __all__ = ["build_app", "launch", "preset_weights", "presets_for", "read_upload"
 
 _APP = AppConfig()
 MAX_PIXELS = _APP.max_pixels  # module-level so tests can lower it
+FAILED = (
+    "This segmentation needs more memory or time than the server has: lower τ or untick PAMR (DiffCut), or use a "
+    "smaller image. The page keeps its result."
+)
 STOP_GRACE = 3.0  # seconds after Stop in which a run that was waiting for the stopped one is dropped too
 
 
@@ -255,6 +259,9 @@ class Demo:
             return {**self.warn(session, str(refused)), refused.control: shown}
         except (ValueError, ImportError, OSError) as error:
             return self.warn(session, str(error))
+        except (RuntimeError, MemoryError) as error:  # the model or a refinement beyond this server: never raw
+            print(f"diffseg app: segmentation failed: {error!r}", file=sys.stderr, flush=True)
+            return self.warn(session, FAILED)
         self.segmentations += 1
         session.shown, session.image = tuple(repr(values[control]) for control in c.ordered()), path
         session.values = {control: values[control] for control in c.ordered()}

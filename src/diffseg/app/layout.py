@@ -164,7 +164,7 @@ def _control_column(sides: tuple[int, ...]) -> tuple[Controls, dict[str, gr.Grou
     with gr.Group(visible=False) as diffcut_controls:
         tau = _slider(
             "tau", "Cut threshold τ", (0.05, 1.5, 0.01), _DIFFCUT.tau,
-            "A region is cut while the cut costs less than τ: lower gives fewer segments",
+            "A region is cut while the cut costs less than τ: higher gives more segments (0.9: hundreds, seconds)",
         )  # fmt: skip
         alpha = _slider(
             "alpha", "Affinity exponent α", (1, 20, 0.5), _DIFFCUT.alpha,
@@ -174,7 +174,7 @@ def _control_column(sides: tuple[int, ...]) -> tuple[Controls, dict[str, gr.Grou
             value=_DIFFCUT.pamr,
             label="PAMR refinement",
             elem_id="pamr",
-            info="Snaps segment edges to the image's colour edges (slower)",
+            info="Snaps segment edges to the image's colour edges; its time grows with segments × pixels",
         )
     with gr.Group() as diffseg_controls:
         kl = _slider(
@@ -226,19 +226,30 @@ def _result_column() -> tuple[Results, gr.Button]:
         status = gr.Markdown("Upload an image or pick an example.", elem_id="status")
         # Shown only while something runs (web/page.js): an encode, or a slow re-segmentation.
         cancel = gr.Button("Stop", elem_id="cancel", size="sm", variant="stop", scale=0)
-    viewer = gr.HTML(
-        "<p class='viewer-empty'>The segmentation appears here.</p>", elem_id="viewer", js_on_load=asset("viewer.js")
-    )
-    with gr.Row(elem_id="view-controls"):  # read by the viewer in the browser: no server event
-        _slider(
-            "opacity", "Overlay opacity", (0, 1, 0.05), OPACITY, "0 shows the image, 1 the label map",
-            interactive=True,  # no server event: Gradio would otherwise disable it
-        )  # fmt: skip
-        gr.Checkbox(
-            value=True, label="Boundaries", elem_id="boundaries", info="White lines between segments", interactive=True
-        )
+    # Desktop: the segment table beside the viewer, so a row clicked keeps the image in view (web/app.css unfolds
+    # this row on a phone).
+    with gr.Row(elem_id="view-row", equal_height=False):
+        with gr.Column(scale=3, min_width=320, elem_id="view-column"):
+            viewer = gr.HTML(
+                "<p class='viewer-empty'>The segmentation appears here.</p>",
+                elem_id="viewer",
+                js_on_load=asset("viewer.js"),
+            )
+            with gr.Row(elem_id="view-controls"):  # read by the viewer in the browser: no server event
+                _slider(
+                    "opacity", "Overlay opacity", (0, 1, 0.05), OPACITY, "0 shows the image, 1 the label map",
+                    interactive=True,  # no server event: Gradio would otherwise disable it
+                )  # fmt: skip
+                gr.Checkbox(
+                    value=True,
+                    label="Boundaries",
+                    elem_id="boundaries",
+                    info="White lines between segments",
+                    interactive=True,
+                )
+        with gr.Column(scale=2, min_width=240, elem_id="table-column"):
+            table = gr.HTML(elem_id="segments")
     with gr.Row(elem_id="downloads"):
         label_file = gr.File(label="Label map (PNG of ids)", elem_id="label-download")
         bundle_file = gr.File(label="Bundle: what the UNet produced (safetensors)", elem_id="bundle-download")
-    table = gr.HTML(elem_id="segments")
     return Results(viewer, status, label_file, bundle_file, table), cancel
