@@ -549,6 +549,34 @@ def test_one_progress_display_over_the_viewer(user, tmp_path):
     assert user.page.evaluate("window.progressElsewhere") == 0, user.page.evaluate("window.progressWhere")
 
 
+def test_a_file_reference_no_upload_made_is_refused_without_naming_a_server_path(demo_server):
+    """Gradio's API takes file references as paths: one the server did not receive is refused, and the answer holds
+    no path of the server's (its working folder, its temporary folder)."""
+    import json
+
+    import httpx
+
+    config = httpx.get(demo_server.url + "config").json()
+    event = next(d for d in config["dependencies"] if d.get("api_name") == "on_change")
+    components = {c["id"]: c for c in config["components"]}
+    data = [components[i].get("props", {}).get("value") for i in event["inputs"]]
+    image = next(k for k, i in enumerate(event["inputs"]) if components[i].get("type") == "image")
+    answers = []
+    for path in ("file:///etc/passwd", "notes/secret.txt", "/etc/passwd"):
+        data[image] = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        session = f"bad-file-{len(answers)}"
+        payload = {"data": data, "fn_index": event["id"], "session_hash": session, "trigger_id": None}
+        httpx.post(demo_server.url + "gradio_api/queue/join", json=payload).raise_for_status()
+        url = demo_server.url + f"gradio_api/queue/data?session_hash={session}"
+        with httpx.stream("GET", url, timeout=60) as stream:
+            for line in stream.iter_lines():
+                if "process_completed" in line:
+                    answers.append(json.loads(line.removeprefix("data:"))["output"])
+                    break
+    assert len(answers) == 3 and all(answer.get("error") is None or "/" not in answer["error"] for answer in answers)
+    assert os.getcwd() not in json.dumps(answers) and str(demo_server.temp) not in json.dumps(answers)
+
+
 def test_bad_uploads_get_the_apps_message_once_and_the_page_keeps_its_result(user, tmp_path):
     kept = _count(user.upload(_photo(tmp_path, "kept")))
     page = user.page

@@ -462,6 +462,8 @@ def launch(
         max_file_size=int(max_upload_mb * 1024 * 1024),  # bytes
         ssr_mode=False,
         footer_links=[],
-        show_error=True,
+        # Gradio's own errors (a file reference no upload made, say) name server paths: the page gets none of their
+        # text. Every failure of a handler is the app's own message (`Demo.warn`).
+        show_error=False,
         **launch_options(),
     )
