@@ -74,9 +74,13 @@ def test_presets_and_sliders_give_normalised_weights(tiny_pipeline):
 
 def test_an_encode_reports_its_stages_and_can_be_stopped(tiny_pipeline, tmp_path):
     cache = BundleCache(tiny_pipeline, capacity=2, folder=tmp_path)
-    stages = []
-    entry, encoded = cache.get(quadrants_image(64, 64), 300, report=lambda stage, fraction: stages.append(stage))
+    reports = []
+    entry, encoded = cache.get(quadrants_image(64, 64), 300, report=lambda *report: reports.append(report))
+    stages = [stage for stage, _ in reports]
     assert encoded and list(dict.fromkeys(stages)) == ["Encoding the image (VAE)", "One denoising step (UNet)"]
+    # The bar moves through each stage, layer by layer: fractions grow, and the UNet's last block is not one step.
+    unet = [fraction for stage, fraction in reports if stage == "One denoising step (UNet)"]
+    assert unet == sorted(unet) and unet[0] == 0 and len(set(unet)) > 20 and unet[-1] > 0.95
     calls = []
 
     def stop() -> bool:  # the user presses "Stop" during the UNet step

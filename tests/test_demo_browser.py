@@ -353,6 +353,30 @@ def test_hover_names_a_segment_and_a_click_or_a_row_isolates_it_without_the_serv
     assert _viewer(page)["selected"] == "" and user.log.segmentations() == 2  # the upload and the KL move
 
 
+def test_the_image_and_the_table_work_from_the_keyboard(user, tmp_path):
+    user.upload(_photo(tmp_path, "keys"))
+    user.type("kl-threshold", "0.3")
+    page = user.page
+    order = [s["id"] for s in _largest(page)]
+    page.locator("#viewer canvas").focus()
+    picked = []
+    for key in ("Enter", "ArrowRight", "ArrowLeft"):  # the largest segment, the next, back
+        page.keyboard.press(key)
+        picked.append(_viewer(page)["selected"])
+    assert picked == [str(order[0]), str(order[1]), str(order[0])]
+    page.keyboard.press("Escape")
+    assert _viewer(page)["selected"] == ""
+    row = page.locator(f"#segments tr[data-segment='{order[2]}']")
+    row.focus()
+    page.keyboard.press("Enter")
+    assert _viewer(page)["selected"] == str(order[2])
+    page.keyboard.press("Escape")  # released with the focus on its row
+    assert _viewer(page)["selected"] == ""
+    # Two Tab stops per slider: the track and the box, not Gradio's per-slider reset button.
+    resets = page.locator("#main button[data-testid=reset-button]")
+    assert resets.count() >= 5 and all(resets.nth(k).get_attribute("tabindex") == "-1" for k in range(resets.count()))
+
+
 def test_opacity_and_boundaries_are_drawn_in_the_browser(user, tmp_path):
     path = _photo(tmp_path, "see-through")
     user.upload(path)
@@ -518,6 +542,8 @@ def test_a_number_outside_its_controls_range_is_refused_by_the_controls_label(us
         box.fill(typed)
         box.press("Enter")
         page.get_by_text(label).first.wait_for(timeout=30_000)
+        toast, status = page.locator(".toast-wrap").bounding_box(), page.locator("#status-row").bounding_box()
+        assert toast["y"] >= status["y"] + status["height"], "the message covers the status line and Stop"
         # The box goes back to the value of the result the page shows, and that result stays.
         page.wait_for_function(
             "([id, v]) => document.querySelector(`#${id} input[type=number]`).value === v", arg=[elem_id, shown]
@@ -646,6 +672,8 @@ def test_on_a_phone_the_result_stays_in_view_while_a_slider_moves(browser, demo_
     phone, external = _open(browser, demo_server, viewport=screen, has_touch=True, is_mobile=True)
     user = User(phone, demo_server)
     user.upload(_photo(tmp_path, "phone"))
+    canvas = phone.locator("#viewer canvas").bounding_box()  # a new result is brought into view
+    assert canvas["y"] >= 0 and canvas["y"] + canvas["height"] <= 844, "the result is off the screen after an upload"
     track = phone.locator("#kl-threshold input[type=range]")
     track.scroll_into_view_if_needed()
     box = track.bounding_box()

@@ -27,30 +27,33 @@ class EncodeCancelled(Exception):
     """The user stopped an encode; the page keeps its previous result."""
 
 
+# The parts of the VAE encoder and the UNet an encode's progress counts: fine enough that the bar moves through the
+# UNet's last, highest-resolution block (a whole block was 1/9 of the UNet step and most of its time).
+_STEPS = ("ResnetBlock2D", "Transformer2DModel", "Attention", "Downsample2D", "Upsample2D")
+
+
 @contextmanager
 def watch_encode(pipeline, report: Callable[[str, float], None], stop: Callable[[], bool]):
-    """Progress and cancelling for encodes run by this thread: before each block of the VAE encoder and of the UNet,
-    `report(stage, fraction of that stage)`, and raise `EncodeCancelled` once `stop()` is true. Other threads'
+    """Progress and cancelling for encodes run by this thread: before each resnet, transformer, attention and
+    resampling layer of the VAE encoder and of the UNet, `report(stage, fraction of that stage done)`, and raise
+    `EncodeCancelled` once `stop()` is true. Fractions count the layers run so far, so they only grow. Other threads'
     forwards are left alone; the hooks are removed on exit."""
     owner = threading.get_ident()
-    vae, unet = pipeline.vae.encoder, pipeline.unet
-    stages = {
-        "Encoding the image (VAE)": [*vae.down_blocks, vae.mid_block],
-        "One denoising step (UNet)": [*unet.down_blocks, unet.mid_block, *unet.up_blocks],
-    }
+    stages = {"Encoding the image (VAE)": pipeline.vae.encoder, "One denoising step (UNet)": pipeline.unet}
     handles = []
-    for stage, blocks in stages.items():
-        for k, block in enumerate(blocks):
-            done = k / len(blocks)
+    for stage, model in stages.items():
+        steps = [m for m in model.modules() if type(m).__name__ in _STEPS]
+        total, done = len(steps), [0]
 
-            def before(_module, _inputs, stage=stage, fraction=done):
-                if threading.get_ident() != owner:
-                    return
-                if stop():
-                    raise EncodeCancelled("Encoding stopped; the page keeps its previous result.")
-                report(stage, fraction)
+        def before(_module, _inputs, stage=stage, total=total, done=done):
+            if threading.get_ident() != owner:
+                return
+            if stop():
+                raise EncodeCancelled("Encoding stopped; the page keeps its previous result.")
+            report(stage, min(done[0] / total, 1.0))
+            done[0] += 1
 
-            handles.append(block.register_forward_pre_hook(before))
+        handles += [step.register_forward_pre_hook(before) for step in steps]
     try:
         yield
     finally:

@@ -215,11 +215,8 @@ class Demo:
         settings_shown = tuple(repr(values[control]) for control in c.ordered())
         if session.shown == settings_shown:
             return self.keep()
-        # A run Gradio held back while the stopped one ran ("always_last") starts when that one is cancelled: it
-        # belongs to what was stopped when it asks for another encode than the page shows.
-        if time.monotonic() - session.stopped_at < STOP_GRACE and session.values:
-            if any(values[control] != session.values[control] for control in c.encoding()):
-                return self.keep()
+        if self.held_back(session, values):
+            return self.keep()
         notes, adjusted = [], {}
         try:
             self.check_ranges(values)
@@ -262,15 +259,26 @@ class Demo:
         except (RuntimeError, MemoryError) as error:  # the model or a refinement beyond this server: never raw
             print(f"diffseg app: segmentation failed: {error!r}", file=sys.stderr, flush=True)
             return self.warn(session, FAILED)
+        source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
+        return {**adjusted, **self.shown(session, values, view, bundle_file, [source, *notes])}
+
+    def held_back(self, session: Session, values: dict) -> bool:
+        """Whether this run is one Gradio held back while a stopped run ran ("always_last"): it starts when that one
+        is cancelled, and belongs to what was stopped when it asks for another encode than the page shows."""
+        if time.monotonic() - session.stopped_at >= STOP_GRACE or not session.values:
+            return False
+        return any(values[control] != session.values[control] for control in self.controls.encoding())
+
+    def shown(self, session: Session, values: dict, view, bundle_file: Path, notes: list[str]) -> dict:
+        """A result on the page: the session remembers its settings (what Stop and refusals go back to)."""
+        c = self.controls
         self.segmentations += 1
-        session.shown, session.image = tuple(repr(values[control]) for control in c.ordered()), path
+        session.shown, session.image = tuple(repr(values[control]) for control in c.ordered()), values[c.image]
         session.values = {control: values[control] for control in c.ordered()}
         print(f"diffseg app: segmentation #{self.segmentations} in {view.seconds:.2f} s", file=sys.stderr, flush=True)
-        source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
         count = f"{len(view.rows)} segment" + ("" if len(view.rows) == 1 else "s")
-        session.status = " · ".join([f"**{count}**", f"segmented in {view.seconds:.2f} s", source, *notes])
+        session.status = " · ".join([f"**{count}**", f"segmented in {view.seconds:.2f} s", *notes])
         return {
-            **adjusted,
             self.results.viewer: view.viewer,
             self.results.status: session.status,
             self.results.label_file: str(view.label_file),

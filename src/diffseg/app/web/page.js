@@ -8,6 +8,7 @@
   // 3. Example thumbnails get their captions as visible text and as accessible names; the input image a name;
   //    download links the name of their file.
   // 4. Stop is shown only while an event runs.
+  // 5. Keyboard: a slider is two Tab stops; on a phone a new result scrolls into view.
   const CAPTIONS = __CAPTIONS__; // filled in by app.py from the examples' file names
   const apply = () => {
     // Gradio's container hides its overflow, which makes it the scroller of the phone layout's sticky viewer
@@ -57,11 +58,29 @@
       const name = file && `Download ${file} (${link.textContent.trim()})`;
       if (name && link.getAttribute("aria-label") !== name) link.setAttribute("aria-label", name);
     });
+    // Two Tab stops per slider (its track and its box), not three: its "reset to default" button is left out (the
+    // page's Reset button does that for every control).
+    document.querySelectorAll("#main button[data-testid=reset-button]:not([tabindex])").forEach((button) => {
+      button.setAttribute("tabindex", "-1");
+    });
     // Gradio's icon-only buttons without a name of their own get their title as one.
     document.querySelectorAll("button:not([aria-label])").forEach((button) => {
       if (!button.textContent.trim() && button.title) button.setAttribute("aria-label", button.title);
     });
   };
+  // On a phone the result comes after the upload: a new image's result is scrolled to the top of the screen.
+  let shownViewer = null;
+  let shownImage = null;
+  const follow = () => {
+    const viewer = document.querySelector("#viewer .diffseg-viewer");
+    if (!viewer || viewer === shownViewer) return; // each result is a new element; a slider move keeps the image
+    shownViewer = viewer;
+    const image = viewer.dataset.image;
+    if (image === shownImage) return;
+    shownImage = image;
+    if (window.matchMedia("(max-width: 640px)").matches) viewer.scrollIntoView({ block: "start" });
+  };
+  new MutationObserver(follow).observe(document.body, { childList: true, subtree: true });
   new MutationObserver(apply).observe(document.body, {
     childList: true,
     subtree: true,

@@ -3,9 +3,9 @@
 // The server sends the image, a PNG of segment ids (id = red + 256 * green) and one record per segment
 // (app_view.viewer_html). Everything a pointer does happens here, with no server round trip: the overlay is composed
 // per pixel (image, segment colour at the opacity slider's value, white boundaries when the toggle is on, the rest
-// dimmed when a segment is isolated); hovering shows a segment's name, area and score; a click (or a tap, or Enter
-// on a row of the segment table) isolates a segment and selects its table row; names are written largest segment
-// first, skipping any that would overlap one already written.
+// dimmed when a segment is isolated); hovering shows a segment's name, area and score; a click (or a tap, Enter on a
+// row of the segment table, or Enter and the arrows on the image) isolates a segment and selects its table row, and
+// Escape releases it; names are written largest segment first, skipping any that would overlap one already written.
 
 const DIM = 0.3; // brightness of the other segments while one is isolated
 const state = { data: null, selected: null };
@@ -201,8 +201,18 @@ element.addEventListener("click", (event) => {
   const hit = segmentAt(event);
   select(hit && hit.segment ? hit.segment.id : null);
 });
+// The keyboard on the image: Enter, Space or an arrow isolates the next segment by area (largest first; left and up
+// go back), Escape releases it.
+const STEP = { Enter: 1, " ": 1, ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 };
 element.addEventListener("keydown", (event) => {
-  if (event.key === "Escape") select(null);
+  if (!state.data) return;
+  if (event.key === "Escape") return select(null);
+  if (!(event.key in STEP) || event.target !== state.data.canvas) return;
+  event.preventDefault();
+  const order = [...state.data.segments.values()].sort((a, b) => b.area - a.area).map((s) => s.id);
+  const at = order.indexOf(state.selected);
+  const next = at < 0 ? (STEP[event.key] > 0 ? 0 : order.length - 1) : (at + STEP[event.key] + order.length) % order.length;
+  select(order[next]);
 });
 
 // The segment table and the view controls are other components: listen on the document, once per page.
@@ -217,6 +227,7 @@ if (!window.diffsegViewer) {
       event.preventDefault();
       window.diffsegViewer.select(Number(row.dataset.segment));
     }
+    if (row && event.key === "Escape") window.diffsegViewer.select(null);
   });
   const redraw = (event) => {
     if (event.target.closest && event.target.closest("#opacity, #boundaries")) window.diffsegViewer.draw();
