@@ -126,9 +126,8 @@ class Session:
     stops: int = 0  # Stop presses so far: a run stops when this changes after it began (a later run is unaffected)
     stopped_at: float = -1e9  # when Stop was last pressed (time.monotonic)
     warned: tuple[str, float] = ("", -1e9)  # the last message and when it was shown
-    shown: tuple | None = None  # the settings the page shows the result of
-    image: str | None = None  # the upload path of that result
-    values: dict = field(default_factory=dict)  # control -> value of that result: what Stop and refusals return to
+    values: dict = field(default_factory=dict)  # control -> value of the result the page shows (the upload path
+    # for the image): what Stop and refusals return to
     status: str = ""  # that result's status line
 
 
@@ -212,8 +211,7 @@ class Demo:
         path, method = values[c.image], values[c.method]
         stops = session.stops
         # Gradio sends a replaced image's change twice; settings the page already shows need no run.
-        settings_shown = tuple(repr(values[control]) for control in c.ordered())
-        if session.shown == settings_shown:
+        if session.values and self.settings(session.values) == self.settings(values):
             return self.keep()
         if self.held_back(session, values):
             return self.keep()
@@ -262,6 +260,14 @@ class Demo:
         source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
         return {**adjusted, **self.shown(session, values, view, bundle_file, [source, *notes])}
 
+    def settings(self, values: dict) -> tuple:
+        """What a run is defined by: every control's value, compared by its text (as the page shows it)."""
+        return tuple(repr(values[control]) for control in self.controls.ordered())
+
+    def groups(self, method: str) -> dict:
+        """The method's controls shown, the other methods' hidden."""
+        return {group: gr.update(visible=name == method) for name, group in self.page.groups.items()}
+
     def held_back(self, session: Session, values: dict) -> bool:
         """Whether this run is one Gradio held back while a stopped run ran ("always_last"): it starts when that one
         is cancelled, and belongs to what was stopped when it asks for another encode than the page shows."""
@@ -273,7 +279,6 @@ class Demo:
         """A result on the page: the session remembers its settings (what Stop and refusals go back to)."""
         c = self.controls
         self.segmentations += 1
-        session.shown, session.image = tuple(repr(values[control]) for control in c.ordered()), values[c.image]
         session.values = {control: values[control] for control in c.ordered()}
         print(f"diffseg app: segmentation #{self.segmentations} in {view.seconds:.2f} s", file=sys.stderr, flush=True)
         count = f"{len(view.rows)} segment" + ("" if len(view.rows) == 1 else "s")
@@ -315,7 +320,7 @@ class Demo:
         if not values[image]:
             return self.keep()
         outputs = self.segment(values, request, progress)
-        previous = self.session(request).image
+        previous = self.session(request).values.get(image)
         if self.results.status not in outputs and previous and previous != values[image] and Path(previous).exists():
             outputs[image] = previous
         return outputs
@@ -325,7 +330,7 @@ class Demo:
         image = self.controls.image
         values = {**values, image: upload_path(values[image])}
         if not values[image]:  # cleared, or refused for its size: act on the result's image, if any
-            previous = self.session(request).image
+            previous = self.session(request).values.get(image)
             if previous is None:
                 return self.keep()
             values = {**values, image: previous}
@@ -364,8 +369,7 @@ class Demo:
         """Each method shows its controls and starts at its paper's timestep."""
         method = values[self.controls.method]
         timestep = method_named(method).encode_defaults.timestep
-        shown = {group: gr.update(visible=name == method) for name, group in self.page.groups.items()}
-        return self.setting({self.controls.timestep: timestep}, values, request, progress, shown)
+        return self.setting({self.controls.timestep: timestep}, values, request, progress, self.groups(method))
 
     def on_cancel(self, request: gr.Request) -> dict:
         """Stop: the running encode ends at its next block (`watch_encode`), and every control, the input image and
@@ -375,13 +379,11 @@ class Demo:
         session.stopped_at = time.monotonic()
         if not session.values:  # nothing shown yet: the input empties
             return {c.image: None, self.results.status: "Stopped. Upload an image or pick an example."}
-        method = session.values[c.method]
-        shown = {group: gr.update(visible=name == method) for name, group in self.page.groups.items()}
         status = f"Stopped; the page shows its previous result. {session.status}"
         values = dict(session.values)
         if not Path(values[c.image]).exists():  # an upload dropped with the cache: the input keeps what it has
             del values[c.image]
-        return {**values, **shown, self.results.status: status}
+        return {**values, **self.groups(session.values[c.method]), self.results.status: status}
 
     # ------------------------------------------------------------------ wiring
 
