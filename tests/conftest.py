@@ -24,6 +24,32 @@ def tiny_checkpoint(tmp_path_factory):
     return save_random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny-sd", "tiny", seed=0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prompt_cache(tmp_path_factory):
+    """The user cache (empty prompts of diffusion transformers) in a folder of this test run, not the home folder;
+    also for the CLI subprocesses tests start."""
+    folder = tmp_path_factory.mktemp("diffseg-cache")
+    previous = os.environ.get("DIFFSEG_CACHE")
+    os.environ["DIFFSEG_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("DIFFSEG_CACHE", None)
+    else:
+        os.environ["DIFFSEG_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_checkpoint(tmp_path_factory):
+    """Tiny SD3 (joint MM-DiT blocks, two CLIPs and T5, static flow-matching shift 3)."""
+    return save_random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny-sd3", "tiny-sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_checkpoint(tmp_path_factory):
+    """Tiny Flux.1-dev (double- and single-stream blocks, RoPE, CLIP and T5, guidance, resolution-dependent shift)."""
+    return save_random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny-flux", "tiny-flux", seed=0)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_checkpoint):
     return DiffSegPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")

@@ -191,6 +191,28 @@ def test_segment_dataset_runs_sdxl_with_mixed_shapes_and_matches_segment(
         np.testing.assert_array_equal(labels, read_labels(tmp_path / "cli" / "labels" / f"{name}.png"))
 
 
+def test_segment_dataset_runs_a_transformer_checkpoint_and_matches_segment(local_ray, tiny_sd3_checkpoint, tmp_path):
+    """The tiny SD3 on Ray: a wide and a square image, label maps at their sizes, equal to `diffseg segment`'s."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sizes = {"wide": (72, 128), "square": (64, 64)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(quadrants_image(h, w)).save(folder / f"{name}.png")
+    out = tmp_path / "job"
+    assert run_job(folder, out, tiny_sd3_checkpoint) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Ray's workers: float reductions depend on the thread count
+    try:
+        cli = ("--kl-threshold", "0.5", "--no-overlay")
+        assert run_cli("segment", folder, "-o", tmp_path / "cli", *tiny_model(tiny_sd3_checkpoint), *cli) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for name, size in sizes.items():
+        labels = read_labels(out / "labels" / f"{name}.png")
+        assert labels.shape == size
+        np.testing.assert_array_equal(labels, read_labels(tmp_path / "cli" / "labels" / f"{name}.png"))
+
+
 def test_ray_address_local_starts_a_local_instance_whatever_ray_address_says():
     import subprocess
     import sys

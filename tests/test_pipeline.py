@@ -102,7 +102,10 @@ def test_missing_weights_give_an_actionable_error(tmp_path, tiny_checkpoint):
         DiffSegPipeline.from_pretrained(tmp_path / "nowhere")
     partial = tmp_path / "partial"
     (partial / "unet").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"lacks unet/config.json, vae/, text_encoder/, tokenizer/"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"lacks unet/config.json \(or transformer/config.json\), vae/, text_encoder/, tokenizer/",
+    ):
         DiffSegPipeline.from_pretrained(partial)
     broken = tmp_path / "broken"
     for name in ("unet", "vae", "text_encoder", "tokenizer"):

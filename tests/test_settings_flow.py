@@ -151,7 +151,12 @@ def test_every_config_field_has_one_default_that_the_cli_reads(capsys):
     with pytest.raises(SystemExit):
         run_cli("segment", "--help")
     text = " ".join(capsys.readouterr().out.split())
-    for config, names in ((SegmentConfig(), ("iterations", "num_points")), (DiffCutConfig(), ("tau", "alpha"))):
+    for config, names in ((SegmentConfig(), ("iterations",)), (DiffCutConfig(), ("tau", "alpha"))):
         for name in names:
             assert name in {f.name for f in fields(config)}
             assert f"default: {getattr(config, name)}" in text, name
+    # The anchor grid's default depends on the model's grids (`config.anchor_points`): both numbers are shown.
+    from diffseg.config import NUM_POINTS, NUM_POINTS_SINGLE_GRID, anchor_points
+
+    assert SegmentConfig().num_points is None and (anchor_points(4), anchor_points(1)) == (16, 8)
+    assert f"default: {NUM_POINTS}, the paper's; {NUM_POINTS_SINGLE_GRID} on an SD3 / Flux" in text

@@ -32,6 +32,7 @@ class _Saved:
     image: np.ndarray
     timestep: int
     model: str
+    family: str
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -49,6 +50,8 @@ class _Saved:
         tensors, metadata = self._tensors()
         tensors["image"] = torch.tensor(np.asarray(self.image, dtype=np.uint8))
         metadata = {"format": FORMAT, "timestep": str(self.timestep), "model": self.model, **metadata}
+        if self.family:
+            metadata["family"] = self.family
         path = Path(path)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -74,6 +77,7 @@ class AttentionBundle(_Saved):
         cross_attention: (h, w) -> (h·w, T) cross-attention over the vocabulary prompt's T tokens, when encoded with
             words.
         vocabulary: the words (and their token positions) the cross-attention belongs to.
+        family: the model family that produced it ("sd1", "sd2", "sdxl", "sd3", "flux"; empty if unknown).
     """
 
     method: ClassVar[str] = "diffseg"
@@ -85,6 +89,7 @@ class AttentionBundle(_Saved):
     layers: dict[tuple[int, int], int] = field(default_factory=dict)
     cross_attention: dict[tuple[int, int], torch.Tensor] | None = None
     vocabulary: Vocabulary | None = None
+    family: str = ""
 
     def __post_init__(self) -> None:
         self.attention = GridDict((grid_key(g), t) for g, t in self.attention.items())
@@ -117,6 +122,7 @@ class FeatureBundle(_Saved):
         image: (H, W, 3) uint8 RGB, the region that was encoded (after any crop), at its own resolution.
         timestep: the UNet timestep the features were taken at.
         model: the checkpoint (hub id or folder) that produced it.
+        family: the model family that produced it (see `AttentionBundle`).
     """
 
     method: ClassVar[str] = "diffcut"
@@ -125,6 +131,7 @@ class FeatureBundle(_Saved):
     image: np.ndarray
     timestep: int
     model: str = ""
+    family: str = ""
 
     def to(self, device) -> FeatureBundle:
         """A copy whose features are on `device` (where segmenting then runs)."""
@@ -175,6 +182,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         "image": image,
         "timestep": field_of("timestep", lambda: int(metadata["timestep"])),
         "model": metadata.get("model", ""),
+        "family": metadata.get("family", ""),
     }
     if "features" in tensors:
         return FeatureBundle(_checked_features(path, tensors["features"]), **common)

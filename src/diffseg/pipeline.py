@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .backbones import dit
 from .backbones import families as backbones
-from .backbones.capture import capture_attention, capture_output, token_grid
+from .backbones.capture import capture_attention, capture_joint_attention, capture_output, token_grid
 from .backbones.devices import place, resolve_device, resolve_dtype
 from .bundle import Bundle
 from .config import (
@@ -58,37 +59,66 @@ class DiffSegPipeline:
 
     def __init__(
         self,
-        unet,
-        vae,
-        text_encoder,
-        tokenizer,
+        unet=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
         scheduler=None,
         *,
+        transformer=None,
         text_encoder_2=None,
         tokenizer_2=None,
+        conditioning: backbones.Conditioning | None = None,
         model: str = "",
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         backbone: backbones.Backbone | None = None,
+        offload: bool = False,
+        **text_components,
     ) -> None:
+        if (unet is None) == (transformer is None):
+            raise ValueError("Pass a `unet` (SD 1.x/2.x/SDXL) or a `transformer` (SD3, Flux.1), not both or neither.")
         # The family's facts: as `from_pretrained` read them from the checkpoint's configs, or from these components.
-        self.backbone = backbone or backbones.detect(unet.config, scheduler.config if scheduler is not None else None)
+        if backbone is None:
+            scheduler_config = scheduler.config if scheduler is not None else None
+            backbone = (
+                backbones.detect(unet.config, scheduler_config)
+                if transformer is None
+                else dit.detect_transformer({**transformer.config, "_class_name": type(transformer).__name__})
+            )
+        self.backbone = backbone
         if self.backbone.family == "sdxl" and (text_encoder_2 is None or tokenizer_2 is None):
             raise ValueError(f"A {self.backbone.name} UNet needs `text_encoder_2` and `tokenizer_2` as well.")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.unet = place(unet, self.device, self.dtype)
+        self.unet = None if unet is None else _place_denoiser(unet, self.device, self.dtype, offload)
+        self.transformer = (
+            None if transformer is None else _place_denoiser(transformer, self.device, self.dtype, offload)
+        )
         # channels-last convolutions: the VAE encoder is the larger half of an encode on a CPU (15 % faster there).
         self.vae = place(vae, self.device, torch.float32).to(memory_format=torch.channels_last)
-        self.text_encoder = place(text_encoder, self.device, self.dtype)
+        self.text_encoder = None if text_encoder is None else place(text_encoder, self.device, self.dtype)
         self.tokenizer = tokenizer
         self.text_encoder_2 = None if text_encoder_2 is None else place(text_encoder_2, self.device, self.dtype)
         self.tokenizer_2 = tokenizer_2
         self.scheduler = scheduler
         self.model = model
         self._conditioning: dict[object, backbones.Conditioning] = {}
-        # Capture swaps processors (DiffSeg) or hooks a layer (DiffCut) for one forward: one UNet step at a time.
+        if self.transformer is not None:
+            if conditioning is None:  # text encoders given in memory: encode the empty prompt with them, once
+                encoders = {"text_encoder": self.text_encoder, "tokenizer": tokenizer, "text_encoder_2": text_encoder_2}
+                encoders.update(tokenizer_2=tokenizer_2, **text_components)
+                conditioning = dit.encode_empty_prompt(self.backbone, encoders, self.device, self.transformer)
+            self._conditioning[""] = backbones.Conditioning(
+                conditioning.hidden.to(self.device, self.dtype), conditioning.pooled.to(self.device, self.dtype)
+            )
+        # Capture swaps processors (DiffSeg) or hooks a layer (DiffCut) for one forward: one denoiser step at a time.
         self._lock = threading.Lock()
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet or the transformer: the network one step runs."""
+        return self.unet if self.unet is not None else self.transformer
 
     @classmethod
     def from_pretrained(
@@ -98,8 +128,12 @@ class DiffSegPipeline:
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         local_files_only: bool = False,
+        offload: bool = False,
     ) -> DiffSegPipeline:
         """Load a diffusers-format Stable Diffusion checkpoint of any family diffseg knows: a hub id or a local folder.
+
+        `offload` keeps the UNet or transformer in CPU memory and runs it on `device` a block at a time (for a
+        checkpoint larger than the GPU: Flux.1-dev on 24 GB).
 
         Raises:
             FileNotFoundError: the folder, a component or the weights are missing, or the hub cannot be reached; the
@@ -108,8 +142,8 @@ class DiffSegPipeline:
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        backbone, components = backbones.load(model, dtype=dtype, local_files_only=local_files_only)
-        return cls(**components, model=str(model), device=device, dtype=dtype, backbone=backbone)
+        backbone, components = backbones.load(model, dtype=dtype, local_files_only=local_files_only, device=device)
+        return cls(**components, model=str(model), device=device, dtype=dtype, backbone=backbone, offload=offload)
 
     # ------------------------------------------------------------------ conditioning
 
@@ -139,11 +173,21 @@ class DiffSegPipeline:
 
     def vocabulary(self, words: Sequence[str] | str) -> Vocabulary:
         """A `Vocabulary` for `words` with this pipeline's tokenizer (see `semantic.build_vocabulary`)."""
+        self._check_words()
         return build_vocabulary(words, self.tokenizer)
+
+    def _check_words(self) -> None:
+        if self.transformer is not None:
+            raise ValueError(
+                f"Naming segments with words reads a UNet's cross-attention; {self.backbone.name} has none. Use an SD "
+                "1.x/2.x or SDXL checkpoint to name segments."
+            )
 
     def _noise_schedule(self):
         if self.scheduler is not None:
             return self.scheduler
+        if self.transformer is not None:
+            raise ValueError(f"{self.backbone.name} needs its flow-matching `scheduler` to place a timestep.")
         from diffusers import DDPMScheduler
 
         return DDPMScheduler(**NOISE_SCHEDULE)
@@ -167,6 +211,7 @@ class DiffSegPipeline:
         resolution: int | None = METHOD_DEFAULT,
         resize: str = METHOD_DEFAULT,
         noise_seed: int | None = METHOD_DEFAULT,
+        blocks: tuple[int, int] | None = None,
         labels: Sequence[str] | str | None = None,
         segment_from: str = _NAMING.segment_from,
         config: EncodeConfig | None = None,
@@ -187,6 +232,8 @@ class DiffSegPipeline:
                 resolution×resolution. A square image gives the same input either way.
             noise_seed: None feeds the clean latent (DiffSeg's paper); an int adds seeded noise for `timestep`
                 (DiffCut's reference: 42, drawn on the pipeline's device as the reference draws on its GPU).
+            blocks: SD3 / Flux only: (first, last) transformer blocks, inclusive; DiffSeg averages their attention
+                (default: every block), DiffCut reads the image tokens after `last` (default: the family's block).
             labels: DiffSeg only: words to name segments with (a list or a comma-separated string). The UNet then
                 also runs conditioned on a prompt of these words, in the same batch, and its cross-attention is kept.
             segment_from: with `labels`, the pass the self-attention comes from: "unconditional" (default; the
@@ -200,7 +247,7 @@ class DiffSegPipeline:
         spec = method_named(method)
         if config is None:
             given = {"timestep": timestep, "crop": crop, "resolution": resolution, "resize": resize}
-            config = encode_settings(method, **given, noise_seed=noise_seed)
+            config = encode_settings(method, **given, noise_seed=noise_seed, blocks=blocks)
         single = isinstance(images, (Image.Image, np.ndarray, str, os.PathLike))
         batch = [images] if single else list(images)
         if not batch:
@@ -248,11 +295,19 @@ class DiffSegPipeline:
         spec = method_named(method)
         return spec.encode(self, pixels, images, config or spec.encode_defaults, vocabulary, segment_from)
 
-    def _step_inputs(self, pixels: torch.Tensor, timestep: int, noise_seed: int | None) -> tuple:
-        """(latents, timesteps, conditioning) of one UNet step on `pixels`, conditioned on the empty prompt."""
-        latents, t = self._latents(pixels, timestep, noise_seed)
+    def _step_inputs(self, pixels: torch.Tensor, timestep: int, noise_seed: int | None) -> tuple[dict, tuple]:
+        """Keyword arguments of one denoiser forward on `pixels`, conditioned on the empty prompt, and the (h, w)
+        grid of its finest tokens (a UNet: the latent's; a transformer: its patches')."""
         size = tuple(pixels.shape[-2:])
-        return latents, t, backbones.unet_inputs(self.backbone, self.prompt_embedding(), len(pixels), size)
+        if self.transformer is not None:
+            level = dit.sigma(self.backbone, self._noise_schedule(), timestep, dit.token_count(size, self.backbone))
+            pixels = pixels.to(self.device, torch.float32, memory_format=torch.channels_last)
+            x = dit.latents(self.vae, pixels, level, noise_seed)
+            inputs = dit.transformer_inputs(self.backbone, self.transformer, self.prompt_embedding(), x, level)
+            return inputs, tuple(side // self.backbone.size_multiple for side in size)
+        latents, t = self._latents(pixels, timestep, noise_seed)
+        inputs = backbones.unet_inputs(self.backbone, self.prompt_embedding(), len(pixels), size)
+        return {"sample": latents, "timestep": t, **inputs}, tuple(latents.shape[-2:])
 
     def _latents(
         self, pixels: torch.Tensor, timestep: int, noise_seed: int | None
@@ -281,6 +336,7 @@ class DiffSegPipeline:
         noise_seed: int | None = ENCODE_DEFAULTS["diffseg"].noise_seed,
         vocabulary: Vocabulary | None = None,
         segment_from: str = _NAMING.segment_from,
+        blocks: tuple[int, int] | None = None,
     ) -> tuple[dict, dict, dict | None]:
         """VAE and one UNet step on a prepared batch (see `images.to_model_input`), attention captured (DiffSeg).
 
@@ -291,6 +347,7 @@ class DiffSegPipeline:
                 cross-attention is captured.
             segment_from: with a vocabulary, the half the self-attention comes from ("unconditional" or
                 "conditional").
+            blocks: a diffusion transformer's (first, last) blocks to average (default: every block).
 
         Returns:
             (maps, layers, cross): (h, w) -> (B, h·w, h·w) head- and layer-averaged self-attention, finest first;
@@ -300,14 +357,21 @@ class DiffSegPipeline:
         if segment_from not in SEGMENT_FROM:
             raise ValueError(f"`segment_from` must be one of {SEGMENT_FROM} but is {segment_from!r}.")
         batch, size = len(pixels), tuple(pixels.shape[-2:])
-        # One UNet step conditioned on the empty prompt; with a vocabulary, the conditional copies in the same batch.
-        latents, t, inputs = self._step_inputs(pixels, timestep, noise_seed)
+        # One step conditioned on the empty prompt; with a vocabulary, the conditional copies in the same batch.
+        inputs, grid = self._step_inputs(pixels, timestep, noise_seed)
+        if self.transformer is not None:
+            if vocabulary is not None:
+                self._check_words()
+            chosen = self._blocks(blocks)
+            with self._lock, capture_joint_attention(self.transformer, grid, self.backbone.family, chosen) as store:
+                self.transformer(**inputs)
+            return store.maps(), store.layers, None
+        self._blocks(blocks)  # a UNet has none: refused
         if vocabulary is not None:
             named = backbones.unet_inputs(self.backbone, self.prompt_embedding(vocabulary), batch, size)
-            latents, t = torch.cat([latents, latents]), torch.cat([t, t])
-            inputs = _concat(inputs, named)
-        with self._lock, capture_attention(self.unet, latents.shape[-2:], cross=vocabulary is not None) as store:
-            self.unet(latents, t, **inputs)
+            inputs = _concat(inputs, {"sample": inputs["sample"], "timestep": inputs["timestep"], **named})
+        with self._lock, capture_attention(self.unet, grid, cross=vocabulary is not None) as store:
+            self.unet(**inputs)
         maps = store.maps()
         if vocabulary is None:
             return maps, store.layers, None
@@ -322,6 +386,7 @@ class DiffSegPipeline:
         *,
         timestep: int = ENCODE_DEFAULTS["diffcut"].timestep,
         noise_seed: int | None = ENCODE_DEFAULTS["diffcut"].noise_seed,
+        blocks: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """VAE and one UNet step on a prepared batch, DiffCut's layer output kept (reference `LdmExtractor`).
 
@@ -331,13 +396,31 @@ class DiffSegPipeline:
         Returns:
             (B, h, w, C) tokens on the pipeline's device, in the UNet's dtype.
         """
-        latents, t, inputs = self._step_inputs(pixels, timestep, noise_seed)
-        layer = backbones.diffcut_layer(self.backbone, self.unet)
+        chosen = self._blocks(blocks)
+        inputs, grid = self._step_inputs(pixels, timestep, noise_seed)
+        if self.transformer is not None:
+            layer = dit.feature_block(self.backbone, self.transformer, None if chosen is None else chosen[-1])
+        else:
+            layer = backbones.diffcut_layer(self.backbone, self.unet)
         with self._lock, capture_output(layer) as record:  # one forward at a time: the hook sees every forward
-            self.unet(latents, t, **inputs)
-        tokens = record["output"]  # (B, h·w, C)
-        grid = token_grid(tokens.shape[1], latents.shape[-2:])
-        return tokens.reshape(len(pixels), *grid, -1)
+            self.denoiser(**inputs)
+        # A UNet's attn1 gives (B, h·w, C); a transformer block its (text, image) streams, the image's second.
+        tokens = record["output"] if self.transformer is None else record["output"][1]
+        return tokens.reshape(len(pixels), *token_grid(tokens.shape[1], grid), -1)
+
+    def _blocks(self, blocks: tuple[int, int] | None) -> range | None:
+        """The transformer block indices `blocks` (first, last) names, checked against this model."""
+        if blocks is None:
+            return None
+        if self.transformer is None:
+            raise ValueError(f"`blocks` chooses a diffusion transformer's blocks; {self.backbone.name} is a UNet.")
+        count = len(dit.blocks(self.transformer))
+        first, last = blocks
+        if not 0 <= first <= last < count:
+            raise ValueError(
+                f"`blocks` {first}:{last} is out of range: {self.backbone.name} has blocks 0 to {count - 1}."
+            )
+        return range(first, last + 1)
 
     # ------------------------------------------------------------------ segment: the cheap step
 
@@ -359,9 +442,20 @@ class DiffSegPipeline:
     def __call__(self, image: ImageLike, *, method: str = "diffseg", **kwargs) -> Segmentation:
         """Encode and segment one image. Keywords of `encode` (timestep, crop, resolution, resize, noise_seed, labels,
         segment_from) go to the encode; the rest to `segment`."""
-        encode_keys = {"timestep", "crop", "resolution", "resize", "noise_seed", "labels", "segment_from"}
+        encode_keys = {"timestep", "crop", "resolution", "resize", "noise_seed", "labels", "segment_from", "blocks"}
         encode_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in encode_keys}
         return self.segment(self.encode(image, method=method, **encode_kwargs), **kwargs)
+
+
+def _place_denoiser(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, offload: bool):
+    """The UNet or transformer on `device` in `dtype`; with `offload`, kept in CPU memory and brought to `device` a
+    block at a time as the forward reaches it (diffusers' block-level group offloading: Flux.1-dev's 24 GB of
+    bfloat16 weights then run on a GPU with a fraction of that). On the CPU the hooks run and move nothing."""
+    if not offload:
+        return place(model, device, dtype)
+    model = place(model, torch.device("cpu"), dtype)
+    model.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1)
+    return model
 
 
 def _concat(a: dict, b: dict) -> dict:

@@ -1,5 +1,5 @@
-"""The demo's cache of encodes: `BundleCache` keeps the expensive step (VAE + one UNet pass) of recent images, in memory
-and as files; `watch_encode` reports an encode's stages and stops it when asked."""
+"""The demo's cache of encodes: `BundleCache` keeps the expensive step (VAE + one denoiser pass) of recent images, in
+memory and as files; `watch_encode` reports an encode's stages and stops it when asked."""
 
 import dataclasses
 import hashlib
@@ -29,7 +29,17 @@ class EncodeCancelled(Exception):
 
 # The parts of the VAE encoder and the UNet an encode's progress counts: fine enough that the bar moves through the
 # UNet's last, highest-resolution block (a whole block was 1/9 of the UNet step and most of its time).
-_STEPS = ("ResnetBlock2D", "Transformer2DModel", "Attention", "Downsample2D", "Upsample2D")
+# A diffusion transformer's blocks (SD3's joint blocks; Flux's double- and single-stream blocks) count one each.
+_STEPS = (
+    "ResnetBlock2D",
+    "Transformer2DModel",
+    "Attention",
+    "Downsample2D",
+    "Upsample2D",
+    "JointTransformerBlock",
+    "FluxTransformerBlock",
+    "FluxSingleTransformerBlock",
+)
 
 
 @contextmanager
@@ -39,7 +49,8 @@ def watch_encode(pipeline, report: Callable[[str, float], None], stop: Callable[
     `EncodeCancelled` once `stop()` is true. Fractions count the layers run so far, so they only grow. Other threads'
     forwards are left alone; the hooks are removed on exit."""
     owner = threading.get_ident()
-    stages = {"Encoding the image (VAE)": pipeline.vae.encoder, "One denoising step (UNet)": pipeline.unet}
+    denoiser = "UNet" if pipeline.unet is not None else "transformer"
+    stages = {"Encoding the image (VAE)": pipeline.vae.encoder, f"One denoising step ({denoiser})": pipeline.denoiser}
     handles = []
     for stage, model in stages.items():
         steps = [m for m in model.modules() if type(m).__name__ in _STEPS]
@@ -69,7 +80,8 @@ class _Entry:
 
 
 class BundleCache:
-    """LRU cache of bundles keyed by everything that defines one: image content, model, method, timestep, words.
+    """LRU cache of bundles keyed by everything that defines one: image content, model, method, timestep, words,
+    transformer blocks.
     Each entry has its own file (named from its whole key), so evicting one never removes another's. Counts the
     encodes it runs."""
 
@@ -99,11 +111,13 @@ class BundleCache:
         report: Callable[[str, float], None] | None = None,
         stop: Callable[[], bool] | None = None,
         digest: str | None = None,
+        blocks: tuple[int, int] | None = None,
     ) -> tuple[_Entry, bool]:
         """The bundle of `method` for `image` at `timestep` (with cross-attention for `words`, if any), and whether
         it had to be encoded now. An encode reports its stages to `report` and ends with `EncodeCancelled` when
-        `stop()` turns true (see `watch_encode`); nothing is cached then. `digest`: the image's `digest`, if known."""
-        key = (digest or self.digest(image), self.pipeline.model, method, int(timestep), tuple(words))
+        `stop()` turns true (see `watch_encode`); nothing is cached then. `digest`: the image's `digest`, if known;
+        `blocks`: a diffusion transformer's block range (`EncodeConfig.blocks`)."""
+        key = (digest or self.digest(image), self.pipeline.model, method, int(timestep), tuple(words), blocks)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -111,7 +125,8 @@ class BundleCache:
         # Encode outside the lock: cached bundles stay available while a new image is encoded.
         watching = watch_encode(self.pipeline, report or (lambda *_: None), stop or (lambda: False))
         with watching if (report or stop) else nullcontext():
-            bundle = self.pipeline.encode(image, method=method, timestep=timestep, labels=list(words) or None)
+            labels = list(words) or None
+            bundle = self.pipeline.encode(image, method=method, timestep=timestep, labels=labels, blocks=blocks)
         # Bundles are downloaded by others: they name the checkpoint, not the server's path to it.
         bundle = dataclasses.replace(bundle, model=public_name(self.pipeline.model))
         name = hashlib.sha256(repr(key).encode()).hexdigest()[:20]

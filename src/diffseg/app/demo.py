@@ -1,10 +1,10 @@
 """`diffseg app`: a Gradio page where sliders re-segment instantly and segments can be touched.
 
-The expensive step (VAE + one UNet pass) runs once per (image, model, method, timestep, words) and its bundle is kept
-in a small LRU cache; every other control re-runs only the cheap step on the cached bundle: DiffSeg's aggregation,
-merging and labelling, or DiffCut's normalised cut. The viewer (`web/viewer.js`) draws the overlay in the browser,
-so opacity, boundaries, hovering and isolating a segment need no server at all (`view` makes its data).
-The page fetches nothing from outside this server (system fonts, no analytics), so it works offline.
+The expensive step (VAE + one denoiser pass) runs once per (image, model, method, timestep, words, transformer blocks)
+and its bundle is kept in a small LRU cache; every other control re-runs only the cheap step on the cached bundle:
+DiffSeg's aggregation, merging and labelling, or DiffCut's normalised cut. The viewer (`web/viewer.js`) draws the
+overlay in the browser, so opacity, boundaries, hovering and isolating a segment need no server at all (`view` makes its
+data). The page fetches nothing from outside this server (system fonts, no analytics), so it works offline.
 
 Where things are: `layout.build_page` (the components), `cache.BundleCache` (encodes and their files) and
 `cache.watch_encode` (progress and cancelling of an encode), `Demo` (per-session state and one handler per kind of
@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import Bundle
-from ..config import AppConfig, DiffCutConfig, SegmentConfig
+from ..config import AppConfig, DiffCutConfig, SegmentConfig, anchor_points
 from ..io.images import load_image
 from ..methods.diffseg.aggregation import by_size
 from ..methods.registry import method_named
@@ -76,6 +76,21 @@ def named_copy(file: Path, target: Path) -> Path:
 def parse_words(text: str | None) -> tuple[str, ...]:
     """The demo's vocabulary box: comma-separated words, blanks and repeats dropped."""
     return tuple(dict.fromkeys(w.strip() for w in (text or "").split(",") if w.strip()))
+
+
+def parse_blocks(text: str | None, depth: int) -> tuple[int, int] | None:
+    """The demo's block-range box: "FIRST:LAST" or one block "K"; empty for the defaults."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    first, _, last = text.partition(":")
+    try:
+        blocks = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"Transformer blocks must be FIRST:LAST or one block number, not “{text}”.") from None
+    if not 0 <= blocks[0] <= blocks[1] < depth:
+        raise ValueError(f"Transformer blocks must lie from 0 to {depth - 1}, first ≤ last; “{text}” does not.")
+    return blocks
 
 
 def read_upload(path: str | None) -> np.ndarray:
@@ -231,6 +246,7 @@ class Demo:
                 report=lambda stage, fraction: progress(fraction, desc=stage),
                 stop=lambda: session.stops != stops,
                 digest=digest,
+                blocks=parse_blocks(values[c.blocks], self.pipeline.backbone.depth),
             )
             encode_seconds, start = time.perf_counter() - start, time.perf_counter()
             limit = self.anchor_limit(entry.bundle)
@@ -353,9 +369,10 @@ class Demo:
         diffseg, diffcut = SegmentConfig(), DiffCutConfig()
         defaults = {
             c.timestep: method_named(values[c.method]).encode_defaults.timestep,
+            c.blocks: "",
             c.kl: diffseg.kl_threshold,
             c.iterations: diffseg.iterations,
-            c.points: diffseg.num_points,
+            c.points: anchor_points(len(self.sides)),
             c.refine: diffseg.refine,
             c.preset: "proportional",
             c.tau: diffcut.tau,
@@ -403,13 +420,14 @@ class Demo:
         latest = {"trigger_mode": "always_last", "preprocess": False, "show_progress_on": self.results.viewer}
         instant = {**latest, "show_progress": "minimal"}
         groups = list(page.groups.values())
-        # Only the image, the method, the timestep and the words can run the model; the rest re-use the cached bundle.
+        # Only the image, the method, the timestep, the words and the blocks run the model; the rest re-use the bundle.
         encoding = [
             c.image.change(self.on_image, inputs, outputs(c.image), **latest),  # upload, example, clear
             c.timestep.release(self.on_change, inputs, outputs(), **latest),  # pointer, keys (web/page.js)
             c.words.submit(self.on_change, inputs, outputs(), **latest),
+            c.blocks.submit(self.on_change, inputs, outputs(), **latest),
             c.method.input(self.on_method, inputs, outputs(*groups), **latest),
-            page.reset.click(self.on_reset, inputs, outputs(c.preset, c.refine, c.pamr), **latest),
+            page.reset.click(self.on_reset, inputs, outputs(c.preset, c.refine, c.pamr, c.blocks), **latest),
         ]
         running = [
             *encoding,
@@ -434,7 +452,7 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # hundreds of MB: removed when the server exits
     os.environ["GRADIO_TEMP_DIR"] = str(folder)  # read by each component as it is made, and by the upload route
     cache = BundleCache(pipeline, cache_size, folder=folder / "bundles")
-    page = build_page(pipeline.backbone.name, pipeline.backbone.grid_sides[:MAX_GRIDS])
+    page = build_page(pipeline.backbone.name, pipeline.backbone.grid_sides[:MAX_GRIDS], pipeline.backbone.depth)
     with page.blocks:  # events are wired inside the page
         Demo(pipeline, page, cache, folder).wire()
     return page.blocks, cache

@@ -11,7 +11,7 @@ from importlib import resources
 
 import gradio as gr
 
-from ..config import RESOLUTION_PRESETS, DiffCutConfig, SegmentConfig
+from ..config import RESOLUTION_PRESETS, DiffCutConfig, SegmentConfig, anchor_points
 from ..config import preset_weights as preset_grid_weights
 from ..methods.registry import METHODS
 
@@ -64,6 +64,7 @@ class Controls:
     method: gr.Radio
     timestep: gr.Slider
     words: gr.Textbox
+    blocks: gr.Textbox  # a diffusion transformer's block range (hidden for a UNet)
     kl: gr.Slider
     iterations: gr.Slider
     points: gr.Slider
@@ -76,7 +77,7 @@ class Controls:
 
     def encoding(self) -> list:
         """The controls that define a bundle: changing one runs the model."""
-        return [self.image, self.method, self.timestep, self.words]
+        return [self.image, self.method, self.timestep, self.words, self.blocks]
 
     def numbers(self) -> list[gr.Slider]:
         """The controls with a number box (and so a range to keep to)."""
@@ -120,24 +121,25 @@ def _slider(elem_id: str, label: str, span: tuple, value, info: str, **options) 
     return gr.Slider(low, high, value=value, step=step, label=label, elem_id=elem_id, info=info, **options)
 
 
-def build_page(model_name: str, sides: tuple[int, ...]) -> Page:
-    """The demo's components for a model called `model_name` whose attention grids have `sides` (finest first)."""
+def build_page(model_name: str, sides: tuple[int, ...], depth: int = 0) -> Page:
+    """The demo's components for a model called `model_name` whose attention grids have `sides` (finest first); a
+    diffusion transformer's `depth` (its number of blocks) shows the block-range control."""
     with gr.Blocks(title="DiffSeg", analytics_enabled=False) as blocks:  # nothing leaves the server
         gr.Markdown(
             f"## diffseg — unsupervised zero-shot segmentation with {model_name}\n"
-            "Upload an image: one UNet step captures what the method needs (slow, once per image, method and "
+            "Upload an image: one denoising step captures what the method needs (slow, once per image, method and "
             "timestep); every other control re-segments the cached result at once. Point at a segment for its name "
             "and area; click it (or its table row) to isolate it."
         )
         with gr.Row(elem_id="main"):
             with gr.Column(scale=1, elem_id="controls"):
-                controls, groups, reset = _control_column(sides)
+                controls, groups, reset = _control_column(sides, depth)
             with gr.Column(scale=2, elem_id="result"):
                 results, cancel = _result_column()
     return Page(blocks, controls, results, groups, reset, cancel)
 
 
-def _control_column(sides: tuple[int, ...]) -> tuple[Controls, dict[str, gr.Group], gr.Button]:
+def _control_column(sides: tuple[int, ...], depth: int = 0) -> tuple[Controls, dict[str, gr.Group], gr.Button]:
     image = gr.Image(
         type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="input-image"
     )
@@ -154,13 +156,20 @@ def _control_column(sides: tuple[int, ...]) -> tuple[Controls, dict[str, gr.Grou
         "Timestep (re-encodes)",
         (0, 999, 1),
         METHODS["diffseg"].encode_defaults.timestep,
-        "The noise level of the one UNet step (papers: DiffSeg 300, DiffCut 50)",
+        "The noise level of the one denoising step (papers: DiffSeg 300, DiffCut 50)",
     )
     words = gr.Textbox(
         label="Name segments with (comma-separated words, optional; re-encodes)",
         placeholder="road, car, person, sky",
         elem_id="labels",
     )
+    with gr.Accordion("Advanced", open=False, visible=depth > 0, elem_id="advanced"):
+        blocks = gr.Textbox(
+            label="Transformer blocks FIRST:LAST (re-encodes; Enter to apply)",
+            placeholder=f"every block, 0:{max(depth - 1, 0)}",
+            elem_id="blocks",
+            info="DiffSeg averages these blocks' attention; DiffCut reads the image tokens after LAST. Empty: defaults",
+        )
     with gr.Group(visible=False) as diffcut_controls:
         tau = _slider(
             "tau", "Cut threshold τ", (0.05, 1.5, 0.01), _DIFFCUT.tau,
@@ -186,7 +195,7 @@ def _control_column(sides: tuple[int, ...]) -> tuple[Controls, dict[str, gr.Grou
             "Rounds of merging the proposals with each other",
         )  # fmt: skip
         points = _slider(
-            "num-points", "Anchor grid (M×M)", (2, 32, 1), _SEGMENT.num_points,
+            "num-points", "Anchor grid (M×M)", (2, 32, 1), anchor_points(len(sides)),
             "Starting points of the first merge: more can find smaller segments",
         )  # fmt: skip
         refine = gr.Checkbox(
@@ -216,7 +225,7 @@ def _control_column(sides: tuple[int, ...]) -> tuple[Controls, dict[str, gr.Grou
         ]
     reset = gr.Button("Reset to the papers' settings", elem_id="reset", variant="secondary")
     controls = Controls(
-        image, method, timestep, words, kl, iterations, points, refine, preset, tau, alpha, pamr, weights
+        image, method, timestep, words, blocks, kl, iterations, points, refine, preset, tau, alpha, pamr, weights
     )
     return controls, {"diffseg": diffseg_controls, "diffcut": diffcut_controls}, reset
 
@@ -251,5 +260,5 @@ def _result_column() -> tuple[Results, gr.Button]:
             table = gr.HTML(elem_id="segments")
     with gr.Row(elem_id="downloads"):
         label_file = gr.File(label="Label map (PNG of ids)", elem_id="label-download")
-        bundle_file = gr.File(label="Bundle: what the UNet produced (safetensors)", elem_id="bundle-download")
+        bundle_file = gr.File(label="Bundle: what the model produced (safetensors)", elem_id="bundle-download")
     return Results(viewer, status, label_file, bundle_file, table), cancel

@@ -86,6 +86,60 @@ class AttentionStore:
         return GridDict((g, sums[g] / layers[g]) for g in by_size(sums))
 
 
+def attend_and_record(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    store: AttentionStore,
+    kind: str = "self",
+    *,
+    image: slice | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Explicit attention, (B, h, N, d) per tensor, whose probabilities also go into `store`: (B, h, Nq, d) out.
+
+    The head mean of softmax(QKᵀ·scale) (softmax in float32 whatever the dtype) is added into the store's running
+    sum for the queries `image` over the keys `image`, renormalised over them: the image-to-image part of a joint
+    text-and-image attention, identical to a softmax over the image keys alone (MM-DiT). `image=None` records every
+    query over every key (a UNet layer's own softmax). Query rows go a block at a time: all heads' scores for a
+    block stay small enough to live in cache, like a fused attention kernel's tiles, and the only full-size tensor
+    written is the (B, n, n) sum itself.
+    """
+    batch, heads, n_q, head_dim = query.shape
+    n_k = key.shape[2]
+    block = _SCORES_PER_BLOCK if query.device.type == "cpu" else _SCORES_PER_BLOCK_GPU
+    rows = max(1, block // (batch * heads * n_k))
+    query = query * scale
+    key_t = key.transpose(-1, -2).contiguous()  # (B, h, d, Nk)
+    recorded = slice(0, n_q) if image is None else image
+    n = recorded.stop - recorded.start
+    total, first = store.running_sum(batch, n, n if image is not None else n_k, query.device, kind)
+    out = torch.empty(batch, heads, n_q, head_dim, dtype=value.dtype, device=query.device)  # (B, h, Nq, d)
+    # Blocks never straddle the recorded rows: before them (text), them, after them (text).
+    for start, stop in ((0, recorded.start), (recorded.start, recorded.stop), (recorded.stop, n_q)):
+        for r in range(start, stop, rows):
+            end = min(r + rows, stop)
+            scores = query[:, :, r:end] @ key_t  # (B, h, rows, Nk)
+            if mask is not None:
+                scores = scores + mask[:, :, r:end]
+            probs = scores.softmax(dim=-1, dtype=torch.float32)  # (B, h, rows, Nk)
+            out[:, :, r:end] = probs.to(value.dtype) @ value  # (B, h, rows, d)
+            if start != recorded.start:
+                continue
+            kept = probs if image is None else probs[..., image]
+            if image is not None:
+                kept = kept / kept.sum(dim=-1, keepdim=True)  # the softmax over the image keys alone
+            mean = kept.sum(dim=1).div_(heads)  # (B, rows, keys)
+            rows_in = slice(r - recorded.start, end - recorded.start)
+            if first:
+                total[:, rows_in] = mean
+            else:
+                total[:, rows_in] += mean
+    store.added(n, kind)
+    return out
+
+
 class AttentionCaptureProcessor:
     """A diffusers attention processor that records softmax(QKᵀ/√d), averaged over heads, into a store.
 
@@ -143,32 +197,8 @@ class AttentionCaptureProcessor:
         if attn.upcast_attention:
             query, key = query.float(), key.float()
 
-        n_q, n_k = query.shape[2], key.shape[2]
-        # Query rows per block: all heads' scores for a block stay small enough to live in cache, like a fused
-        # attention kernel's tiles; the only full-size tensor written is the (B, Nq, Nk) head mean itself.
-        block = _SCORES_PER_BLOCK if query.device.type == "cpu" else _SCORES_PER_BLOCK_GPU
-        rows = max(1, block // (batch_size * heads * n_k))
-        query = query * attn.scale
-        key_t = key.transpose(-1, -2).contiguous()  # (B, h, d, Nk)
-        # The head mean goes straight into the store's running sum over this grid's layers (B, Nq, Nk), a block at a
-        # time while it is in cache: the same values as a full head-mean tensor added afterwards, without its passes.
-        total, first = self.store.running_sum(batch_size, n_q, n_k, query.device, self.kind)
-        out = torch.empty(batch_size, heads, n_q, head_dim, dtype=value.dtype, device=query.device)  # (B, h, Nq, d)
-        for r in range(0, n_q, rows):
-            scores = query[:, :, r : r + rows] @ key_t  # (B, h, rows, Nk)
-            if attention_mask is not None:
-                scores = scores + attention_mask[:, :, r : r + rows]
-            probs = scores.softmax(dim=-1, dtype=torch.float32)  # (B, h, rows, Nk)
-            mean = probs.sum(dim=1).div_(heads)  # (B, rows, Nk)
-            if first:
-                total[:, r : r + rows] = mean
-            else:
-                total[:, r : r + rows] += mean
-            out[:, :, r : r + rows] = probs.to(value.dtype) @ value  # (B, h, rows, d)
-        self.store.added(n_q, self.kind)
-
+        out = attend_and_record(query, key, value, attn.scale, self.store, self.kind, mask=attention_mask)
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
-        hidden_states = hidden_states.to(value.dtype)
         hidden_states = attn.to_out[0](hidden_states)  # linear projection
         hidden_states = attn.to_out[1](hidden_states)  # dropout
         if input_ndim == 4:
@@ -176,6 +206,120 @@ class AttentionCaptureProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class JointCaptureProcessor:
+    """An MM-DiT joint-attention processor (SD3's `JointAttnProcessor2_0`, Flux's `FluxAttnProcessor`, step for step)
+    that records the image-to-image part of its attention (`attend_and_record`) into a store.
+
+    SD3 lays the joint sequence out [image; text], Flux [text; image], and a Flux single-stream block receives it
+    already joined: the image tokens are the `image_tokens` at the start (SD3) or at the end (Flux) either way.
+    Flux's rotary embedding is applied to queries and keys before the scores, as the model does.
+    """
+
+    def __init__(self, store: AttentionStore, image_tokens: int, family: str) -> None:
+        self.store = store
+        self.image_tokens = image_tokens
+        self.family = family
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb=None,
+        *args,
+        **kwargs,
+    ):
+        if self.family == "flux":
+            return self._flux(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return self._sd3(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+    def _sd3(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        batch, n_image = hidden_states.shape[0], hidden_states.shape[1]
+        heads = attn.heads
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // heads
+        query, key, value = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:  # the text stream's projections, after the image's: [image; text]
+            text = [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]
+            text_q, text_k, text_v = (
+                p(encoder_hidden_states).view(batch, -1, heads, head_dim).transpose(1, 2) for p in text
+            )
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_k = attn.norm_added_k(text_k)
+            query, key, value = (torch.cat(pair, dim=2) for pair in ((query, text_q), (key, text_k), (value, text_v)))
+        image = slice(0, self.image_tokens)
+        out = attend_and_record(query, key, value, attn.scale, self.store, image=image, mask=attention_mask)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            out, text_out = out[:, :n_image], out[:, n_image:]
+            if not attn.context_pre_only:
+                text_out = attn.to_add_out(text_out)
+        out = attn.to_out[1](attn.to_out[0](out))  # linear projection, dropout
+        return (out, text_out) if encoder_hidden_states is not None else out
+
+    def _flux(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, text_q, text_k, text_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))  # (B, N, h, d)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:  # [text; image]
+            text_q, text_k, text_v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (text_q, text_k, text_v))
+            text_q, text_k = attn.norm_added_q(text_q), attn.norm_added_k(text_k)
+            query, key, value = (torch.cat(pair, dim=1) for pair in ((text_q, query), (text_k, key), (text_v, value)))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        length = query.shape[1]
+        image = slice(length - self.image_tokens, length)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, h, N, d)
+        out = attend_and_record(query, key, value, attn.head_dim**-0.5, self.store, image=image, mask=attention_mask)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, N, h·d)
+        if encoder_hidden_states is None:
+            return out
+        text_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], self.image_tokens], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(text_out.contiguous())
+
+
+@contextmanager
+def capture_joint_attention(
+    transformer: torch.nn.Module, grid: tuple[int, int], family: str, blocks: range | None = None
+) -> Iterator[AttentionStore]:
+    """Record the image-to-image attention of a diffusion transformer's blocks (`attn` of each; Flux: double- then
+    single-stream; `blocks`, indices into that sequence, to keep a range) during the block: one grid, `grid` =
+    (h, w) tokens. The original processors are restored on exit, also when the forward raises.
+
+        with capture_joint_attention(transformer, (64, 64), "sd3") as store:
+            transformer(**inputs)
+        maps = store.maps()  # {(64, 64): (B, 4096, 4096)}, rows summing to 1, the mean over blocks
+    """
+    from .dit import blocks as all_blocks
+
+    store = AttentionStore(grid)
+    sequence = all_blocks(transformer)
+    chosen = range(len(sequence)) if blocks is None else blocks
+    originals = {}
+    processor = JointCaptureProcessor(store, grid[0] * grid[1], family)
+    try:
+        for index in chosen:
+            attn = sequence[index].attn
+            originals[index] = attn.processor
+            attn.processor = processor  # the attribute `set_processor` sets, on these blocks only
+        yield store
+    finally:
+        for index, original in originals.items():
+            sequence[index].attn.processor = original
 
 
 def attention_layers(unet: torch.nn.Module, kind: str = "self") -> list[str]:
@@ -226,7 +370,7 @@ def capture_output(module: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]
     record: dict[str, torch.Tensor] = {}
 
     def hook(_module, _inputs, output):
-        record["output"] = output.detach()
+        record["output"] = output  # a tensor (a UNet's attn1) or a tuple (a transformer block's two streams)
 
     handle = module.register_forward_hook(hook)
     try:

@@ -36,7 +36,8 @@ class Backbone:
     """Facts about one checkpoint's family, all read from its configs.
 
     Attributes:
-        family: "sd1", "sd2" or "sdxl" (SDXL base and Turbo, SSD-1B, Segmind-Vega).
+        family: "sd1", "sd2", "sdxl" (SDXL base and Turbo, SSD-1B, Segmind-Vega), or a diffusion transformer's
+            (`dit`): "sd3" (SD3, SD3.5) or "flux" (Flux.1).
         name: what to call it in messages and tables, e.g. "SDXL", "SSD-1B", "Stable Diffusion 2.x (v-prediction)".
         native_size: side of the square it was trained at, in pixels (UNet `sample_size` × 8).
         size_multiple: image sides are rounded to a multiple of this, so that every UNet level's token grid halves
@@ -44,10 +45,14 @@ class Backbone:
         text_encoders: component names of the text encoders, in conditioning order.
         tokenizers: component names of their tokenizers.
         diffcut_block: index into `unet.down_blocks` whose last transformer's `attn1` DiffCut reads (reference
-            `LdmExtractor.register_hooks`: -2 for SD 1.x, -1 for the SDXL family).
+            `LdmExtractor.register_hooks`: -2 for SD 1.x, -1 for the SDXL family); for a transformer, the block after
+            which it reads the image tokens (`dit.feature_block`).
         prediction_type: the scheduler's ("epsilon" or "v_prediction"); one forward step reads attention either way.
         grid_sides: sides of the self-attention grids at the native square size, finest first (SD 1.x: 64, 32, 16,
-            8; SDXL family: 64, 32, its first block having no attention).
+            8; SDXL family: 64, 32, its first block having no attention; a transformer: its one token grid).
+        denoiser: the component that denoises, "unet" or "transformer".
+        text_tokens: length of the conditioning's text (a transformer's T5 tokens; CLIP's 77 for the UNets).
+        depth: a transformer's blocks (Flux: double- and single-stream together); 0 for a UNet.
     """
 
     family: str
@@ -59,10 +64,16 @@ class Backbone:
     diffcut_block: int
     prediction_type: str = "epsilon"
     grid_sides: tuple[int, ...] = ()
+    denoiser: str = "unet"
+    text_tokens: int = 77
+    depth: int = 0
 
     @property
     def components(self) -> tuple[str, ...]:
-        """Every component folder a checkpoint of this family must have."""
+        """Every component folder a checkpoint of this family must have (a transformer's text encoders are needed
+        only until its empty prompt is cached: see `dit.load_text_encoders`)."""
+        if self.denoiser == "transformer":
+            return ("transformer", "vae", "scheduler")
         return ("unet", "vae", *self.text_encoders, *self.tokenizers)
 
 
@@ -198,7 +209,8 @@ def _probe_hub(timeout: float) -> bool:
 def _missing_weights(model: str, what: str, reason: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"Could not load {what} of the Stable Diffusion checkpoint {model!r}: {reason}\n"
-        "diffseg needs a diffusers-format Stable Diffusion 1.x/2.x or SDXL-family checkpoint. Without access to the "
+        "diffseg needs a diffusers-format Stable Diffusion 1.x/2.x, SDXL-family, SD3 / SD3.5 or Flux.1 checkpoint. "
+        "Without access to the "
         f"Hugging Face hub, download it on a machine that has it (for example `hf download {DEFAULT_MODEL} "
         "--local-dir sd-v1-4`), copy the folder here and pass its path: `diffseg segment ... --model ./sd-v1-4` or "
         "`DiffSegPipeline.from_pretrained('./sd-v1-4')`."
@@ -232,17 +244,27 @@ def read_backbone(model: str | os.PathLike, *, local_files_only: bool = False) -
 
 
 def _read_configs(model: str, local_files_only: bool, offline: bool) -> tuple[Backbone, dict | None]:
+    from . import dit
+
     try:
         unet_config = _read_json(model, "unet", "config.json", local_files_only)
+        transformer_config = None
+        if unet_config is None:
+            transformer_config = _read_json(model, "transformer", "config.json", local_files_only)
         scheduler_config = _read_json(model, "scheduler", "scheduler_config.json", local_files_only)
+        index = _read_json(model, "", "model_index.json", local_files_only) if unet_config is None else None
     except OSError as error:
         reason = UNREACHABLE if offline else str(error)
-        raise _missing_weights(model, "the UNet config", reason) from error
+        raise _missing_weights(model, "the UNet or transformer config", reason) from error
+    if transformer_config is not None:
+        return dit.detect_transformer(transformer_config, scheduler_config, index), scheduler_config
     if unet_config is None:
         folder = Path(model).expanduser()
         present = [f"{n}/" for n in ("vae", "text_encoder", "tokenizer") if not (folder / n).is_dir()]
         raise _missing_weights(
-            model, "the UNet config", f"the folder lacks {', '.join(['unet/config.json', *present])}."
+            model,
+            "the UNet or transformer config",
+            f"the folder lacks {', '.join(['unet/config.json (or transformer/config.json)', *present])}.",
         )
     return detect(unet_config, scheduler_config), scheduler_config
 
@@ -262,17 +284,23 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def load(
-    model: str | os.PathLike, *, dtype: torch.dtype, local_files_only: bool = False
+    model: str | os.PathLike,
+    *,
+    dtype: torch.dtype,
+    local_files_only: bool = False,
+    device: torch.device | str = "cpu",
 ) -> tuple[Backbone, dict[str, object]]:
     """Load the components a checkpoint's family needs, from a hub id or a local diffusers folder.
 
-    The UNet and text encoders load in `dtype`; the VAE in float32 (every family's VAE encoder overflows in
-    float16: SD 1.x/2.x at large activations, SDXL's at almost any input). Weights load with accelerate's
-    low-memory path when it is installed (it is a dependency), so no warning is printed.
+    The UNet (or transformer) and text encoders load in `dtype`; the VAE in float32 (every family's VAE encoder
+    overflows in float16: SD 1.x/2.x at large activations, SDXL's at almost any input). Weights load with
+    accelerate's low-memory path when it is installed (it is a dependency), so no warning is printed.
 
     Returns:
         (backbone, components): components maps "unet", "vae", "text_encoder", "tokenizer" (and, for SDXL,
-        "text_encoder_2", "tokenizer_2"), plus "scheduler" (None if the checkpoint has none).
+        "text_encoder_2", "tokenizer_2"), plus "scheduler" (None if the checkpoint has none). A diffusion
+        transformer's: "transformer", "vae", "scheduler" and "conditioning", the empty prompt's, read from the
+        user's cache or computed on `device` by text encoders loaded for it alone (`prompt_cache`).
 
     Raises:
         FileNotFoundError: the folder, a component or the weights are missing, or the hub cannot be reached; the
@@ -299,6 +327,9 @@ def load(
                 f"{', '.join(f'{m}/' for m in missing)}; copy the complete diffusers folder."
             )
 
+    if backbone.denoiser == "transformer":
+        return backbone, _load_transformer(model, backbone, dtype, torch.device(device), local_files_only, offline)
+
     # 2. Load each component.
     loaders = {
         "unet": (UNet2DConditionModel, {"torch_dtype": dtype}),
@@ -323,6 +354,41 @@ def load(
         DDPMScheduler.from_config(scheduler_config) if scheduler_config is not None else None
     )  # only its noise schedule is used (adding noise), which every diffusers scheduler shares
     return backbone, components
+
+
+def _load_transformer(
+    model: str, backbone: Backbone, dtype: torch.dtype, device: torch.device, local_files_only: bool, offline: bool
+) -> dict[str, object]:
+    """A diffusion transformer's components, and its empty prompt's conditioning from the cache when it is there
+    (the text encoders, T5 among them, are then not loaded at all)."""
+    from . import dit, prompt_cache
+
+    def missing(name: str, error: Exception) -> FileNotFoundError:
+        return _missing_weights(model, f"`{name}`", UNREACHABLE if offline else str(error))
+
+    with _quiet_loading(), dit.quiet():
+        components = dit.load(model, backbone, dtype=dtype, local_files_only=local_files_only, missing=missing)
+        text = (*backbone.text_encoders, *backbone.tokenizers)
+        if Path(model).expanduser().is_dir():
+            identity = {"folder": str(Path(model).expanduser().resolve()), "files": dit.checkpoint_files(model, text)}
+        else:
+            from huggingface_hub import hf_hub_download
+
+            index = hf_hub_download(model, "model_index.json", local_files_only=local_files_only)
+            identity = {"hub": model, "revision": dit.hub_revision(index)}
+        identity.update(family=backbone.family, tokens=backbone.text_tokens, dtype=str(dtype))
+        key = prompt_cache.cache_key(identity)
+        conditioning = prompt_cache.read(key)
+        if conditioning is None:
+            encoders = dit.load_text_encoders(
+                model, backbone, dtype=dtype, local_files_only=local_files_only, missing=missing
+            )
+            encoders = {n: e.to(device) if isinstance(e, torch.nn.Module) else e for n, e in encoders.items()}
+            conditioning = dit.encode_empty_prompt(backbone, encoders, device, components["transformer"])
+            prompt_cache.write(key, conditioning, public_name(model))
+            del encoders  # T5-XXL alone is 9.5 GB in bfloat16: gone before the first image
+    components["conditioning"] = conditioning
+    return components
 
 
 def load_tokenizer(model: str | os.PathLike):

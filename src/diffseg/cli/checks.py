@@ -48,6 +48,9 @@ def check_model(args: argparse.Namespace, encode=None):
     backbone = read_backbone(args.model)
     if encode is not None:  # an `EncodeConfig`
         target_size((1, 1), backbone, encode.resolution, encode.resize)
+        if encode.blocks is not None and encode.blocks[1] >= backbone.depth:
+            where = f"has blocks 0 to {backbone.depth - 1}" if backbone.depth else "is a UNet (it has no blocks)"
+            raise ValueError(f"`--blocks {encode.blocks[0]}:{encode.blocks[1]}` does not fit: {backbone.name} {where}.")
     explicit = getattr(args, "num_points", None)
     if explicit is not None and args.method == "diffseg" and backbone.grid_sides:
         resolution = (encode.resolution if encode is not None else None) or backbone.native_size
@@ -64,8 +67,15 @@ def check_naming(args: argparse.Namespace) -> None:
     """Naming words checked with the checkpoint's tokenizer alone, and a caption model that cannot be had refused,
     before the model loads."""
     if getattr(args, "words", None) is not None:
-        from ..backbones.families import load_tokenizer
+        from ..backbones.families import load_tokenizer, read_backbone
         from ..naming.vocabulary import build_vocabulary
+
+        backbone = read_backbone(args.model)
+        if backbone.denoiser == "transformer":
+            raise ValueError(
+                f"`--words` names segments by a UNet's cross-attention; {backbone.name} has none. Use an SD 1.x/2.x or "
+                "SDXL checkpoint with `--words`."
+            )
 
         build_vocabulary(args.words, load_tokenizer(args.model))
     if getattr(args, "caption", False):
@@ -78,7 +88,7 @@ def check_naming(args: argparse.Namespace) -> None:
 def load_pipeline(args: argparse.Namespace):
     from ..pipeline import DiffSegPipeline
 
-    return DiffSegPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    return DiffSegPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
 
 
 def load_captioner(args: argparse.Namespace, device):

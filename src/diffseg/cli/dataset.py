@@ -39,6 +39,7 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        offload=args.offload,
         ray_address=args.ray_address,
         batch_size=check_batch_size(args.batch_size),
         num_gpus_per_worker=args.num_gpus_per_worker,

@@ -25,7 +25,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     output = args.output or f"eval-{args.dataset}"
     check_writable(output)
     if not args.predictions:
-        check_model(args)
+        check_model(args, encode)
     summary = evaluate(
         bench,
         args.root,
@@ -34,6 +34,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         predictions=args.predictions,
         config=config,
         timestep=encode.timestep,
+        blocks=encode.blocks,
         protocol=args.protocol,
         batch_size=batch_size,
         limit=args.limit,

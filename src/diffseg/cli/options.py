@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import (
+    NUM_POINTS,
+    NUM_POINTS_SINGLE_GRID,
     DEFAULT_MODEL,
     METHOD_DEFAULT,
     RESIZE,
@@ -67,6 +69,14 @@ def _seed(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer seed or 'none', got {text!r}") from None
 
 
+def _blocks(text: str) -> tuple[int, int]:
+    try:
+        first, _, last = text.partition(":")
+        return int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST:LAST or one block index, got {text!r}") from None
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         parts = [int(v) for v in text.lower().split("x")]
@@ -88,6 +98,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "float32", "float16", "bfloat16"],
         help="UNet and text encoder precision; auto is float16 on GPU, float32 on CPU (VAE: float32)",
+    )
+    group.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the UNet or transformer in CPU memory and run it on the GPU a block at a time (for checkpoints "
+        "larger than the GPU, e.g. Flux.1-dev on 24 GB; slower)",
     )
 
 
@@ -134,12 +150,21 @@ def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> 
             help="seed of the noise added for the timestep, or 'none' for the clean latent (default: DiffSeg none, "
             f"as its paper; DiffCut {diffcut.noise_seed}, as its reference)",
         )
+    group.add_argument(
+        "--blocks",
+        type=_blocks,
+        default=None,
+        help="SD3 / Flux only: transformer blocks FIRST:LAST (or one, K), counted from 0 in the order the image passes "
+        "them (Flux: double-, then single-stream); DiffSeg averages their attention (default: every block), DiffCut "
+        "reads the image tokens after LAST (default: the family's block; see the README)",
+    )
     group.add_argument("--batch-size", type=int, default=1, help="images per UNet batch (default: %(default)s)")
 
 
 def encode_config(args: argparse.Namespace) -> EncodeConfig:
     """The encode settings given on the command line over the method's defaults, checked before any model loads."""
-    given = {name: getattr(args, name, METHOD_DEFAULT) for name in ("timestep", "resolution", "noise_seed")}
+    given = {name: getattr(args, name, METHOD_DEFAULT) for name in ("timestep", "resolution", "noise_seed", "blocks")}
+    given["blocks"] = given["blocks"] or METHOD_DEFAULT
     if hasattr(args, "crop"):
         given.update(crop=None if args.crop == "none" else args.crop, resize=args.resize)
     return _checked(lambda **fields: encode_settings(args.method, **fields), given)
@@ -162,8 +187,8 @@ def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT
         "--num-points",
         type=int,
         default=None,
-        help=f"anchors per axis M of the first merge (default: {_SEGMENT.num_points}; an axis of the finest grid "
-        "shorter than M gets one anchor per position)",
+        help=f"anchors per axis M of the first merge (default: {NUM_POINTS}, the paper's; {NUM_POINTS_SINGLE_GRID} on "
+        "an SD3 / Flux model's single grid; an axis of the finest grid shorter than M gets one anchor per position)",
     )
     group.add_argument("--refine", action="store_true", help="K-means refinement (needs scikit-learn: diffseg[refine])")
     group.add_argument(

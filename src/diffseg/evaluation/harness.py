@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import METHOD_DEFAULT, DiffCutConfig, SegmentConfig, encode_settings
+from ..config import METHOD_DEFAULT, DiffCutConfig, SegmentConfig, anchor_points, encode_settings
 from ..io.images import center_crop, load_image
 from ..io.outputs import atomic_path, read_labels
 from .datasets import BENCHMARKS, NUM_CLASSES, RESOLUTION, Benchmark, Sample, protocol_label
@@ -150,6 +150,7 @@ def evaluate(
     predictions: str | Path | None = None,
     config: SegmentConfig | DiffCutConfig | None = None,
     timestep: int = METHOD_DEFAULT,
+    blocks: tuple[int, int] | None = None,
     protocol: str = "diffseg",
     batch_size: int = 1,
     limit: int | None = None,
@@ -165,7 +166,7 @@ def evaluate(
 
     `protocol` "diffseg" (default, the DiffSeg paper's) scores at 512×512 against nearest-resized labels;
     "diffcut" (DiffCut's `eval_diffcut.py`) predicts at 128×128 and downsamples the labels to it with torch's
-    "nearest".
+    "nearest". `blocks` chooses an SD3 / Flux backbone's blocks (`EncodeConfig.blocks`); the run records them.
     """
     from tqdm import tqdm
 
@@ -181,7 +182,7 @@ def evaluate(
         raise FileNotFoundError(f"Predictions folder `{predictions}` does not exist.")
     samples = bench.samples(root)[:limit]
     if pipeline is not None:
-        job = _protocol_job(pipeline, config or SegmentConfig(), timestep, protocol, batch_size)
+        job = _protocol_job(pipeline, config or SegmentConfig(), timestep, protocol, batch_size, blocks)
         predict, settings = job.segment_images, _run_settings(bench, protocol, job.config, pipeline.model)
     else:
         predict = _read_predictions(Path(predictions))
@@ -245,6 +246,7 @@ def _run_settings(bench: Benchmark, protocol: str, job, source: str) -> dict:
         "method": f"{job.method}:{source}",
         "timestep": job.encode.timestep,
         "protocol": protocol,
+        **({"blocks": list(job.encode.blocks)} if job.encode.blocks is not None else {}),
         **fields,
     }
 
@@ -268,14 +270,16 @@ def _open_run(output: Path, settings: dict) -> dict:
     return settings
 
 
-def _protocol_job(pipeline, config, timestep, protocol: str, batch_size: int):
+def _protocol_job(pipeline, config, timestep, protocol: str, batch_size: int, blocks=None):
     """The job runner with the protocol's encode: central square, square resize, DiffSeg at 512 whatever the model
     (DiffCut at its reference's 1024), the method's timestep and noise; label maps at the protocol's score size."""
     from ..jobs.runner import Job, JobConfig
     from ..methods.registry import method_of
 
     method = method_of(config).name
-    encode = encode_settings(method, timestep=timestep, resize="square", crop="center")
+    if isinstance(config, SegmentConfig) and config.num_points is None:  # the number for this model's grids: a run
+        config = replace(config, num_points=anchor_points(len(pipeline.backbone.grid_sides)))  # records it
+    encode = encode_settings(method, timestep=timestep, resize="square", crop="center", blocks=blocks)
     encode = replace(encode, resolution=encode.resolution or RESOLUTION)  # DiffSeg's protocol: 512 whatever the model
     size = (RESOLUTION, RESOLUTION) if protocol == "diffseg" else DIFFCUT_SCORE_SIZE
     return Job(pipeline, JobConfig(method, encode, config, output_size=size), batch_size=batch_size)

@@ -228,10 +228,12 @@ class SegmentWorker:
     (`Job.segment_prepared`: one UNet call per input shape, its error policy) into the same sinks as `diffseg
     segment` (`OutputFolder`); returns each input's manifest row."""
 
-    def __init__(self, model: str, device: str, dtype: str, config: JobConfig, output: str, formats: list[str]) -> None:
+    def __init__(
+        self, model: str, device: str, dtype: str, config: JobConfig, output: str, formats: list[str], offload=False
+    ) -> None:
         from ..pipeline import DiffSegPipeline
 
-        self.job = Job(DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype), config)
+        self.job = Job(DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype, offload=offload), config)
         self.files = OutputFolder(Path(output), tuple(WRITERS[f] for f in formats))
         self.manifest = Manifest(self.files, rows={})  # the rows are the driver's; a worker only makes its own
 
@@ -274,6 +276,7 @@ def segment_dataset(
     model: str = DEFAULT_MODEL,
     device: str = "auto",
     dtype: str = "auto",
+    offload: bool = False,
     ray_address: str = "local",
     batch_size: int = 4,
     num_gpus_per_worker: float | None = None,
@@ -288,6 +291,7 @@ def segment_dataset(
         output: folder for `labels/NAME.png` and `manifest.parquet`; re-use it to resume.
         config: the job's settings (method, encode, segment, naming words), as `diffseg segment` takes them; with
             words, the manifest's `labels` column holds each image's segment id -> word as JSON. Default: DiffSeg's.
+        offload: keep each worker's UNet or transformer in CPU memory, run on its GPU a block at a time.
         ray_address: "local" starts Ray on this machine (unless it is already initialised), "auto" joins the
             cluster this machine belongs to, "ray://host:10001" a remote one.
         batch_size: images per UNet batch on each worker.
@@ -313,7 +317,8 @@ def segment_dataset(
         return summary
 
     # 2. Describe the stream: decode on CPUs, segment on the actors.
-    worker = {"model": str(model), "device": device, "dtype": dtype, "config": config, "output": str(output)}
+    worker = {"model": str(model), "device": device, "dtype": dtype, "offload": offload, "config": config}
+    worker["output"] = str(output)
     data = _stream(_connect(ray_address), todo, backbone, {**worker, "formats": list(formats)}, batch_size,
                    concurrency, num_gpus_per_worker)  # fmt: skip
 

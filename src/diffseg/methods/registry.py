@@ -52,6 +52,7 @@ def _encode_attention(pipe, pixels, images, settings: EncodeConfig, vocabulary, 
         noise_seed=settings.noise_seed,
         vocabulary=vocabulary,
         segment_from=segment_from,
+        blocks=settings.blocks,
     )
     return [
         AttentionBundle(
@@ -62,6 +63,7 @@ def _encode_attention(pipe, pixels, images, settings: EncodeConfig, vocabulary, 
             layers=layers,
             cross_attention=None if cross is None else {g: m[k].cpu() for g, m in cross.items()},
             vocabulary=vocabulary,
+            family=pipe.backbone.family,
         )
         for k, image in enumerate(images)
     ]
@@ -69,8 +71,11 @@ def _encode_attention(pipe, pixels, images, settings: EncodeConfig, vocabulary, 
 
 def _encode_features(pipe, pixels, images, settings: EncodeConfig, vocabulary, segment_from) -> list[FeatureBundle]:
     """DiffCut's encode: one layer's tokens."""
-    tokens = pipe.features(pixels, timestep=settings.timestep, noise_seed=settings.noise_seed)  # (B, h, w, C)
-    return [FeatureBundle(t.float().cpu(), image, settings.timestep, pipe.model) for t, image in zip(tokens, images)]
+    tokens = pipe.features(pixels, timestep=settings.timestep, noise_seed=settings.noise_seed, blocks=settings.blocks)
+    family = pipe.backbone.family
+    return [
+        FeatureBundle(t.float().cpu(), image, settings.timestep, pipe.model, family) for t, image in zip(tokens, images)
+    ]
 
 
 def _segment_attention(bundle: AttentionBundle, config: SegmentConfig, size, image) -> np.ndarray:

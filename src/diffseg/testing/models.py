@@ -1,7 +1,8 @@
 """Stable Diffusion checkpoints of the real diffusers architectures with random weights.
 
 For tests (tiny models of each family: same structure, seconds on a CPU) and benchmarks (the full Stable Diffusion
-1.5, 2.1 and SDXL sizes from their configs: same shapes and cost as the real weights). The checkpoint is written
+1.5, 2.1, SDXL and SD3-medium sizes, and Flux.1's width, from their configs: same shapes and cost as the real
+weights). The checkpoint is written
 as a diffusers folder and loaded back through `DiffSegPipeline.from_pretrained`, the path users take.
 Segmentations made with random weights are meaningless; only shapes, cost and code paths are real.
 """
@@ -192,7 +193,136 @@ _ARCHITECTURES = {
         ],
     },
 }
-ARCHITECTURES = tuple(_ARCHITECTURES)
+
+# Diffusion transformers. "sd3-medium" and "flux-dev" are the published configs of SD3-medium and Flux.1-dev
+# (transformer/, vae/, scheduler/ config.json); `flux-dev` takes `blocks` to shrink its depth for a benchmark.
+# The tiny ones keep each family's structure: SD3's joint blocks (the last one context-pre-only), SD3.5-medium's
+# dual attention in its first blocks and RMS q/k norms, Flux's double- then single-stream blocks with RoPE, both
+# families' 16-channel VAE with a shift factor and their text encoders (two CLIPs and T5 for SD3; CLIP and T5 for
+# Flux).
+_TINY_T5 = {"d_model": 32, "d_ff": 37, "d_kv": 8, "num_layers": 2, "num_heads": 4}
+_TINY_DIT_VAE = {**_TINY_VAE, "latent_channels": 16, "scaling_factor": 1.5, "shift_factor": 0.06}
+_SD3_VAE = {
+    **_SD_VAE,
+    "latent_channels": 16,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+_DIT_ARCHITECTURES = {
+    "tiny-sd3": {
+        "family": "sd3",
+        "transformer": {
+            "sample_size": 32,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 3,
+            "attention_head_dim": 8,
+            "num_attention_heads": 4,
+            "joint_attention_dim": 32,
+            "caption_projection_dim": 32,
+            "pooled_projection_dim": 64,
+            "pos_embed_max_size": 96,
+        },
+        "vae": _TINY_DIT_VAE,
+        "text": [{**_TINY_TEXT, "projection_dim": 32}, {**_TINY_TEXT, "projection_dim": 32}],
+        "t5": _TINY_T5,
+        "scheduler": {"shift": 3.0},
+    },
+    "tiny-sd35": {  # SD3.5-medium's structure: dual attention (`attn2`) in the first blocks, RMS-normed q and k
+        "family": "sd3",
+        "transformer": {
+            "sample_size": 32,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 3,
+            "attention_head_dim": 8,
+            "num_attention_heads": 4,
+            "joint_attention_dim": 32,
+            "caption_projection_dim": 32,
+            "pooled_projection_dim": 64,
+            "pos_embed_max_size": 96,
+            "dual_attention_layers": (0, 1),
+            "qk_norm": "rms_norm",
+        },
+        "vae": _TINY_DIT_VAE,
+        "text": [{**_TINY_TEXT, "projection_dim": 32}, {**_TINY_TEXT, "projection_dim": 32}],
+        "t5": _TINY_T5,
+        "scheduler": {"shift": 3.0},
+    },
+    "tiny-flux": {  # Flux.1-dev's structure: guidance embedding, resolution-dependent shift
+        "family": "flux",
+        "transformer": {
+            "patch_size": 1,
+            "in_channels": 64,
+            "num_layers": 2,
+            "num_single_layers": 2,
+            "attention_head_dim": 16,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "pooled_projection_dim": 32,
+            "guidance_embeds": True,
+            "axes_dims_rope": (4, 6, 6),
+        },
+        "vae": _TINY_DIT_VAE,
+        "text": [_TINY_TEXT],
+        "t5": _TINY_T5,
+        "scheduler": {
+            "shift": 3.0,
+            "use_dynamic_shifting": True,
+            "base_shift": 0.5,
+            "max_shift": 1.15,
+            "base_image_seq_len": 256,
+            "max_image_seq_len": 4096,
+        },
+    },
+    "sd3-medium": {
+        "family": "sd3",
+        "transformer": {
+            "sample_size": 128,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 24,
+            "attention_head_dim": 64,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "caption_projection_dim": 1536,
+            "pooled_projection_dim": 2048,
+            "pos_embed_max_size": 192,
+        },
+        "vae": _SD3_VAE,
+        "scheduler": {"shift": 3.0},
+    },
+    "flux-dev": {
+        "family": "flux",
+        "transformer": {
+            "patch_size": 1,
+            "in_channels": 64,
+            "num_layers": 19,
+            "num_single_layers": 38,
+            "attention_head_dim": 128,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768,
+            "guidance_embeds": True,
+            "axes_dims_rope": (16, 56, 56),
+        },
+        "vae": {**_SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+        "scheduler": {
+            "shift": 3.0,
+            "use_dynamic_shifting": True,
+            "base_shift": 0.5,
+            "max_shift": 1.15,
+            "base_image_seq_len": 256,
+            "max_image_seq_len": 4096,
+        },
+    },
+}
+ARCHITECTURES = tuple(_ARCHITECTURES) + tuple(_DIT_ARCHITECTURES)
 
 
 def build_components(architecture: str = "tiny", seed: int = 0) -> dict[str, object]:
@@ -203,6 +333,8 @@ def build_components(architecture: str = "tiny", seed: int = 0) -> dict[str, obj
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if architecture in _DIT_ARCHITECTURES:
+        return _build_dit(architecture, seed)
     if architecture not in _ARCHITECTURES:
         raise ValueError(f"`architecture` must be one of {ARCHITECTURES} but is {architecture!r}.")
     spec = _ARCHITECTURES[architecture]
@@ -238,10 +370,94 @@ def build_components(architecture: str = "tiny", seed: int = 0) -> dict[str, obj
     return components
 
 
-def random_pipeline(architecture: str = "tiny", *, seed: int = 0, device="cpu", dtype="auto"):
-    """A `DiffSegPipeline` of `architecture` with random weights, built in memory (for benchmarks)."""
+def _build_dit(architecture: str, seed: int, blocks: int | None = None) -> dict[str, object]:
+    """Transformer, VAE, flow-matching scheduler and (tiny ones) text encoders of a diffusion transformer.
+
+    Full-size architectures come without text encoders: their benchmarks pass the empty prompt's conditioning
+    (`random_conditioning`), as a cached checkpoint runs. `blocks` shortens Flux to that many double- and twice as
+    many single-stream blocks (its real width, a benchmark's depth)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    spec = _DIT_ARCHITECTURES[architecture]
+    torch.manual_seed(seed)
+    config = dict(spec["transformer"])
+    if blocks is not None:
+        config.update(num_layers=blocks, num_single_layers=2 * blocks)
+    kind = SD3Transformer2DModel if spec["family"] == "sd3" else FluxTransformer2DModel
+    transformer = kind(**config)
+    if architecture.startswith("tiny"):  # peaked attention, as a trained model's (see `build_components`)
+        for name, module in transformer.named_modules():
+            if name.endswith(".attn"):
+                # RMS-normed queries and keys (SD3.5, Flux) are scaled by the norms' weights, the others by q and k
+                normed = module.norm_q is not None
+                for layer in (module.norm_q, module.norm_k) if normed else (module.to_q, module.to_k):
+                    layer.weight.data.mul_(_PEAK_NORMED[spec["family"]] if normed else _PEAK)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **spec["vae"]
+    )
+    components = {"transformer": transformer.eval(), "vae": vae.eval()}
+    components["scheduler"] = FlowMatchEulerDiscreteScheduler(**spec["scheduler"])
+    vocab_size = len(_byte_vocab())
+    clip = [("text_encoder", "text_encoder_2")[k] for k in range(len(spec.get("text", ())))]
+    for name, sizes in zip(clip, spec.get("text", ())):
+        text = CLIPTextConfig(
+            **{"vocab_size": vocab_size, **sizes},
+            max_position_embeddings=77,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+        model = CLIPTextModelWithProjection(text) if spec["family"] == "sd3" else CLIPTextModel(text)
+        components[name] = model.eval()
+    if "t5" in spec:
+        t5 = T5EncoderModel(T5Config(vocab_size=len(_T5_PIECES) + 3, **spec["t5"]))
+        components["text_encoder_3" if spec["family"] == "sd3" else "text_encoder_2"] = t5.eval()
+    return components
+
+
+# Factors on q and k (SD3), or on their RMS norms' weights (SD3.5, Flux: its RoPE makes random attention local, so
+# less), that give the tiny models a few dozen segments at DiffSeg's thresholds.
+_PEAK, _PEAK_NORMED = 8.0, {"sd3": 3.0, "flux": 2.0}
+_T5_PIECES = "▁abcdefghijklmnopqrstuvwxyz,.-'0123456789"
+
+
+def write_t5_tokenizer(folder: str | Path):
+    """Write a character-level T5 (Unigram) tokenizer and return it loaded with transformers."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in _T5_PIECES]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    tokenizer.save_pretrained(folder)
+    return T5TokenizerFast.from_pretrained(folder)
+
+
+def random_conditioning(architecture: str, dtype: torch.dtype = torch.float32):
+    """The empty prompt's conditioning shaped as `architecture`'s text encoders give it (random values): what a
+    full-size transformer benchmark feeds instead of loading T5-XXL."""
+    from ..backbones.dit import Conditioning
+
+    config = _DIT_ARCHITECTURES[architecture]["transformer"]
+    tokens = 77 + 256 if _DIT_ARCHITECTURES[architecture]["family"] == "sd3" else 512
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, tokens, config["joint_attention_dim"], generator=generator, dtype=dtype)
+    pooled = torch.randn(1, config["pooled_projection_dim"], generator=generator, dtype=dtype)
+    return Conditioning(hidden, pooled)
+
+
+def random_pipeline(
+    architecture: str = "tiny", *, seed: int = 0, device="cpu", dtype="auto", blocks: int | None = None
+):
+    """A `DiffSegPipeline` of `architecture` with random weights, built in memory (for benchmarks). A full-size
+    transformer gets a random empty-prompt conditioning of its text encoders' shape (`random_conditioning`), as a
+    checkpoint whose conditioning is cached runs; `blocks` shortens Flux (see `_build_dit`)."""
     from ..pipeline import DiffSegPipeline
 
+    if architecture in _DIT_ARCHITECTURES and "text" not in _DIT_ARCHITECTURES[architecture]:
+        components = _build_dit(architecture, seed, blocks)
+        conditioning = random_conditioning(architecture)
+        model = f"random {architecture}"
+        return DiffSegPipeline(**components, conditioning=conditioning, model=model, device=device, dtype=dtype)
     components = build_components(architecture, seed)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = write_tokenizer(folder)
@@ -256,10 +472,22 @@ def save_random_checkpoint(folder: str | Path, architecture: str = "tiny", seed:
     """Write a diffusers-format checkpoint (unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL family also
     text_encoder_2/, tokenizer_2/) with random weights."""
     folder = Path(folder)
-    for name, component in build_components(architecture, seed).items():
+    components = build_components(architecture, seed)
+    for name, component in components.items():
         component.save_pretrained(folder / name)
         if name.startswith("text_encoder"):
-            write_tokenizer(folder / name.replace("text_encoder", "tokenizer"))
+            tokenizer = folder / name.replace("text_encoder", "tokenizer")
+            t5 = type(component).__name__ == "T5EncoderModel"
+            write_t5_tokenizer(tokenizer) if t5 else write_tokenizer(tokenizer)
+    if architecture in _DIT_ARCHITECTURES:  # diffusers' own index: how a hub SD3 / Flux checkpoint names its pipeline
+        family = _DIT_ARCHITECTURES[architecture]["family"]
+        index = {"_class_name": "StableDiffusion3Pipeline" if family == "sd3" else "FluxPipeline"}
+        for name, component in components.items():
+            index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
+            if name.startswith("text_encoder"):
+                tokenizer = "T5TokenizerFast" if "T5" in type(component).__name__ else "CLIPTokenizer"
+                index[name.replace("text_encoder", "tokenizer")] = ["transformers", tokenizer]
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return folder
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ...config import SegmentConfig, merge_thresholds
+from ...config import SegmentConfig, anchor_points, merge_thresholds
 from .aggregation import aggregate, as_attention_maps
 from .labelling import label_map
 from .merging import anchor_grid, merge, refine_kmeans
@@ -24,7 +24,7 @@ def segment_attention(
     *,
     kl_threshold: float | Sequence[float] = _DEFAULTS.kl_threshold,
     iterations: int = _DEFAULTS.iterations,
-    num_points: int = _DEFAULTS.num_points,
+    num_points: int | None = _DEFAULTS.num_points,
     refine: bool = _DEFAULTS.refine,
     resolution_weights: Mapping[int, float] | None = _DEFAULTS.resolution_weights,
     output_size: tuple[int, int] = _DEFAULTS.output_size,
@@ -38,7 +38,8 @@ def segment_attention(
             64, 32, 16 and 8; a 16:9 image at native size gives 48x88 ... 6x11. Computed on the tensors' device.
         kl_threshold: merge threshold τ, one float or one per iteration (paper: 1.1 COCO-Stuff, 0.9 Cityscapes).
         iterations: number of merge iterations.
-        num_points: anchors per side of the first iteration's M×M grid.
+        num_points: anchors per side of the first iteration's M×M grid (None: 16 on several grids, the paper's; 8 on
+            one, a diffusion transformer's: `config.anchor_points`).
         refine: K-means refinement of the proposals (needs scikit-learn).
         resolution_weights: grid -> weight; None for the paper's weights proportional to the side.
         output_size: (height, width) of the label map; the reference's is (512, 512).
@@ -54,7 +55,7 @@ def segment_attention(
     # 1. Aggregate all grids at the finest: (H·W, H·W) query × key.
     aggregated = aggregate(maps, resolution_weights)
     # 2. Merge: anchors on the reference's grid, then greedy iterations.
-    grid = anchor_grid(num_points, (height, width))
+    grid = anchor_grid(num_points or anchor_points(len(maps)), (height, width))
     anchors = (grid[:, 0] * width + grid[:, 1]).to(aggregated.device)  # (M²,) row-major query indices
     proposals = merge(aggregated, anchors, thresholds, reference_float16)  # (K, H·W)
     if refine:
