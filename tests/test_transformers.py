@@ -401,3 +401,19 @@ def test_offloading_runs_the_same_model_a_block_at_a_time(tiny_sd3_checkpoint, p
         )
         < 1e-6
     )
+
+
+def test_sd35_medium_reads_the_joint_attention_of_every_block_not_its_dual_image_attention(tmp_path):
+    """SD3.5-medium's first blocks also have `attn2` (image-only self-attention, no text): the map is the joint
+    `attn` of every block, as on SD3; capture leaves the output unchanged there too."""
+    from diffseg.testing.models import save_random_checkpoint
+
+    pipe = DiffSegPipeline.from_pretrained(save_random_checkpoint(tmp_path / "sd35", "tiny-sd35"), device="cpu")
+    assert pipe.backbone.name == "SD3.5-medium"
+    inputs, grid = pipe._step_inputs(torch.rand(1, 3, 64, 96) * 2 - 1, 300, None)
+    with torch.inference_mode():
+        plain = pipe.transformer(**inputs).sample
+        with capture_joint_attention(pipe.transformer, grid, "sd3") as store:
+            captured = pipe.transformer(**inputs).sample
+    assert store.layers[grid] == pipe.backbone.depth == 3 and relative_error(captured, plain) < 1e-5
+    assert pipe.segment(pipe.encode(quadrants_image(64, 96)), kl_threshold=0.5).labels.shape == (64, 96)

@@ -231,28 +231,6 @@ _DIT_ARCHITECTURES = {
         "t5": _TINY_T5,
         "scheduler": {"shift": 3.0},
     },
-    "tiny-sd35": {  # SD3.5-medium's structure: dual attention (`attn2`) in the first blocks, RMS-normed q and k
-        "family": "sd3",
-        "transformer": {
-            "sample_size": 32,
-            "patch_size": 2,
-            "in_channels": 16,
-            "out_channels": 16,
-            "num_layers": 3,
-            "attention_head_dim": 8,
-            "num_attention_heads": 4,
-            "joint_attention_dim": 32,
-            "caption_projection_dim": 32,
-            "pooled_projection_dim": 64,
-            "pos_embed_max_size": 96,
-            "dual_attention_layers": (0, 1),
-            "qk_norm": "rms_norm",
-        },
-        "vae": _TINY_DIT_VAE,
-        "text": [{**_TINY_TEXT, "projection_dim": 32}, {**_TINY_TEXT, "projection_dim": 32}],
-        "t5": _TINY_T5,
-        "scheduler": {"shift": 3.0},
-    },
     "tiny-flux": {  # Flux.1-dev's structure: guidance embedding, resolution-dependent shift
         "family": "flux",
         "transformer": {
@@ -321,6 +299,12 @@ _DIT_ARCHITECTURES = {
             "max_image_seq_len": 4096,
         },
     },
+}
+_TINY_SD3 = _DIT_ARCHITECTURES["tiny-sd3"]
+# SD3.5-medium's structure: dual attention (`attn2`) in the first blocks, RMS-normed queries and keys.
+_DIT_ARCHITECTURES["tiny-sd35"] = {
+    **_TINY_SD3,
+    "transformer": {**_TINY_SD3["transformer"], "dual_attention_layers": (0, 1), "qk_norm": "rms_norm"},
 }
 ARCHITECTURES = tuple(_ARCHITECTURES) + tuple(_DIT_ARCHITECTURES)
 
