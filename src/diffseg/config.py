@@ -46,7 +46,7 @@ class EncodeConfig:
         resolution = self.resolution
         if resolution is not None and (not _is_int(resolution) or not 32 <= resolution <= MAX_RESOLUTION):
             raise ValueError(
-                f"`resolution` must be from 32 to {MAX_RESOLUTION} (a multiple of 64, or 32 for SDXL) but is "
+                f"`resolution` must be from 32 to {MAX_RESOLUTION} (a multiple of 64; SDXL 32; SD3 and Flux 16) but is "
                 f"{self.resolution!r}."
             )
         if self.resize not in RESIZE:

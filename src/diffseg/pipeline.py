@@ -52,9 +52,12 @@ class DiffSegPipeline:
     """Frozen Stable Diffusion components that turn images into bundles and label maps.
 
     Any family `backbones.detect` knows: SD 1.x, SD 2.x (512 and 768 v-prediction), SDXL (base, Turbo), SSD-1B,
-    Segmind-Vega. The UNet and text encoders run in `dtype`; the VAE stays in float32 (its encoder overflows in
-    float16). Components are attributes, as in diffusers pipelines: `unet`, `vae`, `text_encoder`, `tokenizer`
-    (and, for SDXL, `text_encoder_2`, `tokenizer_2`), `scheduler`; `backbone` holds the family's facts.
+    Segmind-Vega; or, with a `transformer` instead of a `unet`, SD3 / SD3.5 and Flux.1 (`backbones.dit`), whose
+    empty-prompt conditioning is passed in (`from_pretrained` reads it from the user cache) or computed once from
+    text encoders given. The UNet (transformer) and text encoders run in `dtype`; the VAE stays in float32 (its
+    encoder overflows in float16). Components are attributes, as in diffusers pipelines: `unet` or `transformer`,
+    `vae`, `text_encoder`, `tokenizer` (and, for SDXL, `text_encoder_2`, `tokenizer_2`), `scheduler`; `backbone`
+    holds the family's facts.
     """
 
     def __init__(

@@ -140,8 +140,8 @@ def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> 
             "--resolution",
             type=int,
             default=METHOD_DEFAULT,
-            help="about RESOLUTION² pixels reach the UNet, each side a multiple of 64 (SDXL family: 32) (default: "
-            f"DiffSeg the model's native size, 512 for SD 1.x; DiffCut {diffcut.resolution})",
+            help="about RESOLUTION² pixels reach the model, each side a multiple of 64 (SDXL family: 32; SD3, Flux: "
+            f"16) (default: DiffSeg the model's native size, 512 for SD 1.x; DiffCut {diffcut.resolution})",
         )
         group.add_argument(
             "--noise-seed",
