@@ -210,6 +210,14 @@ _SD3_VAE = {
     "use_quant_conv": False,
     "use_post_quant_conv": False,
 }
+_FLUX_SCHEDULER = {  # Flux.1-dev's: the resolution-dependent shift
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 _DIT_ARCHITECTURES = {
     "tiny-sd3": {
         "family": "sd3",
@@ -248,14 +256,7 @@ _DIT_ARCHITECTURES = {
         "vae": _TINY_DIT_VAE,
         "text": [_TINY_TEXT],
         "t5": _TINY_T5,
-        "scheduler": {
-            "shift": 3.0,
-            "use_dynamic_shifting": True,
-            "base_shift": 0.5,
-            "max_shift": 1.15,
-            "base_image_seq_len": 256,
-            "max_image_seq_len": 4096,
-        },
+        "scheduler": _FLUX_SCHEDULER,
     },
     "sd3-medium": {
         "family": "sd3",
@@ -290,14 +291,7 @@ _DIT_ARCHITECTURES = {
             "axes_dims_rope": (16, 56, 56),
         },
         "vae": {**_SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
-        "scheduler": {
-            "shift": 3.0,
-            "use_dynamic_shifting": True,
-            "base_shift": 0.5,
-            "max_shift": 1.15,
-            "base_image_seq_len": 256,
-            "max_image_seq_len": 4096,
-        },
+        "scheduler": _FLUX_SCHEDULER,
     },
 }
 _TINY_SD3 = _DIT_ARCHITECTURES["tiny-sd3"]
