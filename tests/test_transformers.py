@@ -64,7 +64,7 @@ def test_transformer_families_are_known_from_their_configs(config, name, grid, b
 )
 def test_other_transformer_checkpoints_get_a_one_line_error(config, index, words):
     with pytest.raises(ValueError, match=words) as error:
-        dit.detect_transformer(config, None, index)
+        dit.detect_transformer(config, index)
     assert "\n" not in str(error.value)
 
 

@@ -109,8 +109,8 @@ class DiffSegPipeline:
         self._conditioning: dict[object, backbones.Conditioning] = {}
         if self.transformer is not None:
             if conditioning is None:  # text encoders given in memory: encode the empty prompt with them, once
-                encoders = {"text_encoder": self.text_encoder, "tokenizer": tokenizer, "text_encoder_2": text_encoder_2}
-                encoders.update(tokenizer_2=tokenizer_2, **text_components)
+                encoders = dict(text_encoder=self.text_encoder, text_encoder_2=text_encoder_2, **text_components)
+                encoders.update(tokenizer=tokenizer, tokenizer_2=tokenizer_2)
                 conditioning = dit.encode_empty_prompt(self.backbone, encoders, self.device, self.transformer)
             self._conditioning[""] = backbones.Conditioning(
                 conditioning.hidden.to(self.device, self.dtype), conditioning.pooled.to(self.device, self.dtype)

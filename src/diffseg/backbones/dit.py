@@ -30,8 +30,9 @@ import torch
 from .families import Backbone, Conditioning
 
 # Per family: the transformer class, its pipeline (whose `encode_prompt` makes the conditioning), latent channels
-# the transformer takes (a variant with more is Fill / Depth / Canny), text encoders and tokenizers, and the text
-# length (the pipelines' `max_sequence_length` defaults; Flux.1-schnell was trained with 256).
+# the transformer takes (a variant with more is Fill / Depth / Canny), text encoders and tokenizers with their
+# transformers classes, and the text length (the pipelines' `max_sequence_length` defaults; Flux.1-schnell was
+# trained with 256).
 DIT_FAMILIES: dict[str, dict] = {
     "sd3": {
         "transformer": "SD3Transformer2DModel",
@@ -39,6 +40,8 @@ DIT_FAMILIES: dict[str, dict] = {
         "in_channels": 16,
         "text_encoders": ("text_encoder", "text_encoder_2", "text_encoder_3"),
         "tokenizers": ("tokenizer", "tokenizer_2", "tokenizer_3"),
+        "encoder_classes": ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"),
+        "tokenizer_classes": ("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"),
         "text_tokens": 256,
     },
     "flux": {
@@ -47,20 +50,22 @@ DIT_FAMILIES: dict[str, dict] = {
         "in_channels": 64,
         "text_encoders": ("text_encoder", "text_encoder_2"),
         "tokenizers": ("tokenizer", "tokenizer_2"),
+        "encoder_classes": ("CLIPTextModel", "T5EncoderModel"),
+        "tokenizer_classes": ("CLIPTokenizer", "T5TokenizerFast"),
         "text_tokens": 512,
     },
 }
-T5 = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}  # the encoder a cached run never loads
 # Flux.1-dev's guidance embedding: its pipeline's default guidance scale (FluxPipeline.__call__).
 FLUX_GUIDANCE = 3.5
 
 
-def detect_transformer(config: Mapping, scheduler_config: Mapping | None = None, index: Mapping | None = None):
+def detect_transformer(config: Mapping, index: Mapping | None = None) -> Backbone:
     """The family of a transformer config (a diffusers `transformer/config.json`), or a one-line error.
 
     SD3 family: `SD3Transformer2DModel` (SD3-medium; SD3.5-medium: `dual_attention_layers`; SD3.5-large and
     -large-turbo: 38 layers). Flux: `FluxTransformer2DModel` (dev: `guidance_embeds`; schnell without). Names change
-    nothing but messages and the text length (schnell: 256 tokens).
+    nothing but messages and the text length (schnell: 256 tokens). `index`, the checkpoint's `model_index.json`,
+    refuses a ControlNet pipeline.
     """
     kind = config.get("_class_name", "")
     family = next((f for f, facts in DIT_FAMILIES.items() if facts["transformer"] == kind), None)
@@ -266,22 +271,14 @@ def load_text_encoders(
     runs with zeros in its place, as diffusers does; every other component must be there."""
     import transformers
 
-    classes = {
-        "sd3": ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"),
-        "flux": ("CLIPTextModel", "T5EncoderModel"),
-    }[backbone.family]
-    tokenizers = {
-        "sd3": ("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"),
-        "flux": ("CLIPTokenizer", "T5TokenizerFast"),
-    }
+    facts = DIT_FAMILIES[backbone.family]
     folder = Path(model).expanduser()
     loaded: dict[str, object] = {}
     for encoder, tokenizer, encoder_class, tokenizer_class in zip(
-        backbone.text_encoders, backbone.tokenizers, classes, tokenizers[backbone.family]
+        backbone.text_encoders, backbone.tokenizers, facts["encoder_classes"], facts["tokenizer_classes"]
     ):
-        if backbone.family == "sd3" and encoder == T5[backbone.family] and folder.is_dir():
-            if not (folder / encoder).is_dir():
-                continue  # zeros in T5's place
+        if encoder == "text_encoder_3" and folder.is_dir() and not (folder / encoder).is_dir():
+            continue  # SD3 saved without T5: zeros in its place
         try:
             loaded[encoder] = getattr(transformers, encoder_class).from_pretrained(
                 model, subfolder=encoder, local_files_only=local_files_only, torch_dtype=dtype

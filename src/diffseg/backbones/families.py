@@ -257,7 +257,7 @@ def _read_configs(model: str, local_files_only: bool, offline: bool) -> tuple[Ba
         reason = UNREACHABLE if offline else str(error)
         raise _missing_weights(model, "the UNet or transformer config", reason) from error
     if transformer_config is not None:
-        return dit.detect_transformer(transformer_config, scheduler_config, index), scheduler_config
+        return dit.detect_transformer(transformer_config, index), scheduler_config
     if unet_config is None:
         folder = Path(model).expanduser()
         present = [f"{n}/" for n in ("vae", "text_encoder", "tokenizer") if not (folder / n).is_dir()]

@@ -413,7 +413,7 @@ def write_t5_tokenizer(folder: str | Path):
 def random_conditioning(architecture: str, dtype: torch.dtype = torch.float32):
     """The empty prompt's conditioning shaped as `architecture`'s text encoders give it (random values): what a
     full-size transformer benchmark feeds instead of loading T5-XXL."""
-    from ..backbones.dit import Conditioning
+    from ..backbones.families import Conditioning
 
     config = _DIT_ARCHITECTURES[architecture]["transformer"]
     tokens = 77 + 256 if _DIT_ARCHITECTURES[architecture]["family"] == "sd3" else 512
