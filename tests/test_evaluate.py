@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffseg.evaluation.datasets import BENCHMARKS, coco_class_map, coco_image_ids, protocol_label
+from diffseg.evaluation.datasets import BENCHMARKS, coco_class_map, coco_image_ids
+from diffseg.evaluation.protocols import PROTOCOLS
 from diffseg.config import SegmentConfig
 from diffseg.evaluation.harness import evaluate
 
@@ -67,7 +68,7 @@ def test_package_data_equals_the_shared_copies():
 def test_label_protocol_crops_the_centre_and_resizes_nearest():
     label = np.zeros((4, 6), np.int64)
     label[:, 1:5] = np.arange(4)[None, :]  # central square = columns 1..4
-    out = protocol_label(label)
+    out = PROTOCOLS["diffseg"].label(label)
     assert out.shape == (512, 512)
     assert out[0, :128].tolist() == [0] * 128 and out[0, -128:].tolist() == [3] * 128
     assert sorted(np.unique(out)) == [0, 1, 2, 3]

@@ -7,7 +7,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
-from diffseg import METHODS, load_bundle
+from diffseg import METHODS, DiffSegPipeline, load_bundle
 from diffseg.config import DiffCutConfig, EncodeConfig, NamingConfig, SegmentConfig
 from diffseg.io.outputs import OutputFolder, read_labels, writers_for
 from diffseg.jobs.runner import Job, JobConfig, Outcome, deliver, pending
@@ -16,16 +16,22 @@ from diffseg.methods.registry import method_of
 from conftest import quadrants_image, run_cli, tiny_model
 
 
-def test_every_method_row_encodes_its_bundle_type_that_round_trips_and_segments(tiny_pipeline, tmp_path):
+def test_every_method_row_encodes_its_bundle_type_that_round_trips_and_segments(
+    tiny_pipeline, tiny_sd3_checkpoint, tmp_path
+):
     image = quadrants_image(96, 128)
+    sd3 = DiffSegPipeline.from_pretrained(tiny_sd3_checkpoint, device="cpu", dtype="float32")
     for name, method in METHODS.items():
-        bundle = tiny_pipeline.encode(image, method=name)
+        pipe = tiny_pipeline if method.runs_on(tiny_pipeline.backbone.family) else sd3  # a UNet, else an SD3
+        bundle = pipe.encode(image, method=name, resolution=256)
         assert type(bundle) is method.bundle and bundle.method == name and method_of(bundle) is method
         again = load_bundle(bundle.save(tmp_path / f"{name}.safetensors"))
         assert type(again) is method.bundle and again.timestep == method.encode_defaults.timestep
-        ours = tiny_pipeline.segment(again, method.config())
+        ours = pipe.segment(again, method.config())
         assert ours.labels.shape == (96, 128) and ours.num_segments == len(np.unique(ours.labels))
-        np.testing.assert_array_equal(ours.labels, tiny_pipeline.segment(bundle).labels)
+        np.testing.assert_array_equal(ours.labels, pipe.segment(bundle).labels)
+    with pytest.raises(ValueError, match="seg4diff runs on sd3 checkpoints; this is Stable Diffusion 1.x"):
+        tiny_pipeline.encode(image, method="seg4diff")
 
 
 def test_a_bundle_takes_only_its_own_method_settings_named(tiny_pipeline):

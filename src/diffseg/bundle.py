@@ -1,6 +1,7 @@
 """Bundles: what each method segments, computed once per image (the UNet's expensive step).
 
-An `AttentionBundle` (DiffSeg: self-attention per grid) or a `FeatureBundle` (DiffCut: one layer's tokens).
+An `AttentionBundle` (DiffSeg: self-attention per grid), a `FeatureBundle` (DiffCut: one layer's tokens) or a
+`TextAttentionBundle` (Seg4Diff: one block's image-to-text attention).
 
 Encode once, segment many: the demo's sliders, evaluation sweeps and `--resume` re-run only steps 3-5 on it.
 A bundle saves to and loads from one safetensors file, so segmentation can be re-run without the model.
@@ -58,7 +59,7 @@ class _Saved:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> AttentionBundle | FeatureBundle:
+    def load(cls, path: str | os.PathLike) -> Bundle:
         """Read a bundle written by `save`, of either method (see `load_bundle`)."""
         return load_bundle(path)
 
@@ -141,7 +142,33 @@ class FeatureBundle(_Saved):
         return {"features": self.features.detach().float().cpu().contiguous()}, {}
 
 
-Bundle = AttentionBundle | FeatureBundle
+@dataclass
+class TextAttentionBundle(_Saved):
+    """What Seg4Diff segments: one SD3 block's image-to-text attention of one image, with the image it came from.
+
+    Attributes:
+        text_attention: (h, w, T) float32: each image token's attention over the empty prompt's T = 77 CLIP tokens
+            (softmax over the whole joint sequence, mean over heads).
+        image, timestep, model, family: as `FeatureBundle`'s.
+    """
+
+    method: ClassVar[str] = "seg4diff"
+
+    text_attention: torch.Tensor
+    image: np.ndarray
+    timestep: int
+    model: str = ""
+    family: str = ""
+
+    def to(self, device) -> TextAttentionBundle:
+        """A copy whose maps are on `device` (where segmenting then runs)."""
+        return dataclasses.replace(self, text_attention=self.text_attention.to(device))
+
+    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return {"text_attention": self.text_attention.detach().float().cpu().contiguous()}, {}
+
+
+Bundle = AttentionBundle | FeatureBundle | TextAttentionBundle
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
@@ -186,6 +213,8 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     }
     if "features" in tensors:
         return FeatureBundle(_checked_features(path, tensors["features"]), **common)
+    if "text_attention" in tensors:
+        return TextAttentionBundle(_checked_features(path, tensors["text_attention"], "text_attention"), **common)
     attention, cross = _checked_grids(path, tensors, field_of)
     if not attention:
         raise ValueError(f"Bundle `{path}` holds neither attention maps nor features; re-encode the image.")
@@ -200,15 +229,14 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     )
 
 
-def _checked_features(path: Path, features: torch.Tensor) -> torch.Tensor:
+def _checked_features(path: Path, features: torch.Tensor, name: str = "features") -> torch.Tensor:
     if features.dim() != 3 or 0 in features.shape:
         raise ValueError(
-            f"Bundle `{path}` has `features` shaped {tuple(features.shape)}; they must be (h, w, C). "
-            "Re-encode the image."
+            f"Bundle `{path}` has `{name}` shaped {tuple(features.shape)}; they must be (h, w, C). Re-encode the image."
         )
     if not bool(torch.isfinite(features).all()):
         raise ValueError(
-            f"Bundle `{path}` has NaN or infinite `features`; re-encode the image (in float32 if half precision "
+            f"Bundle `{path}` has NaN or infinite `{name}`; re-encode the image (in float32 if half precision "
             "overflowed)."
         )
     return features

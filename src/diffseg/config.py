@@ -39,8 +39,18 @@ class EncodeConfig:
     # passes them (Flux: double-, then single-stream). DiffSeg averages their attention (None: every block);
     # DiffCut reads the image tokens after `last` (None: the family's block, `dit.detect_transformer`).
     blocks: tuple[int, int] | None = None
+    # Flow-matching models only: (steps, from_end) places the noise at `timesteps[-from_end]` of the scheduler's
+    # `set_timesteps(steps)` (Seg4Diff's `NUM_INFERENCE_STEPS`, `NOISE_STEPS`) instead of at `timestep`; the
+    # `timestep` then only records where that point lies on the training axis, rounded.
+    schedule: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:  # validated once, where the settings are made
+        if self.schedule is not None:
+            ok = isinstance(self.schedule, tuple) and len(self.schedule) == 2 and all(_is_int(v) for v in self.schedule)
+            if not ok or not 1 <= self.schedule[1] <= self.schedule[0]:
+                raise ValueError(
+                    f"`schedule` must be a (steps, from_end) pair, 1 ≤ from_end ≤ steps, but is {self.schedule!r}."
+                )
         if not _is_int(self.timestep) or not 0 <= self.timestep <= 999:
             raise ValueError(f"`timestep` must be an integer in [0, 999] but is {self.timestep!r}.")
         resolution = self.resolution
@@ -65,7 +75,16 @@ class EncodeConfig:
 
 # DiffCut's reference (`tools/ldm.py`, `eval_diffcut.py`): t = 50 (`--step 50`), 1024² input (`--img_size 1024`,
 # whatever the model), noise drawn once with `torch.Generator().manual_seed(42)` and added for that timestep.
-ENCODE_DEFAULTS = {"diffseg": EncodeConfig(), "diffcut": EncodeConfig(timestep=50, resolution=1024, noise_seed=42)}
+# Seg4Diff's reference (`configs/eval_unsup.yaml`, `sd3_backbone.py`): 1024² input (squashed to a square: ours keeps
+# the aspect ratio unless `resize="square"`, as for the other methods), noise at `timesteps[-8]` of a 28-step
+# schedule (`NUM_INFERENCE_STEPS: 28`, `NOISE_STEPS: 8`): σ = 0.5151 for SD3, t ≈ 261 on the training axis. Its noise
+# is unseeded (`randn_tensor`); ours is seeded, so that a run repeats.
+SEG4DIFF_SCHEDULE = (28, 8)
+ENCODE_DEFAULTS = {
+    "diffseg": EncodeConfig(),
+    "diffcut": EncodeConfig(timestep=50, resolution=1024, noise_seed=42),
+    "seg4diff": EncodeConfig(timestep=261, resolution=1024, noise_seed=0, schedule=SEG4DIFF_SCHEDULE),
+}
 
 
 class _MethodDefault:
@@ -83,7 +102,13 @@ def encode_settings(method: str, **given) -> EncodeConfig:
     validated."""
     if method not in ENCODE_DEFAULTS:
         raise ValueError(f"`method` must be one of {tuple(ENCODE_DEFAULTS)} but is {method!r}.")
-    return replace(ENCODE_DEFAULTS[method], **{k: v for k, v in given.items() if v is not METHOD_DEFAULT})
+    given = {k: v for k, v in given.items() if v is not METHOD_DEFAULT}
+    defaults = ENCODE_DEFAULTS[method]
+    # Another timestep than the method's places the noise itself; the method's own keeps its schedule point (Seg4Diff's
+    # t = 261 stands for its step, σ = 0.5151).
+    if given.get("timestep", defaults.timestep) != defaults.timestep and "schedule" not in given:
+        given["schedule"] = None
+    return replace(defaults, **given)
 
 
 # Anchors per axis of DiffSeg's first merge. The paper's 16 is for a UNet's several grids aggregated; on one grid (a
@@ -191,6 +216,24 @@ class DiffCutConfig:
 
     def __post_init__(self) -> None:  # validated once, where the settings are made
         for name in ("tau", "alpha"):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a positive number but is {value!r}.")
+
+
+@dataclass(frozen=True)
+class Seg4DiffConfig:
+    """How an SD3 block's image-to-text attention becomes a label map (Seg4Diff, Kim et al., NeurIPS 2025).
+
+    Reference: `seg4diff/seg4diff_model_unsup.py` (cvlab-kaist/Seg4Diff): `att2mask`, `mask_merge`, `KL`.
+    """
+
+    kl_threshold: float = 0.1  # `self.kl_threshold = 0.1`, set in the model (the yaml's KL_THRESHOLD is not read)
+    power: float = 1.0  # `OUTPUT_POWER: 1.0` in `eval_unsup.yaml`: maps raised to it after min-max normalisation
+
+    def __post_init__(self) -> None:  # validated once, where the settings are made
+        for name in ("kl_threshold", "power"):
             value = getattr(self, name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and math.isfinite(value) and value > 0):

@@ -39,7 +39,7 @@ from .config import (
 from .io.images import as_array, to_model_input
 from .io.images import crop as crop_image
 from .naming.vocabulary import Vocabulary, build_vocabulary
-from .methods.registry import method_named
+from .methods.registry import METHODS, method_named
 from .segmentation import Segmentation, segment_bundle
 
 __all__ = ["DiffSegPipeline", "Segmentation", "segment_bundle", "resolve_device", "resolve_dtype"]
@@ -224,9 +224,10 @@ class DiffSegPipeline:
         Args:
             images: one image or a list (Pillow, (H, W, 3) uint8 array, or path). Images of the same input size go
                 through the UNet as one batch.
-            method: a name of `methods.registry.METHODS`: "diffseg" (self-attention at every grid) or "diffcut" (one
-                layer's features).
-            timestep: UNet timestep (default: DiffSeg 300, DiffCut 50, as their papers).
+            method: a name of `methods.registry.METHODS`: "diffseg" (self-attention at every grid), "diffcut" (one
+                layer's features) or "seg4diff" (SD3 only: one block's image-to-text attention).
+            timestep: UNet timestep (default: DiffSeg 300, DiffCut 50, as their papers; Seg4Diff 261, where its
+                reference's step 8 of 28 lies, and that step's exact noise level).
             crop: None to use the whole image, "center" to take the central square first (the benchmarks').
             resolution: about resolution² pixels reach the UNet (a multiple of the family's `size_multiple`).
                 Default: the model's native size for DiffSeg (SD 1.x 512, SD 2.x-768 768, SDXL 1024); 1024 for
@@ -244,7 +245,8 @@ class DiffSegPipeline:
             config: an `EncodeConfig` to use as it is, instead of the method's defaults and the keywords above.
 
         Returns:
-            A bundle per image (a list for a list): an `AttentionBundle` (DiffSeg) or a `FeatureBundle` (DiffCut).
+            A bundle per image (a list for a list): an `AttentionBundle` (DiffSeg), a `FeatureBundle` (DiffCut) or a
+            `TextAttentionBundle` (Seg4Diff).
         """
         # 1. Check inputs: the settings are made (and validated) once.
         spec = method_named(method)
@@ -296,17 +298,31 @@ class DiffSegPipeline:
         (default: the method's). What `encode` does once images are decoded and resized, and what the job runner
         calls on batches decoded elsewhere (the Ray job's decode tasks)."""
         spec = method_named(method)
+        if not spec.runs_on(self.backbone.family):
+            others = ", ".join(name for name, m in METHODS.items() if m.runs_on(self.backbone.family))
+            raise ValueError(
+                f"{spec.name} runs on {', '.join(spec.families)} checkpoints; this is {self.backbone.name}. Use "
+                f"another method (one of {others})."
+            )
         return spec.encode(self, pixels, images, config or spec.encode_defaults, vocabulary, segment_from)
 
-    def _step_inputs(self, pixels: torch.Tensor, timestep: int, noise_seed: int | None) -> tuple[dict, tuple]:
-        """Keyword arguments of one denoiser forward on `pixels`, conditioned on the empty prompt, and the (h, w)
-        grid of its finest tokens (a UNet: the latent's; a transformer: its patches')."""
+    def _step_inputs(
+        self, pixels: torch.Tensor, timestep: int, noise_seed: int | None, *, schedule=None, conditioning=None
+    ) -> tuple[dict, tuple]:
+        """Keyword arguments of one denoiser forward on `pixels`, conditioned on the empty prompt (or on
+        `conditioning`), and the (h, w) grid of its finest tokens (a UNet: the latent's; a transformer: its
+        patches'). A transformer's noise goes at `timestep`, or at the (steps, from_end) point of its scheduler's
+        inference schedule (`EncodeConfig.schedule`)."""
         size = tuple(pixels.shape[-2:])
         if self.transformer is not None:
-            level = dit.sigma(self.backbone, self._noise_schedule(), timestep, dit.token_count(size, self.backbone))
+            if schedule is not None:
+                level = dit.schedule_sigma(self._noise_schedule(), *schedule)
+            else:
+                level = dit.sigma(self.backbone, self._noise_schedule(), timestep, dit.token_count(size, self.backbone))
             pixels = pixels.to(self.device, torch.float32, memory_format=torch.channels_last)
             x = dit.latents(self.vae, pixels, level, noise_seed)
-            inputs = dit.transformer_inputs(self.backbone, self.transformer, self.prompt_embedding(), x, level)
+            conditioning = conditioning or self.prompt_embedding()
+            inputs = dit.transformer_inputs(self.backbone, self.transformer, conditioning, x, level)
             return inputs, tuple(side // self.backbone.size_multiple for side in size)
         latents, t = self._latents(pixels, timestep, noise_seed)
         inputs = backbones.unet_inputs(self.backbone, self.prompt_embedding(), len(pixels), size)
@@ -410,6 +426,44 @@ class DiffSegPipeline:
         # A UNet's attn1 gives (B, h·w, C); a transformer block its (text, image) streams, the image's second.
         tokens = record["output"] if self.transformer is None else record["output"][1]
         return tokens.reshape(len(pixels), *token_grid(tokens.shape[1], grid), -1)
+
+    @torch.inference_mode()
+    def text_attention(
+        self,
+        pixels: torch.Tensor,
+        *,
+        timestep: int = ENCODE_DEFAULTS["seg4diff"].timestep,
+        noise_seed: int | None = ENCODE_DEFAULTS["seg4diff"].noise_seed,
+        blocks: tuple[int, int] | None = None,
+        schedule: tuple[int, int] | None = ENCODE_DEFAULTS["seg4diff"].schedule,
+    ) -> torch.Tensor:
+        """VAE and one SD3 step on a prepared batch, one block's image-to-text attention kept (Seg4Diff).
+
+        Reference `SD3Backbone.forward` and its `JointAttnProcessor2_0`: the empty prompt with T5's embeddings zero
+        (`dit.seg4diff_conditioning`), noise at `schedule` (default: 8th from the end of 28 steps), and in the
+        chosen block the softmax over the whole joint sequence, mean over heads, image queries over the 77 CLIP
+        keys. `blocks` (first, last) averages several blocks' maps, as the reference's list of layers (default:
+        `dit.seg4diff_block`, 9 on SD3-medium).
+
+        Returns:
+            (B, h, w, 77) float32 on the pipeline's device.
+        """
+        if self.backbone.family != "sd3":
+            raise ValueError(
+                f"Seg4Diff reads an SD3 block's image-to-text attention; {self.backbone.name} is not an SD3 or SD3.5 "
+                "checkpoint. Use `--method diffseg` or `diffcut` with it, or an SD3 checkpoint."
+            )
+        chosen = self._blocks(blocks)
+        if chosen is None:
+            block = dit.seg4diff_block(self.backbone)
+            chosen = range(block, block + 1)
+        conditioning = dit.seg4diff_conditioning(self.prompt_embedding())
+        inputs, grid = self._step_inputs(pixels, timestep, noise_seed, schedule=schedule, conditioning=conditioning)
+        tokens = dit.SEG4DIFF_TEXT_TOKENS
+        capture = capture_joint_attention(self.transformer, grid, "sd3", chosen, text_tokens=tokens, record_image=False)
+        with self._lock, capture as store:
+            self.transformer(**inputs)
+        return store.maps("cross")[grid].reshape(len(pixels), *grid, tokens)
 
     def _blocks(self, blocks: tuple[int, int] | None) -> range | None:
         """The transformer block indices `blocks` (first, last) names, checked against this model."""

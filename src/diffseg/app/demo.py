@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import Bundle
-from ..config import AppConfig, DiffCutConfig, SegmentConfig, anchor_points
+from ..config import AppConfig, DiffCutConfig, Seg4DiffConfig, SegmentConfig, anchor_points
 from ..io.images import load_image
 from ..methods.diffseg.aggregation import by_size
 from ..methods.registry import method_named
@@ -204,12 +204,14 @@ class Demo:
         attention = getattr(bundle, "attention", None)
         return max(by_size(attention)[0]) if attention else None
 
-    def method_settings(self, values: dict, bundle: Bundle) -> SegmentConfig | DiffCutConfig:
+    def method_settings(self, values: dict, bundle: Bundle) -> SegmentConfig | DiffCutConfig | Seg4DiffConfig:
         """The bundle's method's settings object, from the controls (the anchor grid already within the image's
         limit, see `segment`)."""
         c = self.controls
         if bundle.method == "diffcut":
             return DiffCutConfig(tau=values[c.tau], alpha=values[c.alpha], pamr=values[c.pamr])
+        if bundle.method == "seg4diff":
+            return Seg4DiffConfig(kl_threshold=float(values[c.seg4diff_kl]), power=float(values[c.power]))
         return SegmentConfig(
             kl_threshold=float(values[c.kl]),
             iterations=int(values[c.iterations]),
@@ -366,7 +368,7 @@ class Demo:
     def on_reset(self, values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
         """Every segmentation control back to its paper's default, then a re-run (the timestep's may re-encode)."""
         c = self.controls
-        diffseg, diffcut = SegmentConfig(), DiffCutConfig()
+        diffseg, diffcut, seg4diff = SegmentConfig(), DiffCutConfig(), Seg4DiffConfig()
         defaults = {
             c.timestep: method_named(values[c.method]).encode_defaults.timestep,
             c.blocks: "",
@@ -378,6 +380,8 @@ class Demo:
             c.tau: diffcut.tau,
             c.alpha: diffcut.alpha,
             c.pamr: diffcut.pamr,
+            c.seg4diff_kl: seg4diff.kl_threshold,
+            c.power: seg4diff.power,
             **dict(zip(c.weights, preset_weights("proportional", self.sides))),
         }
         return self.setting(defaults, values, request, progress)
@@ -452,7 +456,8 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # hundreds of MB: removed when the server exits
     os.environ["GRADIO_TEMP_DIR"] = str(folder)  # read by each component as it is made, and by the upload route
     cache = BundleCache(pipeline, cache_size, folder=folder / "bundles")
-    page = build_page(pipeline.backbone.name, pipeline.backbone.grid_sides[:MAX_GRIDS], pipeline.backbone.depth)
+    backbone = pipeline.backbone
+    page = build_page(backbone.name, backbone.grid_sides[:MAX_GRIDS], backbone.depth, backbone.family)
     with page.blocks:  # events are wired inside the page
         Demo(pipeline, page, cache, folder).wire()
     return page.blocks, cache

@@ -11,12 +11,13 @@ from importlib import resources
 
 import gradio as gr
 
-from ..config import RESOLUTION_PRESETS, DiffCutConfig, SegmentConfig, anchor_points
+from ..config import RESOLUTION_PRESETS, DiffCutConfig, Seg4DiffConfig, SegmentConfig, anchor_points
 from ..config import preset_weights as preset_grid_weights
 from ..methods.registry import METHODS
 
 _SEGMENT = SegmentConfig()
 _DIFFCUT = DiffCutConfig()
+_SEG4DIFF = Seg4DiffConfig()
 MAX_GRIDS = 4  # weight sliders, finest grid first; a model with fewer grids (SDXL: 2) shows fewer
 CUSTOM = "custom"  # the preset's name once a weight slider is moved by hand
 OPACITY = 0.5  # the viewer's default overlay opacity (the CLI's overlay uses the same)
@@ -73,6 +74,8 @@ class Controls:
     tau: gr.Slider
     alpha: gr.Slider
     pamr: gr.Checkbox
+    seg4diff_kl: gr.Slider
+    power: gr.Slider
     weights: list[gr.Slider]
 
     def encoding(self) -> list:
@@ -81,7 +84,10 @@ class Controls:
 
     def numbers(self) -> list[gr.Slider]:
         """The controls with a number box (and so a range to keep to)."""
-        return [self.timestep, self.kl, self.iterations, self.points, self.tau, self.alpha, *self.weights]
+        return [
+            self.timestep, self.kl, self.iterations, self.points, self.tau, self.alpha, self.seg4diff_kl, self.power,
+            *self.weights,
+        ]  # fmt: skip
 
     def ordered(self) -> list:
         return [v for k, v in vars(self).items() if k != "weights"] + self.weights
@@ -121,9 +127,10 @@ def _slider(elem_id: str, label: str, span: tuple, value, info: str, **options) 
     return gr.Slider(low, high, value=value, step=step, label=label, elem_id=elem_id, info=info, **options)
 
 
-def build_page(model_name: str, sides: tuple[int, ...], depth: int = 0) -> Page:
+def build_page(model_name: str, sides: tuple[int, ...], depth: int = 0, family: str = "") -> Page:
     """The demo's components for a model called `model_name` whose attention grids have `sides` (finest first); a
-    diffusion transformer's `depth` (its number of blocks) shows the block-range control."""
+    diffusion transformer's `depth` (its number of blocks) shows the block-range control; the methods offered are
+    those that run on its `family`."""
     with gr.Blocks(title="DiffSeg", analytics_enabled=False) as blocks:  # nothing leaves the server
         gr.Markdown(
             f"## diffseg — unsupervised zero-shot segmentation with {model_name}\n"
@@ -133,30 +140,34 @@ def build_page(model_name: str, sides: tuple[int, ...], depth: int = 0) -> Page:
         )
         with gr.Row(elem_id="main"):
             with gr.Column(scale=1, elem_id="controls"):
-                controls, groups, reset = _control_column(sides, depth)
+                controls, groups, reset = _control_column(sides, depth, family)
             with gr.Column(scale=2, elem_id="result"):
                 results, cancel = _result_column()
     return Page(blocks, controls, results, groups, reset, cancel)
 
 
-def _control_column(sides: tuple[int, ...], depth: int = 0) -> tuple[Controls, dict[str, gr.Group], gr.Button]:
+def _control_column(
+    sides: tuple[int, ...], depth: int = 0, family: str = ""
+) -> tuple[Controls, dict[str, gr.Group], gr.Button]:
     image = gr.Image(
         type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="input-image"
     )
     gr.Examples(examples=examples(), inputs=image, elem_id="examples", label="Examples")
+    offered = [name for name, m in METHODS.items() if m.runs_on(family)]
     method = gr.Radio(
-        list(METHODS),
+        offered,
         value="diffseg",
         label="Method (re-encodes)",
         elem_id="method",
-        info="DiffSeg: self-attention merged by KL; DiffCut: a layer's features, recursive normalised cut",
+        info="DiffSeg: self-attention merged by KL; DiffCut: a layer's features, recursive normalised cut"
+        + ("; Seg4Diff: a block's image-to-text attention merged by KL" if "seg4diff" in offered else ""),
     )
     timestep = _slider(
         "timestep",
         "Timestep (re-encodes)",
         (0, 999, 1),
         METHODS["diffseg"].encode_defaults.timestep,
-        "The noise level of the one denoising step (papers: DiffSeg 300, DiffCut 50)",
+        "The noise level of the one denoising step (papers: DiffSeg 300, DiffCut 50; Seg4Diff 261, its step 8 of 28)",
     )
     words = gr.Textbox(
         label="Name segments with (comma-separated words, optional; re-encodes)",
@@ -185,6 +196,15 @@ def _control_column(sides: tuple[int, ...], depth: int = 0) -> tuple[Controls, d
             elem_id="pamr",
             info="Snaps segment edges to the image's colour edges; its time grows with segments × pixels",
         )
+    with gr.Group(visible=False) as seg4diff_controls:
+        seg4diff_kl = _slider(
+            "seg4diff-kl", "KL threshold τ", (0.01, 1.0, 0.01), _SEG4DIFF.kl_threshold,
+            "Token maps closer than τ merge: higher gives fewer, larger segments (Seg4Diff: 0.1)",
+        )  # fmt: skip
+        power = _slider(
+            "power", "Map exponent", (0.25, 4.0, 0.25), _SEG4DIFF.power,
+            "Sharpens the normalised maps before merging (Seg4Diff: 1)",
+        )  # fmt: skip
     with gr.Group() as diffseg_controls:
         kl = _slider(
             "kl-threshold", "KL threshold τ", (0.05, 3.0, 0.05), _SEGMENT.kl_threshold,
@@ -225,9 +245,11 @@ def _control_column(sides: tuple[int, ...], depth: int = 0) -> tuple[Controls, d
         ]
     reset = gr.Button("Reset to the papers' settings", elem_id="reset", variant="secondary")
     controls = Controls(
-        image, method, timestep, words, blocks, kl, iterations, points, refine, preset, tau, alpha, pamr, weights
-    )
-    return controls, {"diffseg": diffseg_controls, "diffcut": diffcut_controls}, reset
+        image, method, timestep, words, blocks, kl, iterations, points, refine, preset, tau, alpha, pamr, seg4diff_kl,
+        power, weights,
+    )  # fmt: skip
+    groups = {"diffseg": diffseg_controls, "diffcut": diffcut_controls, "seg4diff": seg4diff_controls}
+    return controls, groups, reset
 
 
 def _result_column() -> tuple[Results, gr.Button]:

@@ -96,15 +96,19 @@ def attend_and_record(
     *,
     image: slice | None = None,
     mask: torch.Tensor | None = None,
+    text: slice | None = None,
+    record_image: bool = True,
 ) -> torch.Tensor:
     """Explicit attention, (B, h, N, d) per tensor, whose probabilities also go into `store`: (B, h, Nq, d) out.
 
     The head mean of softmax(QKᵀ·scale) (softmax in float32 whatever the dtype) is added into the store's running
     sum for the queries `image` over the keys `image`, renormalised over them: the image-to-image part of a joint
     text-and-image attention, identical to a softmax over the image keys alone (MM-DiT). `image=None` records every
-    query over every key (a UNet layer's own softmax). Query rows go a block at a time: all heads' scores for a
-    block stay small enough to live in cache, like a fused attention kernel's tiles, and the only full-size tensor
-    written is the (B, n, n) sum itself.
+    query over every key (a UNet layer's own softmax). With `text`, the queries `image` over the keys `text`, as the
+    joint softmax gives them (not renormalised), go into the store's "cross" sums (Seg4Diff's image-to-text maps);
+    `record_image=False` then records those alone. Query rows go a block at a time: all heads' scores for a block
+    stay small enough to live in cache, like a fused attention kernel's tiles, and the only full-size tensors written
+    are the sums themselves.
     """
     batch, heads, n_q, head_dim = query.shape
     n_k = key.shape[2]
@@ -114,7 +118,10 @@ def attend_and_record(
     key_t = key.transpose(-1, -2).contiguous()  # (B, h, d, Nk)
     recorded = slice(0, n_q) if image is None else image
     n = recorded.stop - recorded.start
-    total, first = store.running_sum(batch, n, n if image is not None else n_k, query.device, kind)
+    if record_image:
+        total, first = store.running_sum(batch, n, n if image is not None else n_k, query.device, kind)
+    if text is not None:
+        text_total, text_first = store.running_sum(batch, n, text.stop - text.start, query.device, "cross")
     out = torch.empty(batch, heads, n_q, head_dim, dtype=value.dtype, device=query.device)  # (B, h, Nq, d)
     # Blocks never straddle the recorded rows: before them (text), them, after them (text).
     for start, stop in ((0, recorded.start), (recorded.start, recorded.stop), (recorded.stop, n_q)):
@@ -127,16 +134,27 @@ def attend_and_record(
             out[:, :, r:end] = probs.to(value.dtype) @ value  # (B, h, rows, d)
             if start != recorded.start:
                 continue
+            rows_in = slice(r - recorded.start, end - recorded.start)
+            if text is not None:
+                text_mean = probs[..., text].sum(dim=1).div_(heads)  # (B, rows, text keys)
+                if text_first:
+                    text_total[:, rows_in] = text_mean
+                else:
+                    text_total[:, rows_in] += text_mean
+            if not record_image:
+                continue
             kept = probs if image is None else probs[..., image]
             if image is not None:
                 kept = kept / kept.sum(dim=-1, keepdim=True)  # the softmax over the image keys alone
             mean = kept.sum(dim=1).div_(heads)  # (B, rows, keys)
-            rows_in = slice(r - recorded.start, end - recorded.start)
             if first:
                 total[:, rows_in] = mean
             else:
                 total[:, rows_in] += mean
-    store.added(n, kind)
+    if record_image:
+        store.added(n, kind)
+    if text is not None:
+        store.added(n, "cross")
     return out
 
 
@@ -215,12 +233,24 @@ class JointCaptureProcessor:
     SD3 lays the joint sequence out [image; text], Flux [text; image], and a Flux single-stream block receives it
     already joined: the image tokens are the `image_tokens` at the start (SD3) or at the end (Flux) either way.
     Flux's rotary embedding is applied to queries and keys before the scores, as the model does.
+
+    With `text_tokens`, the image queries' attention over the first `text_tokens` text keys is recorded too
+    (`attend_and_record`'s `text`); `record_image=False` records it alone.
     """
 
-    def __init__(self, store: AttentionStore, image_tokens: int, family: str) -> None:
+    def __init__(
+        self,
+        store: AttentionStore,
+        image_tokens: int,
+        family: str,
+        text_tokens: int | None = None,
+        record_image: bool = True,
+    ) -> None:
         self.store = store
         self.image_tokens = image_tokens
         self.family = family
+        self.text_tokens = text_tokens
+        self.record_image = record_image
 
     def __call__(
         self,
@@ -257,7 +287,18 @@ class JointCaptureProcessor:
                 text_k = attn.norm_added_k(text_k)
             query, key, value = (torch.cat(pair, dim=2) for pair in ((query, text_q), (key, text_k), (value, text_v)))
         image = slice(0, self.image_tokens)
-        out = attend_and_record(query, key, value, attn.scale, self.store, image=image, mask=attention_mask)
+        text = None if self.text_tokens is None else slice(self.image_tokens, self.image_tokens + self.text_tokens)
+        out = attend_and_record(
+            query,
+            key,
+            value,
+            attn.scale,
+            self.store,
+            image=image,
+            mask=attention_mask,
+            text=text,
+            record_image=self.record_image,
+        )
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
             out, text_out = out[:, :n_image], out[:, n_image:]
@@ -282,8 +323,19 @@ class JointCaptureProcessor:
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         length = query.shape[1]
         image = slice(length - self.image_tokens, length)
+        text = None if self.text_tokens is None else slice(0, self.text_tokens)
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, h, N, d)
-        out = attend_and_record(query, key, value, attn.head_dim**-0.5, self.store, image=image, mask=attention_mask)
+        out = attend_and_record(
+            query,
+            key,
+            value,
+            attn.head_dim**-0.5,
+            self.store,
+            image=image,
+            mask=attention_mask,
+            text=text,
+            record_image=self.record_image,
+        )
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, N, h·d)
         if encoder_hidden_states is None:
             return out
@@ -294,7 +346,13 @@ class JointCaptureProcessor:
 
 @contextmanager
 def capture_joint_attention(
-    transformer: torch.nn.Module, grid: tuple[int, int], family: str, blocks: range | None = None
+    transformer: torch.nn.Module,
+    grid: tuple[int, int],
+    family: str,
+    blocks: range | None = None,
+    *,
+    text_tokens: int | None = None,
+    record_image: bool = True,
 ) -> Iterator[AttentionStore]:
     """Record the image-to-image attention of a diffusion transformer's blocks (`attn` of each; Flux: double- then
     single-stream; `blocks`, indices into that sequence, to keep a range) during the block: one grid, `grid` =
@@ -303,6 +361,9 @@ def capture_joint_attention(
         with capture_joint_attention(transformer, (64, 64), "sd3") as store:
             transformer(**inputs)
         maps = store.maps()  # {(64, 64): (B, 4096, 4096)}, rows summing to 1, the mean over blocks
+
+    With `text_tokens`, `store.maps("cross")` holds the image-to-text attention over the first `text_tokens` text
+    keys, (B, h·w, text_tokens); `record_image=False` records only that.
     """
     from .dit import blocks as all_blocks
 
@@ -310,7 +371,7 @@ def capture_joint_attention(
     sequence = all_blocks(transformer)
     chosen = range(len(sequence)) if blocks is None else blocks
     originals = {}
-    processor = JointCaptureProcessor(store, grid[0] * grid[1], family)
+    processor = JointCaptureProcessor(store, grid[0] * grid[1], family, text_tokens, record_image)
     try:
         for index in chosen:
             attn = sequence[index].attn

@@ -177,6 +177,36 @@ def sigma(backbone: Backbone, scheduler, timestep: int, tokens: int) -> float:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def schedule_sigma(scheduler, steps: int, from_end: int) -> float:
+    """σ at `timesteps[-from_end]` of the scheduler's `set_timesteps(steps)`: where Seg4Diff's `prepare_latent` puts
+    the noise (`scheduler.scale_noise(latent, scheduler.timesteps[-noise_steps], noise)`). A static-shift scheduler
+    (SD3's); SD3-medium, 28 steps, 8th from the end: σ = 0.5151."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    copy = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    copy.set_timesteps(steps)
+    return float(copy.sigmas[len(copy.timesteps) - from_end])
+
+
+# Seg4Diff reads the image queries' attention over the first 77 text keys (`attn_scores[:, :, :4096, 4096:4096+77]`):
+# the CLIP half of SD3's empty-prompt conditioning, whose T5 half is 77 zeros (`text_encoder_3=None`).
+SEG4DIFF_TEXT_TOKENS = 77
+
+
+def seg4diff_conditioning(conditioning: Conditioning) -> Conditioning:
+    """Seg4Diff's conditioning from SD3's empty-prompt conditioning: its 77 CLIP tokens, then 77 zeros in T5's place
+    (the reference builds `StableDiffusion3Pipeline` with `text_encoder_3=None`, whose T5 embeddings are zeros of
+    the tokenizer's 77 tokens), and the same pooled CLIP embedding."""
+    clip = conditioning.hidden[:, :SEG4DIFF_TEXT_TOKENS]
+    return Conditioning(torch.cat([clip, torch.zeros_like(clip)], dim=1), conditioning.pooled)
+
+
+def seg4diff_block(backbone: Backbone) -> int:
+    """Seg4Diff's block: `ATTENTION_LAYERS: [9]` of SD3-medium's 24, at the same depth in others (the block DiffCut
+    reads on SD3 is this one)."""
+    return backbone.diffcut_block
+
+
 def latents(vae, pixels: torch.Tensor, level: float, noise_seed: int | None) -> torch.Tensor:
     """The flow-matching latent x_σ = (1 − σ)·x₀ + σ·ε (diffusers `FlowMatchEulerDiscreteScheduler.scale_noise`),
     x₀ = (posterior mean − shift_factor) × scaling_factor (the SD3 / Flux pipelines' latent scaling; posterior mean,

@@ -45,7 +45,15 @@ def check_model(args: argparse.Namespace, encode=None):
     a bad resolution fails here, before the model loads."""
     from ..backbones.families import read_backbone, target_size
 
+    from ..methods.registry import METHODS
+
     backbone = read_backbone(args.model)
+    method = METHODS[getattr(args, "method", "diffseg")]
+    if not method.runs_on(backbone.family):
+        raise ValueError(
+            f"`--method {method.name}` runs on {', '.join(method.families)} checkpoints; {args.model} is "
+            f"{backbone.name}. Use --method diffseg or diffcut with it."
+        )
     if encode is not None:  # an `EncodeConfig`
         target_size((1, 1), backbone, encode.resolution, encode.resize)
         if encode.blocks is not None and encode.blocks[1] >= backbone.depth:

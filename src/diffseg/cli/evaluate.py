@@ -1,11 +1,28 @@
-"""`diffseg evaluate`: score a benchmark under the paper's protocol (or DiffCut's), resumable."""
+"""`diffseg evaluate`: score benchmarks under DiffSeg's protocol or DiffCut's, resumable; several at once write one
+results table."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from .checks import check_batch_size, check_model, check_writable, load_pipeline
 from .options import add_encode_arguments, add_model_arguments, add_segment_arguments, encode_config, method_config
+
+
+def _benchmarks(names: list[str]) -> list[str]:
+    from ..evaluation.datasets import BENCHMARKS
+
+    if "all" in names and len(names) > 1:
+        raise ValueError(f"`all` names every benchmark: give it alone, or list benchmarks ({', '.join(BENCHMARKS)}).")
+    chosen = list(BENCHMARKS) if names == ["all"] else list(dict.fromkeys(names))
+    unknown = [n for n in chosen if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(
+            f"Unknown benchmark {', '.join(unknown)}: name one or more of {', '.join(BENCHMARKS)}, or `all`."
+        )
+    return chosen
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -14,65 +31,155 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.datasets import BENCHMARKS
     from ..evaluation.harness import evaluate, format_summary
 
-    bench = BENCHMARKS[args.dataset]
-    if args.kl_threshold is None:
-        args.kl_threshold = bench.kl_threshold  # the paper's setting for this dataset
-    config = method_config(args)
+    names = _benchmarks(args.dataset)
+    several = len(names) > 1 or args.dataset == ["all"]
     encode = encode_config(args)
     batch_size = check_batch_size(args.batch_size)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"`--limit` must be at least 1 but is {args.limit}.")
-    output = args.output or f"eval-{args.dataset}"
+    if args.predictions and args.predictions_root:
+        raise ValueError("Pass `--predictions DIR` (one benchmark) or `--predictions-root DIR` (DIR/NAME for each).")
+    if args.predictions and several:
+        raise ValueError("`--predictions DIR` scores one benchmark; for several use `--predictions-root DIR`.")
+    configs = {name: _config(args, BENCHMARKS[name]) for name in names}  # checked before anything runs
+    output = Path(args.output or ("eval-all" if several else f"eval-{names[0]}"))
     check_writable(output)
-    if not args.predictions:
+    scored_by_model = not (args.predictions or args.predictions_root)
+    if scored_by_model:
         check_model(args, encode)
-    summary = evaluate(
-        bench,
-        args.root,
-        output,
-        pipeline=None if args.predictions else load_pipeline(args),
-        predictions=args.predictions,
-        config=config,
-        timestep=encode.timestep,
-        blocks=encode.blocks,
-        protocol=args.protocol,
-        batch_size=batch_size,
-        limit=args.limit,
-    )
-    print(format_summary(summary))
-    print(f"\nPer-image results: {output}/results.jsonl; summary: {output}/summary.json")
+
+    # Each benchmark from its own folder: ROOT itself for one, ROOT/<its usual folder> for several.
+    runs, missing = [], []
+    for name in names:
+        bench = BENCHMARKS[name]
+        root = bench.find(args.root) if several else Path(args.root)
+        predictions = args.predictions or (Path(args.predictions_root) / name if args.predictions_root else None)
+        if root is None:
+            missing.append(f"{name}: no {' or '.join(bench.folders)} under {args.root}")
+        elif predictions is not None and not Path(predictions).is_dir():
+            missing.append(f"{name}: predictions folder `{predictions}` does not exist")
+        else:
+            runs.append((bench, root, predictions))
+    if not runs:
+        raise FileNotFoundError(f"No benchmark to score under `{args.root}`: {'; '.join(missing)}.")
+    for reason in missing:
+        print(f"diffseg: skipped benchmark {reason}", file=sys.stderr)
+
+    pipeline = load_pipeline(args) if scored_by_model else None
+    summaries, skipped_images = [], 0
+    for bench, root, predictions in runs:
+        summary = evaluate(
+            bench,
+            root,
+            output / bench.name if several else output,
+            pipeline=pipeline,
+            predictions=predictions,
+            config=configs[bench.name],
+            timestep=encode.timestep,
+            blocks=encode.blocks,
+            protocol=args.protocol,
+            batch_size=batch_size,
+            limit=args.limit,
+        )
+        summaries.append(summary)
+        skipped_images += len(summary.skipped)
+        print(format_summary(summary) + "\n")
+    _report(summaries, output, args, several)
     if args.json:
-        print(json.dumps({"pixel_accuracy": summary.pixel_accuracy, "miou": summary.miou, "images": summary.images}))
-    return 1 if summary.skipped else 0
+        print(
+            json.dumps(
+                {s.dataset: {"pixel_accuracy": s.pixel_accuracy, "miou": s.miou, "images": s.images} for s in summaries}
+                if several
+                else {
+                    "pixel_accuracy": summaries[0].pixel_accuracy,
+                    "miou": summaries[0].miou,
+                    "images": summaries[0].images,
+                }
+            )
+        )
+    return 1 if skipped_images or missing else 0
+
+
+def _config(args: argparse.Namespace, bench):
+    """The method's settings for one benchmark: DiffSeg's τ is the paper's for it unless given."""
+    kl = args.kl_threshold
+    if kl is None and args.method == "diffseg":
+        args.kl_threshold = bench.kl_threshold
+    try:
+        return method_config(args)
+    finally:
+        args.kl_threshold = kl
+
+
+def _report(summaries, output: Path, args: argparse.Namespace, several: bool) -> None:
+    """Where the results are; for several benchmarks the table, and a per-class chart for each."""
+    from ..evaluation.report import CHART, write_chart, write_table
+
+    if not several:
+        print(f"Per-image results: {output}/results.jsonl; summary: {output}/summary.json")
+    label = f"this run ({'predictions' if args.predictions_root else args.method}, {args.protocol} protocol)"
+    if several:
+        markdown, table = write_table(summaries, output, label)
+        print(f"Results table: {markdown} and {table}; each benchmark's run in {output}/NAME/")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print('diffseg: per-class charts need matplotlib: pip install "diffseg[eval]"', file=sys.stderr)
+        return
+    for summary in summaries:
+        if summary.images:
+            path = write_chart(summary, (output / summary.dataset if several else output) / CHART)
+            print(f"Per-class IoU chart: {path}")
 
 
 def add_evaluate_command(commands) -> None:
+    from ..evaluation.datasets import BENCHMARKS
+
     p = commands.add_parser(
         "evaluate",
-        help="score on COCO-Stuff-27 or Cityscapes under the paper's protocol",
-        description="Evaluate unsupervised segmentation (Hungarian matching, 27 classes) with the "
-        "reference protocol. Defaults are the paper's per dataset. Re-running with the same "
-        "--output resumes.",
+        help="score on the six benchmarks under DiffSeg's protocol or DiffCut's",
+        description="Evaluate unsupervised segmentation (per-image Hungarian matching) on "
+        f"{', '.join(BENCHMARKS)}, or `all` of them found under a datasets root. Defaults are the papers' per "
+        "dataset. Re-running with the same --output resumes.",
     )
-    p.add_argument("dataset", choices=["cocostuff27", "cityscapes"])
-    p.add_argument("--root", required=True, help="dataset folder (see README: Reproducing the paper)")
-    p.add_argument("-o", "--output", default=None, help="run folder (default: eval-DATASET); re-use it to resume")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    p.add_argument(
+        "dataset",
+        nargs="+",
+        metavar="BENCHMARK",
+        help=f"one or more of {', '.join(BENCHMARKS)}, or `all`",
+    )
+    p.add_argument(
+        "--root",
+        required=True,
+        help="the benchmark's folder; with several benchmarks (or `all`) the datasets root holding each under its "
+        "usual name (coco, cityscapes, VOCdevkit/VOC2012 or pascal_voc_d2, pascal_ctx_d2, ADEChallengeData2016)",
+    )
+    p.add_argument(
+        "-o", "--output", default=None, help="run folder (default: eval-BENCHMARK, or eval-all); re-use it to resume"
+    )
+    p.add_argument("--limit", type=int, default=None, help="score only the first N images of each benchmark")
     p.add_argument(
         "--predictions",
         default=None,
         metavar="DIR",
-        help="score precomputed label PNGs DIR/ID.png (any method) instead of running DiffSeg",
+        help="score precomputed label PNGs DIR/ID.png (any method) instead of running a method",
+    )
+    p.add_argument(
+        "--predictions-root",
+        default=None,
+        metavar="DIR",
+        help="with several benchmarks: precomputed label PNGs DIR/BENCHMARK/ID.png",
     )
     p.add_argument("--json", action="store_true", help="also print the headline numbers as JSON")
     p.add_argument(
         "--protocol",
         choices=["diffseg", "diffcut"],
         default="diffseg",
-        help="diffseg: score at 512² (DiffSeg's paper); diffcut: at 128² with nearest-downsampled labels (DiffCut's "
-        "eval_diffcut.py) (default: %(default)s)",
+        help="diffseg: score at 512² (DiffSeg's paper); diffcut: DiffCut's eval_diffcut.py exactly (crop of side "
+        "min(H, W) - 1, labels to 1024² then 128², background step on VOC, Context and COCO-Object, PAMR after it "
+        "with --pamr) (default: %(default)s)",
     )
     add_model_arguments(p)
     add_encode_arguments(p, crop=False)
-    add_segment_arguments(p, kl_threshold=None)
+    add_segment_arguments(p, per_dataset=True)
     p.set_defaults(run=run_evaluate)

@@ -17,6 +17,7 @@ from ..config import (
     DiffCutConfig,
     EncodeConfig,
     NamingConfig,
+    Seg4DiffConfig,
     SegmentConfig,
     encode_settings,
 )
@@ -25,6 +26,7 @@ from ..methods.registry import METHODS
 _ENCODE = EncodeConfig()
 _SEGMENT = SegmentConfig()
 _DIFFCUT = DiffCutConfig()
+_SEG4DIFF = Seg4DiffConfig()
 _NAMING = NamingConfig()
 
 
@@ -170,15 +172,15 @@ def encode_config(args: argparse.Namespace) -> EncodeConfig:
     return _checked(lambda **fields: encode_settings(args.method, **fields), given)
 
 
-def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT.kl_threshold) -> None:
+def add_segment_arguments(parser: argparse.ArgumentParser, per_dataset: bool = False) -> None:
     group = parser.add_argument_group("segmentation (aggregation, merging, labelling)")
     group.add_argument(
         "--kl-threshold",
         type=_thresholds,
-        default=kl_threshold,
-        help="merge threshold τ, one value or one per iteration (default: "
-        + ("the paper's for the dataset" if kl_threshold is None else "%(default)s")
-        + ")",
+        default=None,
+        help="merge threshold τ, one value or one per iteration (DiffSeg); Seg4Diff's one threshold (default: "
+        + ("DiffSeg the paper's for the dataset" if per_dataset else f"DiffSeg {_SEGMENT.kl_threshold}")
+        + f", Seg4Diff {_SEG4DIFF.kl_threshold})",
     )
     group.add_argument(
         "--iterations", type=int, default=_SEGMENT.iterations, help="merge iterations (default: %(default)s)"
@@ -221,6 +223,13 @@ def add_segment_arguments(parser: argparse.ArgumentParser, kl_threshold=_SEGMENT
     )
     cut.add_argument("--alpha", type=float, default=_DIFFCUT.alpha, help="affinity exponent α (default: %(default)s)")
     cut.add_argument("--pamr", action="store_true", help="refine with PAMR and a 3×3 median filter (reference option)")
+    seg4diff = parser.add_argument_group("Seg4Diff segmentation, with --method seg4diff (and --kl-threshold)")
+    seg4diff.add_argument(
+        "--power",
+        type=float,
+        default=_SEG4DIFF.power,
+        help="exponent of the min-max normalised maps before merging (default: %(default)s, the reference's)",
+    )
 
 
 def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) -> None:
@@ -273,6 +282,13 @@ def method_config(args: argparse.Namespace) -> SegmentConfig | DiffCutConfig:
     checked before any model loads by the config itself."""
     if args.method == "diffcut":
         return _checked(DiffCutConfig, {"tau": args.tau, "alpha": args.alpha, "pamr": args.pamr})
+    if args.method == "seg4diff":
+        kl = _SEG4DIFF.kl_threshold if args.kl_threshold is None else args.kl_threshold
+        if isinstance(kl, tuple):
+            if len(kl) != 1:
+                raise ValueError(f"`--kl-threshold` of Seg4Diff is one value, not {len(kl)}.")
+            kl = kl[0]
+        return _checked(Seg4DiffConfig, {"kl_threshold": kl, "power": args.power})
     if args.refine:
         try:
             import sklearn.cluster  # noqa: F401
@@ -284,7 +300,7 @@ def method_config(args: argparse.Namespace) -> SegmentConfig | DiffCutConfig:
     if args.resolution_preset is not None:
         weights = args.resolution_preset  # weights by rank: resolved on each bundle's grids
     fields = {
-        "kl_threshold": args.kl_threshold,
+        "kl_threshold": _SEGMENT.kl_threshold if args.kl_threshold is None else args.kl_threshold,
         "iterations": args.iterations,
         "refine": args.refine,
         "resolution_weights": weights,

@@ -1,4 +1,4 @@
-"""The evaluation harness: score DiffSeg (or any method's label PNGs) on a benchmark under the paper's protocol.
+"""The evaluation harness: score a method (or any method's label PNGs) on a benchmark under a protocol.
 
 An evaluation run lives in one folder:
     settings.json    what was run (dataset, parameters); a resumed run must match it
@@ -21,13 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from ..config import METHOD_DEFAULT, DiffCutConfig, SegmentConfig, anchor_points, encode_settings
-from ..io.images import center_crop, load_image
+from ..io.images import load_image
 from ..io.outputs import atomic_path, read_labels
-from .datasets import BENCHMARKS, NUM_CLASSES, RESOLUTION, Benchmark, Sample, protocol_label
-from .metrics import Scores, hungarian_scores
-
-PROTOCOLS = ("diffseg", "diffcut")
-DIFFCUT_SCORE_SIZE = DiffCutConfig().output_size  # `eval_diffcut.py`: predictions and labels at 128×128
+from .datasets import BENCHMARKS, Benchmark, Sample
+from .metrics import Scores
+from .protocols import PROTOCOLS, RESOLUTION, Protocol
 
 
 @dataclass
@@ -40,7 +38,8 @@ class Summary:
     seconds_per_image: float
     skipped: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
-    paper: dict = field(default_factory=dict)
+    published: list[dict] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
 
 
 class ResultsFile:
@@ -72,73 +71,47 @@ class ResultsFile:
         self._file.close()
 
 
-def record_scores(*records: dict) -> Scores:
+def record_scores(num_classes: int, *records: dict) -> Scores:
     """The scores of per-image records, summed."""
-    total = Scores.zeros(NUM_CLASSES)
+    total = Scores.zeros(num_classes)
     for r in records:
         total += Scores(np.array(r["tp"]), np.array(r["fp"]), np.array(r["fn"]), r["all"], 1)
     return total
 
 
-def score_image(sample: Sample, prediction: np.ndarray, label: np.ndarray, seconds: float) -> dict:
-    """Per-image record: Hungarian-matched TP/FP/FN vectors over the 27 classes."""
-    scores = hungarian_scores(label, prediction, NUM_CLASSES)
-    return {
-        "id": sample.id,
-        "tp": scores.tp.tolist(),
-        "fp": scores.fp.tolist(),
-        "fn": scores.fn.tolist(),
-        "all": scores.all,
-        "segments": int(len(np.unique(prediction))),
-        "seconds": round(seconds, 4),
-    }
-
-
-def prediction_at_protocol_size(prediction: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """Bring a precomputed label map to the protocol's 512×512 square.
-
-    Accepted: already 512×512; the central square at its own size; or the whole image (cropped here).
-    """
-    h, w = image_size
-    side = min(h, w)
-    if prediction.shape == (RESOLUTION, RESOLUTION):
-        return prediction
-    if prediction.shape == (h, w):
-        prediction = center_crop(prediction)
-    if prediction.shape == (side, side):
-        return protocol_label(prediction)  # nearest-neighbour, as labels are resized
-    raise ValueError(
-        f"prediction is {prediction.shape[0]}×{prediction.shape[1]}; expected 512×512, the central square "
-        f"{side}×{side}, or the whole image {h}×{w}"
-    )
-
-
 class Scorer:
-    """The evaluation's sink (`jobs.runner.Sink`): each outcome scored against its label at the protocol's size and
-    appended to `results.jsonl`; an image is done once its line is there."""
+    """The evaluation's sink (`jobs.runner.Sink`): each outcome scored against its label under the protocol and
+    appended to `results.jsonl`; an image is done once its line is there.
 
-    def __init__(self, results: ResultsFile, protocol: str) -> None:
-        self.results, self.protocol = results, protocol
-        self.size = (RESOLUTION, RESOLUTION) if protocol == "diffseg" else DIFFCUT_SCORE_SIZE
-        self.labels: dict[str, tuple[Sample, np.ndarray]] = {}  # what the next outcomes are scored against
+    With `pamr`, the protocol's PAMR refines each prediction after the background step (DiffCut's evaluation)."""
+
+    def __init__(self, results: ResultsFile, bench: Benchmark, protocol: Protocol, pamr: bool = False) -> None:
+        self.results, self.bench, self.protocol, self.pamr = results, bench, protocol, pamr
+        self.expected: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # what the next outcomes are scored against
         self.seconds = 0.0  # per image, of the batch being scored
-        self.running = record_scores(*results.records.values())
+        self.running = record_scores(bench.num_classes, *results.records.values())
 
     def done(self, name: str, source: str) -> bool:
         return name in self.results.records
 
-    def expect(self, sample: Sample, label: np.ndarray) -> None:
-        self.labels[sample.id] = (sample, label)
+    def expect(self, sample: Sample, image: np.ndarray, label: np.ndarray) -> None:
+        self.expected[sample.id] = (image if self.pamr else None, label)
 
     def write(self, outcome) -> None:
-        sample, label = self.labels.pop(outcome.name)
+        image, label = self.expected.pop(outcome.name)
         pred = outcome.result.labels
-        if self.protocol == "diffcut":  # DiffCut scores at 128², labels downsampled with torch's "nearest"
-            pred = _nearest(pred, self.size) if pred.shape != self.size else pred
-            label = _nearest(label, self.size)
-        record = score_image(sample, pred, label, self.seconds)
+        scores = self.protocol.score(self.bench, label, pred, refine_with=image)
+        record = {
+            "id": outcome.name,
+            "tp": scores.tp.tolist(),
+            "fp": scores.fp.tolist(),
+            "fn": scores.fn.tolist(),
+            "all": scores.all,
+            "segments": int(len(np.unique(pred))),
+            "seconds": round(self.seconds, 4),
+        }
         self.results.append(record)
-        self.running += record_scores(record)
+        self.running += record_scores(self.bench.num_classes, record)
 
 
 def evaluate(
@@ -160,13 +133,13 @@ def evaluate(
     """Score a benchmark, resuming from `output` if it holds an earlier run of the same settings.
 
     Exactly one of `pipeline` (segment with the method whose settings `config` is: a `SegmentConfig` for DiffSeg,
-    the default, or a `DiffCutConfig`) and `predictions` (a folder of label PNGs named `ID.png`, any method) is
-    given. Images are center-cropped and resized to the method's square input (DiffSeg 512², DiffCut 1024²), as both
-    references do.
+    the default, or a `DiffCutConfig`) and `predictions` (a folder of label PNGs named `ID.png`, any method, at the
+    protocol's score size or at the image's size) is given. The protocol crops each image and the method sees that
+    square resized to its input (DiffSeg 512², DiffCut 1024²), as both references do.
 
-    `protocol` "diffseg" (default, the DiffSeg paper's) scores at 512×512 against nearest-resized labels;
-    "diffcut" (DiffCut's `eval_diffcut.py`) predicts at 128×128 and downsamples the labels to it with torch's
-    "nearest". `blocks` chooses an SD3 / Flux backbone's blocks (`EncodeConfig.blocks`); the run records them.
+    `protocol` (`protocols.PROTOCOLS`): "diffseg" (the DiffSeg paper's, default) scores at 512×512; "diffcut"
+    (DiffCut's `eval_diffcut.py`) at 128×128, with its crop, its background step and PAMR after it when the
+    `DiffCutConfig` asks for PAMR. `blocks` chooses an SD3 / Flux backbone's blocks; the run records them.
     """
     from tqdm import tqdm
 
@@ -175,24 +148,34 @@ def evaluate(
     if (pipeline is None) == (predictions is None):
         raise ValueError("Pass exactly one of `pipeline` and `predictions`.")
     if protocol not in PROTOCOLS:
-        raise ValueError(f"`protocol` must be one of {PROTOCOLS} but is {protocol!r}.")
+        raise ValueError(f"`protocol` must be one of {tuple(PROTOCOLS)} but is {protocol!r}.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1 but is {batch_size}.")
     if predictions is not None and not Path(predictions).is_dir():
         raise FileNotFoundError(f"Predictions folder `{predictions}` does not exist.")
+    rules = PROTOCOLS[protocol]
     samples = bench.samples(root)[:limit]
+    pamr = False  # under DiffCut's protocol, PAMR runs in the scorer, after the background step
     if pipeline is not None:
-        job = _protocol_job(pipeline, config or SegmentConfig(), timestep, protocol, batch_size, blocks)
-        predict, settings = job.segment_images, _run_settings(bench, protocol, job.config, pipeline.model)
+        config = config or SegmentConfig()
+        pamr = protocol == "diffcut" and getattr(config, "pamr", False)
+        job = _protocol_job(
+            pipeline, replace(config, pamr=False) if pamr else config, timestep, rules, batch_size, blocks
+        )
+
+        def predict(items: list) -> Iterator:  # the method sees the protocol's crop of each image
+            return job.segment_images([(sample_id, name, rules.crop(image)) for sample_id, name, image in items])
+
+        settings = _run_settings(bench, protocol, job, pipeline.model, pamr)
     else:
-        predict = _read_predictions(Path(predictions))
+        predict = _read_predictions(Path(predictions), rules)
         settings = _run_settings(bench, protocol, None, f"predictions:{Path(predictions).resolve()}")
     output = Path(output)
     settings = _open_run(output, settings)
 
     # 2. Read back what is already scored.
     results = ResultsFile(output / "results.jsonl")
-    scorer = Scorer(results, protocol)
+    scorer = Scorer(results, bench, rules, pamr)
     todo = [s for s in samples if not scorer.done(s.id, str(s.image))]
     skipped: list[dict] = []
     if len(todo) < len(samples):
@@ -207,7 +190,7 @@ def evaluate(
     try:
         for first in range(0, len(todo), batch_size):
             batch = todo[first : first + batch_size]
-            _score_batch(batch, bench, predict, scorer, skip)
+            _score_batch(batch, bench, rules, predict, scorer, skip)
             bar.set_postfix(acc=f"{100 * scorer.running.pixel_accuracy:.1f}", miou=f"{100 * scorer.running.miou:.1f}")
             bar.update(len(batch))
             _write_summary(output, _summary(bench, samples, results, skipped, settings))
@@ -219,35 +202,40 @@ def evaluate(
     return final
 
 
-def _score_batch(batch: list[Sample], bench: Benchmark, predict: Callable, scorer: Scorer, skip: Callable) -> None:
+def _score_batch(
+    batch: list[Sample], bench: Benchmark, rules: Protocol, predict: Callable, scorer: Scorer, skip: Callable
+) -> None:
     """Read a batch's images and labels, predict them in one call, score each outcome (or say why it is skipped)."""
     from ..jobs.runner import deliver
 
-    loaded = [item for item in (_load_sample(bench, sample, skip) for sample in batch) if item is not None]
+    loaded = [item for item in (_load_sample(bench, rules, sample, skip) for sample in batch) if item is not None]
     if not loaded:
         return
     start = time.perf_counter()
     outcomes = list(predict([(s.id, s.id, image) for s, image, _ in loaded]))
     scorer.seconds = (time.perf_counter() - start) / len(loaded)
-    for (sample, _, label), outcome in zip(loaded, outcomes):
-        scorer.expect(sample, label)
+    for (sample, image, label), outcome in zip(loaded, outcomes):
+        scorer.expect(sample, image, label)
         if not deliver(outcome, [scorer]).ok:
             skip(sample.id, outcome.error)
 
 
-def _run_settings(bench: Benchmark, protocol: str, job, source: str) -> dict:
+def _run_settings(bench: Benchmark, protocol: str, job, source: str, pamr: bool = False) -> dict:
     """What a run is, as `settings.json` records it: the dataset, the method (or predictions folder), the timestep
     and the segment settings (the protocol fixes the rest)."""
     if job is None:
         return {"dataset": bench.name, "method": source, "timestep": None, "protocol": protocol}
-    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(job.segment).items() if k != "output_size"}
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(job.config.segment).items()}
+    fields.pop("output_size", None)
     return {
         "dataset": bench.name,
-        "method": f"{job.method}:{source}",
-        "timestep": job.encode.timestep,
+        "method": f"{job.config.method}:{source}",
+        "timestep": job.config.encode.timestep,
         "protocol": protocol,
-        **({"blocks": list(job.encode.blocks)} if job.encode.blocks is not None else {}),
+        **({"blocks": list(job.config.encode.blocks)} if job.config.encode.blocks is not None else {}),
+        **({"schedule": list(job.config.encode.schedule)} if job.config.encode.schedule is not None else {}),
         **fields,
+        **({"pamr": True} if pamr else {}),
     }
 
 
@@ -270,9 +258,9 @@ def _open_run(output: Path, settings: dict) -> dict:
     return settings
 
 
-def _protocol_job(pipeline, config, timestep, protocol: str, batch_size: int, blocks=None):
-    """The job runner with the protocol's encode: central square, square resize, DiffSeg at 512 whatever the model
-    (DiffCut at its reference's 1024), the method's timestep and noise; label maps at the protocol's score size."""
+def _protocol_job(pipeline, config, timestep, rules: Protocol, batch_size: int, blocks=None):
+    """The job runner with the protocol's encode: the protocol's square (cropped before), resized to DiffSeg's 512
+    whatever the model (DiffCut's 1024), the method's timestep and noise; label maps at the protocol's score size."""
     from ..jobs.runner import Job, JobConfig
     from ..methods.registry import method_of
 
@@ -281,13 +269,12 @@ def _protocol_job(pipeline, config, timestep, protocol: str, batch_size: int, bl
         config = replace(config, num_points=anchor_points(len(pipeline.backbone.grid_sides)))  # records it
     encode = encode_settings(method, timestep=timestep, resize="square", crop="center", blocks=blocks)
     encode = replace(encode, resolution=encode.resolution or RESOLUTION)  # DiffSeg's protocol: 512 whatever the model
-    size = (RESOLUTION, RESOLUTION) if protocol == "diffseg" else DIFFCUT_SCORE_SIZE
-    return Job(pipeline, JobConfig(method, encode, config, output_size=size), batch_size=batch_size)
+    return Job(pipeline, JobConfig(method, encode, config, output_size=rules.score_size), batch_size=batch_size)
 
 
-def _read_predictions(folder: Path) -> Callable:
-    """A predictor reading precomputed label PNGs `folder/ID.png`, brought to the protocol's size: the same outcomes
-    the job runner gives."""
+def _read_predictions(folder: Path, rules: Protocol) -> Callable:
+    """A predictor reading precomputed label PNGs `folder/ID.png`, brought to the protocol's score size: the same
+    outcomes the job runner gives."""
     from ..jobs.runner import Outcome
     from ..segmentation import Segmentation
 
@@ -295,7 +282,7 @@ def _read_predictions(folder: Path) -> Callable:
         for sample_id, name, image in items:
             path = folder / f"{sample_id}.png"
             try:
-                labels = prediction_at_protocol_size(read_labels(path), image.shape[:2])
+                labels = rules.prediction(read_labels(path), image.shape[:2])
             except (OSError, ValueError) as error:
                 yield Outcome(sample_id, name, error=f"prediction `{path}`: {error}")
                 continue
@@ -304,24 +291,25 @@ def _read_predictions(folder: Path) -> Callable:
     return predict
 
 
-def _load_sample(bench: Benchmark, sample: Sample, skip: Callable[[str, str], None]):
-    """(sample, image, protocol label) of one benchmark image, or None after `skip` names why it cannot be scored."""
+def _load_sample(bench: Benchmark, rules: Protocol, sample: Sample, skip: Callable[[str, str], None]):
+    """(sample, image, label at the score size) of one benchmark image, or None after `skip` names why it cannot be
+    scored."""
     if not sample.label.is_file():
         return skip(sample.id, f"label `{sample.label}` not found")
     try:
         # Benchmarks use the stored pixel order (no EXIF rotation), as the labels do.
         image = np.asarray(load_image(sample.image, exif_transpose=False))
-        label = bench.read_label(sample.label)
+        label = bench.read_label(sample.label, rules.name)
+        if label.shape != image.shape[:2]:
+            return skip(sample.id, f"label is {label.shape} but image is {image.shape[:2]}")
+        return sample, image, rules.label(label)
     except (OSError, ValueError) as error:
         return skip(sample.id, str(error))
-    if label.shape != image.shape[:2]:
-        return skip(sample.id, f"label is {label.shape} but image is {image.shape[:2]}")
-    return sample, image, protocol_label(label)
 
 
 def _summary(bench: Benchmark, samples: list, results: ResultsFile, skipped: list, settings: dict) -> Summary:
     scored = [results.records[s.id] for s in samples if s.id in results.records]
-    total = record_scores(*scored)
+    total = record_scores(bench.num_classes, *scored)
     return Summary(
         dataset=bench.name,
         images=total.images,
@@ -331,21 +319,9 @@ def _summary(bench: Benchmark, samples: list, results: ResultsFile, skipped: lis
         seconds_per_image=float(np.mean([r["seconds"] for r in scored])) if scored else float("nan"),
         skipped=skipped,
         settings=settings,
-        paper={
-            "pixel_accuracy": bench.paper_pixel_accuracy,
-            "miou": bench.paper_miou,
-            "diffcut_miou": bench.diffcut_miou,
-        },
+        published=[asdict(p) for p in bench.published],
+        classes=bench.class_names(settings["protocol"]),
     )
-
-
-def _nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """DiffCut's label downsampling: `F.interpolate(labels, size)`, whose default mode is "nearest"."""
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(labels)).float()[None, None]
-    return F.interpolate(t, size=size)[0, 0].long().numpy()
 
 
 def _write_summary(output: Path, summary: Summary) -> None:
@@ -354,13 +330,15 @@ def _write_summary(output: Path, summary: Summary) -> None:
 
 
 def format_summary(summary: Summary) -> str:
-    """The printed table: the paper's row beside this run's."""
-    rows = [
-        ("DiffSeg (Tian et al. 2024)", summary.paper["pixel_accuracy"], summary.paper["miou"], ""),
-        ("DiffCut (Couairon et al. 2024)", None, summary.paper.get("diffcut_miou"), ""),
-        ("this run", 100 * summary.pixel_accuracy, 100 * summary.miou, str(summary.images)),
+    """The printed table: the published rows beside this run's."""
+    rows = [(p["method"], p["pixel_accuracy"], p["miou"], "") for p in summary.published]
+    rows.append(("this run", 100 * summary.pixel_accuracy, 100 * summary.miou, str(summary.images)))
+    protocol = summary.settings.get("protocol", "diffseg")
+    lines = [
+        f"{summary.dataset}: unsupervised, per-image Hungarian matching, {len(summary.iou)} classes, "
+        f"{protocol} protocol",
+        "",
     ]
-    lines = [f"{summary.dataset}: unsupervised, Hungarian matching, {NUM_CLASSES} classes", ""]
     lines.append(f"{'':32}{'pixel acc':>10}{'mIoU':>8}{'images':>8}")
     for name, acc, miou, n in rows:
         acc, miou = ("" if v is None else f"{v:.1f}" for v in (acc, miou))

@@ -87,3 +87,27 @@ def hungarian_scores(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     fn[rows] = hist.sum(axis=1)[rows] - matched
     fp[rows] = hist.sum(axis=0)[cols] - matched
     return Scores(tp=tp, fp=fp, fn=fn, all=int(hist.sum()), images=1)
+
+
+def merge_unmatched_into_background(
+    labels: np.ndarray, predictions: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """DiffCut's many-to-one background step (`eval_diffcut.py`, VOC20, Context and COCO-Object), before scoring.
+
+    1. A first matching over the foreground classes only (the last class, background, left out).
+    2. Every predicted id present that is not the match of an "assigned" class becomes one new id, `max + 1`.
+       A class is assigned when its row of the confusion matrix, restricted to the matched columns, has a pixel
+       (reference: `hist[:, col_ind].max(axis=1) > 0`).
+    3. Unlabelled pixels (-1) become the background class `num_classes - 1`.
+
+    Returns:
+        (labels, predictions), both new arrays of the inputs' shapes, for `hungarian_scores(..., num_classes)`.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    predictions = np.asarray(predictions).astype(np.int64)
+    hist = confusion_matrix(labels, predictions, num_classes - 1)
+    _, cols = linear_sum_assignment(hist, maximize=True)
+    assigned = cols[hist[:, cols].max(axis=1) > 0]
+    unmatched = np.setdiff1d(np.unique(predictions), assigned)
+    merged = np.where(np.isin(predictions, unmatched), predictions.max() + 1, predictions)
+    return np.where(labels == -1, num_classes - 1, labels), merged

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..bundle import AttentionBundle, Bundle, FeatureBundle
-from ..config import ENCODE_DEFAULTS, DiffCutConfig, EncodeConfig, SegmentConfig
+from ..bundle import AttentionBundle, Bundle, FeatureBundle, TextAttentionBundle
+from ..config import ENCODE_DEFAULTS, DiffCutConfig, EncodeConfig, Seg4DiffConfig, SegmentConfig
 from .diffcut.segment import segment_features
 from .diffseg.segment import segment_attention
+from .seg4diff.segment import segment_text_attention
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Method:
         encode: (pipeline, pixels, images, settings, vocabulary, segment_from) -> one bundle per image.
         segment: (bundle, config, output_size, image at output_size) -> (H, W) int32 ids 0..K-1.
         names_segments: whether naming words can ride along its encode (cross-attention of the same UNet pass).
+        families: the backbone families it runs on (`Backbone.family`); None: every one.
     """
 
     name: str
@@ -42,6 +44,10 @@ class Method:
     encode: Callable[..., list]
     segment: Callable[..., np.ndarray]
     names_segments: bool = False
+    families: tuple[str, ...] | None = None
+
+    def runs_on(self, family: str) -> bool:
+        return self.families is None or family in self.families
 
 
 def _encode_attention(pipe, pixels, images, settings: EncodeConfig, vocabulary, segment_from) -> list[AttentionBundle]:
@@ -78,6 +84,24 @@ def _encode_features(pipe, pixels, images, settings: EncodeConfig, vocabulary, s
     ]
 
 
+def _encode_text_attention(
+    pipe, pixels, images, settings: EncodeConfig, vocabulary, segment_from
+) -> list[TextAttentionBundle]:
+    """Seg4Diff's encode: one SD3 block's image-to-text attention."""
+    maps = pipe.text_attention(
+        pixels,
+        timestep=settings.timestep,
+        noise_seed=settings.noise_seed,
+        blocks=settings.blocks,
+        schedule=settings.schedule,
+    )
+    family = pipe.backbone.family
+    return [
+        TextAttentionBundle(m.float().cpu(), image, settings.timestep, pipe.model, family)
+        for m, image in zip(maps, images)
+    ]
+
+
 def _segment_attention(bundle: AttentionBundle, config: SegmentConfig, size, image) -> np.ndarray:
     return segment_attention(
         bundle.attention,
@@ -95,6 +119,12 @@ def _segment_features(bundle: FeatureBundle, config: DiffCutConfig, size, image)
     pixels = torch.tensor(image).permute(2, 0, 1)[None].float() / 255 if config.pamr else None  # (1, 3, H, W)
     return segment_features(
         bundle.features, tau=config.tau, alpha=config.alpha, output_size=size, image=pixels, pamr=config.pamr
+    )
+
+
+def _segment_text_attention(bundle: TextAttentionBundle, config: Seg4DiffConfig, size, image) -> np.ndarray:
+    return segment_text_attention(
+        bundle.text_attention, kl_threshold=config.kl_threshold, power=config.power, output_size=size
     )
 
 
@@ -119,6 +149,16 @@ METHODS: dict[str, Method] = {
             ENCODE_DEFAULTS["diffcut"],
             _encode_features,
             _segment_features,
+        ),
+        Method(
+            "seg4diff",
+            "an SD3 block's image-to-text attention merged by KL (Kim et al., NeurIPS 2025; SD3 and SD3.5 only)",
+            Seg4DiffConfig,
+            TextAttentionBundle,
+            ENCODE_DEFAULTS["seg4diff"],
+            _encode_text_attention,
+            _segment_text_attention,
+            families=("sd3",),
         ),
     )
 }
