@@ -133,6 +133,18 @@ def convert_pas20(input, output):
     Image.fromarray(img).save(output)
 
 
+def many_to_one(pred, label_map, N_CLASS):
+    """`eval_diffcut.py`'s "Many-to-one matching for background", in place on `pred` and `label_map`."""
+    _, _, _, _, hist, col_ind = hungarian_matching(pred, label_map, N_CLASS - 1)
+    label_map[label_map == -1] = N_CLASS - 1
+    assigned_gt_clusters = np.where(hist.max(axis=1) > 0)[0].tolist()
+    assigned_pred_clusters = [col_ind[i] for i in assigned_gt_clusters]
+    background_clusters = list(set(np.unique(pred)) - set(assigned_pred_clusters))
+    bg_label = pred.max() + 1
+    for bg_cls in background_clusters:
+        pred[pred == bg_cls] = bg_label
+
+
 def evaluate(dataset_name, root, predictions, file_list=None, split="validation"):
     """`Benchmark_Segmentation.evaluate` over precomputed predictions (`predictions/ID.png`), batch size 1."""
     N_CLASS = {"COCO-Stuff": 27, "COCO-Object": 81, "VOC20": 21, "Context": 60, "Cityscapes": 27, "ADE20K": 150}[
@@ -158,14 +170,7 @@ def evaluate(dataset_name, root, predictions, file_list=None, split="validation"
         label_map = F.interpolate(torch.Tensor(label_map), size=(128, 128))
         label_map = label_map.cpu().numpy().astype(int)
         if dataset_name in ["VOC20", "Context", "COCO-Object"]:
-            _, _, _, _, hist, col_ind = hungarian_matching(pred, label_map, N_CLASS - 1)
-            label_map[label_map == -1] = N_CLASS - 1
-            assigned_gt_clusters = np.where(hist.max(axis=1) > 0)[0].tolist()
-            assigned_pred_clusters = [col_ind[i] for i in assigned_gt_clusters]
-            background_clusters = list(set(np.unique(pred)) - set(assigned_pred_clusters))
-            bg_label = pred.max() + 1
-            for bg_cls in background_clusters:
-                pred[pred == bg_cls] = bg_label
+            many_to_one(pred, label_map, N_CLASS)
         tp, fp, fn, all, _, _ = hungarian_matching(pred, label_map, N_CLASS)
         TP += tp
         FP += fp

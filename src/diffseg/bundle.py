@@ -114,8 +114,21 @@ class AttentionBundle(_Saved):
         return tensors, metadata
 
 
+class _OneTensor(_Saved):
+    """A bundle whose method reads one tensor, the field named `tensor`, saved under that name."""
+
+    tensor: ClassVar[str]
+
+    def to(self, device):
+        """A copy whose tensor is on `device` (where segmenting then runs)."""
+        return dataclasses.replace(self, **{self.tensor: getattr(self, self.tensor).to(device)})
+
+    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return {self.tensor: getattr(self, self.tensor).detach().float().cpu().contiguous()}, {}
+
+
 @dataclass
-class FeatureBundle(_Saved):
+class FeatureBundle(_OneTensor):
     """What DiffCut segments: one UNet layer's tokens of one image, with the image it came from.
 
     Attributes:
@@ -127,6 +140,7 @@ class FeatureBundle(_Saved):
     """
 
     method: ClassVar[str] = "diffcut"
+    tensor: ClassVar[str] = "features"
 
     features: torch.Tensor
     image: np.ndarray
@@ -134,16 +148,9 @@ class FeatureBundle(_Saved):
     model: str = ""
     family: str = ""
 
-    def to(self, device) -> FeatureBundle:
-        """A copy whose features are on `device` (where segmenting then runs)."""
-        return dataclasses.replace(self, features=self.features.to(device))
-
-    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        return {"features": self.features.detach().float().cpu().contiguous()}, {}
-
 
 @dataclass
-class TextAttentionBundle(_Saved):
+class TextAttentionBundle(_OneTensor):
     """What Seg4Diff segments: one SD3 block's image-to-text attention of one image, with the image it came from.
 
     Attributes:
@@ -153,19 +160,13 @@ class TextAttentionBundle(_Saved):
     """
 
     method: ClassVar[str] = "seg4diff"
+    tensor: ClassVar[str] = "text_attention"
 
     text_attention: torch.Tensor
     image: np.ndarray
     timestep: int
     model: str = ""
     family: str = ""
-
-    def to(self, device) -> TextAttentionBundle:
-        """A copy whose maps are on `device` (where segmenting then runs)."""
-        return dataclasses.replace(self, text_attention=self.text_attention.to(device))
-
-    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        return {"text_attention": self.text_attention.detach().float().cpu().contiguous()}, {}
 
 
 Bundle = AttentionBundle | FeatureBundle | TextAttentionBundle
