@@ -63,6 +63,8 @@ def test_package_data_equals_the_shared_copies():
     table = coco_class_map()
     assert all(table[int(k)] == v for k, v in mapping.items())
     assert table[255] == -1 and set(table[:182]) <= set(range(27))
+    shipped = Path(__file__).resolve().parents[1] / "src" / "diffseg" / "data" / "cocoobject_fine_to_object80.json"
+    assert shipped.read_text() == (SHARED / "cocoobject_fine_to_object80.json").read_text()
 
 
 def test_label_protocol_crops_the_centre_and_resizes_nearest():
