@@ -106,6 +106,11 @@ def sdxl_demo_server(tiny_sdxl_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sd3_demo_server(tiny_sd3_checkpoint, tmp_path_factory):
+    yield from _serve(tiny_sd3_checkpoint, tmp_path_factory.mktemp("demo-sd3"))
+
+
+@pytest.fixture(scope="module")
 def browser():
     """Debian's Chromium, headless, with nothing of its own reaching out to the network."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
@@ -481,6 +486,30 @@ def test_diffcut_encodes_its_features_once_and_tau_resegments_from_the_cache(use
     assert "from cache" in user.type("tau", "0.9") and user.log.encodes() == 2
     assert "from cache" in user.choose("diffseg") and user.log.encodes() == 2
     assert user.page.locator("#kl-threshold").is_visible() and not user.page.locator("#tau").is_visible()
+
+
+def test_on_sd3_seg4diff_is_offered_encodes_once_and_its_threshold_resegments_from_the_cache(
+    browser, sd3_demo_server, tmp_path
+):
+    page, external = _open(browser, sd3_demo_server)
+    sd3 = User(page, sd3_demo_server)
+    try:
+        assert "encoded in" in sd3.upload(_photo(tmp_path, "sd3", 96, 128)) and sd3.log.encodes() == 1
+        assert page.locator("#advanced").is_visible()  # the transformer's block range
+        merged = sd3.choose("seg4diff")
+        assert "encoded in" in merged and sd3.log.encodes() == 2
+        assert page.locator("#seg4diff-kl").is_visible() and not page.locator("#kl-threshold").is_visible()
+        assert "from cache" in sd3.type("seg4diff-kl", "0.01") and sd3.log.encodes() == 2
+        assert "from cache" in sd3.choose("diffseg") and sd3.log.encodes() == 2
+    finally:
+        page.close()
+    assert external == [], "the page fetched something from outside the server"
+
+
+def test_a_unet_page_does_not_offer_seg4diff(user):
+    user.page.get_by_role("radio", name="diffcut").wait_for()
+    assert user.page.get_by_role("radio", name="diffcut").count() == 1
+    assert user.page.get_by_role("radio", name="seg4diff").count() == 0
 
 
 def test_named_segments_never_overlap_and_keep_their_own_bundle(user, tmp_path):

@@ -437,7 +437,7 @@ class Demo:
             *encoding,
             *[
                 control.input(self.on_change, inputs, outputs(), **instant)
-                for control in (c.kl, c.iterations, c.points, c.tau, c.alpha, c.refine, c.pamr)
+                for control in (c.kl, c.iterations, c.points, c.tau, c.alpha, c.refine, c.pamr, c.seg4diff_kl, c.power)
             ],
             *[control.input(self.on_weight, inputs, outputs(c.preset), **instant) for control in c.weights],
             c.preset.input(self.on_preset, inputs, outputs(), **latest),
