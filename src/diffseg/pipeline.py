@@ -21,7 +21,7 @@ from PIL import Image
 
 from .backbones import dit
 from .backbones import families as backbones
-from .backbones.capture import capture_attention, capture_joint_attention, capture_output, token_grid
+from .backbones.capture import capture_attention, capture_joint_attention, capture_output, stop_after, token_grid
 from .backbones.devices import place, resolve_device, resolve_dtype
 from .bundle import Bundle
 from .config import (
@@ -382,7 +382,9 @@ class DiffSegPipeline:
             if vocabulary is not None:
                 self._check_words()
             chosen = self._blocks(blocks)
-            with self._lock, capture_joint_attention(self.transformer, grid, self.backbone.family, chosen) as store:
+            last = dit.blocks(self.transformer)[-1 if chosen is None else chosen[-1]]
+            capture = capture_joint_attention(self.transformer, grid, self.backbone.family, chosen)
+            with self._lock, capture as store, stop_after(last):  # the blocks after the range are not needed
                 self.transformer(**inputs)
             return store.maps(), store.layers, None
         self._blocks(blocks)  # a UNet has none: refused
@@ -421,7 +423,8 @@ class DiffSegPipeline:
             layer = dit.feature_block(self.backbone, self.transformer, None if chosen is None else chosen[-1])
         else:
             layer = backbones.diffcut_layer(self.backbone, self.unet)
-        with self._lock, capture_output(layer) as record:  # one forward at a time: the hook sees every forward
+        # One forward at a time: the hook sees every forward. Nothing after the layer is needed: the forward stops.
+        with self._lock, capture_output(layer) as record, stop_after(layer):
             self.denoiser(**inputs)
         # A UNet's attn1 gives (B, h·w, C); a transformer block its (text, image) streams, the image's second.
         tokens = record["output"] if self.transformer is None else record["output"][1]
@@ -461,7 +464,7 @@ class DiffSegPipeline:
         inputs, grid = self._step_inputs(pixels, timestep, noise_seed, schedule=schedule, conditioning=conditioning)
         tokens = dit.SEG4DIFF_TEXT_TOKENS
         capture = capture_joint_attention(self.transformer, grid, "sd3", chosen, text_tokens=tokens, record_image=False)
-        with self._lock, capture as store:
+        with self._lock, capture as store, stop_after(dit.blocks(self.transformer)[chosen[-1]]):
             self.transformer(**inputs)
         return store.maps("cross")[grid].reshape(len(pixels), *grid, tokens)
 

@@ -419,6 +419,30 @@ def capture_attention(
         unet.set_attn_processor(original)
 
 
+class _Reached(Exception):
+    """Raised by `stop_after`'s hook once its module has run; caught by `stop_after`."""
+
+
+@contextmanager
+def stop_after(module: torch.nn.Module) -> Iterator[None]:
+    """Run a forward inside the block only as far as `module`: once it has run (and any hooks registered before this
+    one have seen its output), the rest of the model is skipped. For encodes that read one layer and never the
+    model's output (DiffCut's features, Seg4Diff's attention, a transformer's first blocks): the same result at
+    a fraction of the work. Under block-level group offloading the blocks run so far are offloaded as usual; the
+    model's small top-level modules stay onloaded until the next forward."""
+
+    def hook(_module, _inputs, _output):
+        raise _Reached
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+
+
 @contextmanager
 def capture_output(module: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Record `module`'s output during the block (DiffCut's features: one `attn1`'s output, the UNet keeping its

@@ -102,13 +102,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace, bench):
     """The method's settings for one benchmark: DiffSeg's τ is the paper's for it unless given."""
-    kl = args.kl_threshold
-    if kl is None and args.method == "diffseg":
-        args.kl_threshold = bench.kl_threshold
-    try:
-        return method_config(args)
-    finally:
-        args.kl_threshold = kl
+    if args.kl_threshold is None and args.method == "diffseg":
+        args = argparse.Namespace(**{**vars(args), "kl_threshold": bench.kl_threshold})
+    return method_config(args)
 
 
 def _report(summaries, output: Path, args: argparse.Namespace, several: bool) -> None:
