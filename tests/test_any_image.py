@@ -137,7 +137,8 @@ def test_arguments_are_checked_before_the_model_loads(tiny_checkpoint, tmp_path,
         (("--kl-threshold", "inf"), "--kl-threshold"),
         (("--resolution", "100"), "multiple of 64"),
         (("--method", "diffcut", "--tau", "nan"), "--tau"),
-        (("--method", "diffcut", "--labels", "sky"), "diffseg only"),
+        (("--method", "concepts"), "--concepts"),
+        (("--concepts", "sky", "--words", "sky"), "a method of its own"),
         (("--output-size", "60000x60000"), "--output-size"),
     ]:
         assert run_cli("segment", image, "-o", tmp_path / "out", *tiny_model(tiny_checkpoint), *args) == 2

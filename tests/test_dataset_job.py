@@ -213,6 +213,29 @@ def test_segment_dataset_runs_a_transformer_checkpoint_and_matches_segment(local
         np.testing.assert_array_equal(labels, read_labels(tmp_path / "cli" / "labels" / f"{name}.png"))
 
 
+def test_segment_dataset_writes_concept_maps_as_segment_does(local_ray, tiny_flux_checkpoint, tmp_path):
+    """`--concepts` on Ray: the concept label maps and probabilities `diffseg segment --concepts` writes."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(quadrants_image(72, 128)).save(folder / "wide.png")
+    concepts = ("--concepts", "sky, grass, red thing", "--npy")
+    assert run_job(folder, tmp_path / "job", tiny_flux_checkpoint, *concepts) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Ray's workers: float reductions depend on the thread count
+    try:
+        assert run_cli("segment", folder, "-o", tmp_path / "cli", *tiny_model(tiny_flux_checkpoint), *concepts) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for output in ("concepts/wide.png", "concepts/wide.json", "concept-maps/wide.npy"):
+        assert (tmp_path / "job" / output).is_file(), output
+    np.testing.assert_array_equal(
+        read_labels(tmp_path / "job" / "concepts" / "wide.png"), read_labels(tmp_path / "cli" / "concepts" / "wide.png")
+    )
+    maps = np.load(tmp_path / "job" / "concept-maps" / "wide.npy")
+    assert maps.shape == (3, 72, 128)
+    np.testing.assert_allclose(maps, np.load(tmp_path / "cli" / "concept-maps" / "wide.npy"), atol=1e-5)
+
+
 def test_ray_address_local_starts_a_local_instance_whatever_ray_address_says():
     import subprocess
     import sys

@@ -581,12 +581,15 @@ def test_a_number_outside_its_controls_range_is_refused_by_the_controls_label(us
     assert user.log.encodes() == 1 and user.log.segmentations() == 1  # nothing ran on a refused value
 
 
-def test_diffcut_chosen_with_words_says_on_the_page_that_they_are_not_used(user, tmp_path):
+def test_diffcut_chosen_with_words_names_its_segments(user, tmp_path):
+    """DiffCut's segments are named by the words' concept maps (cross-attention of each word on a UNet)."""
     user.upload(_photo(tmp_path, "cut-words"))
     assert "encoded in" in user.words("red, green")
     cut = user.choose("diffcut")
-    assert "encoded in" in cut and "the words are not used: diffcut does not name segments" in cut
-    assert user.page.locator("#tau").is_visible() and user.page.locator("#segments th", has_text="name").count() == 0
+    assert "encoded in" in cut and "not used" not in cut
+    assert user.page.locator("#tau").is_visible() and user.page.locator("#segments th", has_text="name").count() == 1
+    names = user.page.locator("#segments tbody tr").all_inner_texts()
+    assert names and all(("red" in row or "green" in row or "unlabelled" in row) for row in names)
 
 
 def test_one_progress_display_over_the_viewer(user, tmp_path):

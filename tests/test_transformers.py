@@ -274,11 +274,6 @@ def test_half_precision_agrees_with_float32(checkpoint, request, pipelines, dtyp
     assert b.max() > 0 and matched_agreement(a, b) >= agreement
 
 
-def test_naming_words_on_a_transformer_is_refused_with_the_reason(pipelines):
-    with pytest.raises(ValueError, match="cross-attention"):
-        pipelines["tiny_sd3_checkpoint"].encode(quadrants_image(64, 64), labels="cat, sky")
-
-
 # ------------------------------------------------------------------------------------------------ front ends
 
 
@@ -294,16 +289,6 @@ def test_the_cli_segments_with_a_transformer_checkpoint(checkpoint, method, requ
     )
     assert code == 0
     assert read_labels(tmp_path / "out" / "labels" / "wide.png").shape == (72, 128)
-
-
-def test_the_cli_refuses_words_with_a_transformer_before_loading(tiny_sd3_checkpoint, tmp_path, capsys):
-    from PIL import Image
-
-    Image.fromarray(quadrants_image(64, 64)).save(tmp_path / "a.png")
-    code = run_cli(
-        "segment", tmp_path / "a.png", "-o", tmp_path / "out", *tiny_model(tiny_sd3_checkpoint), "--words", "cat"
-    )
-    assert code != 0 and "cross-attention" in capsys.readouterr().err
 
 
 def test_evaluate_scores_a_transformer_checkpoint_under_both_protocols(pipelines, tmp_path):

@@ -4,10 +4,19 @@ Three methods, one API (a pure function on what the denoiser produced, a bundle 
 DiffSeg (Tian et al., "Diffuse, Attend, and Segment", CVPR 2024): self-attention merged by KL divergence;
 DiffCut (Couairon et al., NeurIPS 2024): one layer's features cut by a recursive normalised cut;
 Seg4Diff (Kim et al., NeurIPS 2025; SD3 and SD3.5): one block's image-to-text attention merged by KL divergence.
+And concept maps: where each of your words is (ConceptAttention on SD3 / Flux, cross-attention on UNets).
 """
 
-from .bundle import AttentionBundle, FeatureBundle, TextAttentionBundle, load_bundle
-from .config import DEFAULT_MODEL, DiffCutConfig, EncodeConfig, NamingConfig, Seg4DiffConfig, SegmentConfig
+from .bundle import AttentionBundle, ConceptBundle, FeatureBundle, TextAttentionBundle, load_bundle
+from .config import (
+    DEFAULT_MODEL,
+    ConceptConfig,
+    DiffCutConfig,
+    EncodeConfig,
+    NamingConfig,
+    Seg4DiffConfig,
+    SegmentConfig,
+)
 from .methods.registry import METHODS
 from .methods.diffcut.segment import segment_features
 from .methods.diffseg.segment import segment_attention
@@ -19,6 +28,7 @@ __all__ = [
     "AttentionBundle",
     "FeatureBundle",
     "TextAttentionBundle",
+    "ConceptBundle",
     "load_bundle",
     "METHODS",
     "NamingConfig",
@@ -27,6 +37,7 @@ __all__ = [
     "SegmentConfig",
     "DiffCutConfig",
     "Seg4DiffConfig",
+    "ConceptConfig",
     "Segmentation",
     "segment_attention",
     "segment_features",

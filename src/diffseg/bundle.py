@@ -1,7 +1,7 @@
 """Bundles: what each method segments, computed once per image (the UNet's expensive step).
 
-An `AttentionBundle` (DiffSeg: self-attention per grid), a `FeatureBundle` (DiffCut: one layer's tokens) or a
-`TextAttentionBundle` (Seg4Diff: one block's image-to-text attention).
+An `AttentionBundle` (DiffSeg: self-attention per grid), a `FeatureBundle` (DiffCut: one layer's tokens), a
+`TextAttentionBundle` (Seg4Diff: one block's image-to-text attention) or a `ConceptBundle` (concept maps of words).
 
 Encode once, segment many: the demo's sliders, evaluation sweeps and `--resume` re-run only steps 3-5 on it.
 A bundle saves to and loads from one safetensors file, so segmentation can be re-run without the model.
@@ -50,6 +50,10 @@ class _Saved:
 
         tensors, metadata = self._tensors()
         tensors["image"] = torch.tensor(np.asarray(self.image, dtype=np.uint8))
+        named_by = getattr(self, "named_by", None)
+        if named_by is not None:  # the concept maps that name its segments
+            tensors["named_by.concept_maps"] = named_by.concept_maps.detach().float().cpu().contiguous()
+            metadata["named_by.words"] = json.dumps(list(named_by.words))
         metadata = {"format": FORMAT, "timestep": str(self.timestep), "model": self.model, **metadata}
         if self.family:
             metadata["family"] = self.family
@@ -79,6 +83,8 @@ class AttentionBundle(_Saved):
             words.
         vocabulary: the words (and their token positions) the cross-attention belongs to.
         family: the model family that produced it ("sd1", "sd2", "sdxl", "sd3", "flux"; empty if unknown).
+        named_by: the concept maps of the words that name its segments, where the cross-attention of its own pass
+            cannot (a diffusion transformer; every method but DiffSeg on a UNet).
     """
 
     method: ClassVar[str] = "diffseg"
@@ -91,6 +97,7 @@ class AttentionBundle(_Saved):
     cross_attention: dict[tuple[int, int], torch.Tensor] | None = None
     vocabulary: Vocabulary | None = None
     family: str = ""
+    named_by: ConceptBundle | None = None
 
     def __post_init__(self) -> None:
         self.attention = GridDict((grid_key(g), t) for g, t in self.attention.items())
@@ -137,6 +144,7 @@ class FeatureBundle(_OneTensor):
         timestep: the UNet timestep the features were taken at.
         model: the checkpoint (hub id or folder) that produced it.
         family: the model family that produced it (see `AttentionBundle`).
+        named_by: the concept maps of the words that name its segments (see `AttentionBundle`).
     """
 
     method: ClassVar[str] = "diffcut"
@@ -147,6 +155,7 @@ class FeatureBundle(_OneTensor):
     timestep: int
     model: str = ""
     family: str = ""
+    named_by: ConceptBundle | None = None
 
 
 @dataclass
@@ -156,7 +165,7 @@ class TextAttentionBundle(_OneTensor):
     Attributes:
         text_attention: (h, w, T) float32: each image token's attention over the empty prompt's T = 77 CLIP tokens
             (softmax over the whole joint sequence, mean over heads).
-        image, timestep, model, family: as `FeatureBundle`'s.
+        image, timestep, model, family, named_by: as `FeatureBundle`'s.
     """
 
     method: ClassVar[str] = "seg4diff"
@@ -167,9 +176,42 @@ class TextAttentionBundle(_OneTensor):
     timestep: int
     model: str = ""
     family: str = ""
+    named_by: ConceptBundle | None = None
 
 
-Bundle = AttentionBundle | FeatureBundle | TextAttentionBundle
+@dataclass
+class ConceptBundle(_OneTensor):
+    """Where each concept word is in one image (`pipeline.concept_maps`), with the image it came from.
+
+    Attributes:
+        concept_maps: (K, h, w) float32 on the token grid, summing to 1 over the K concepts at every token.
+        words: the K concepts, in the order given (the label map's ids).
+        image, timestep, model, family: as `FeatureBundle`'s.
+    """
+
+    method: ClassVar[str] = "concepts"
+    tensor: ClassVar[str] = "concept_maps"
+
+    concept_maps: torch.Tensor
+    image: np.ndarray
+    timestep: int
+    model: str = ""
+    family: str = ""
+    words: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.concept_maps.dim() != 3 or self.concept_maps.shape[0] != len(self.words):
+            raise ValueError(
+                f"`concept_maps` shaped {tuple(self.concept_maps.shape)} do not hold one (h, w) map per word of "
+                f"{list(self.words)}."
+            )
+
+    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors, _ = super()._tensors()
+        return tensors, {"words": json.dumps(list(self.words))}
+
+
+Bundle = AttentionBundle | FeatureBundle | TextAttentionBundle | ConceptBundle
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
@@ -212,6 +254,14 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         "model": metadata.get("model", ""),
         "family": metadata.get("family", ""),
     }
+    if "concept_maps" in tensors:
+        maps = _checked_features(path, tensors["concept_maps"], "concept_maps")
+        words = field_of("words", lambda: tuple(str(w) for w in json.loads(metadata["words"])))
+        return field_of("concept_maps", lambda: ConceptBundle(maps, words=words, **common))
+    if "named_by.concept_maps" in tensors:  # the concept maps that name the segments
+        maps = _checked_features(path, tensors["named_by.concept_maps"], "named_by")
+        words = field_of("named_by", lambda: tuple(str(w) for w in json.loads(metadata["named_by.words"])))
+        common["named_by"] = field_of("named_by", lambda: ConceptBundle(maps, image, common["timestep"], words=words))
     if "features" in tensors:
         return FeatureBundle(_checked_features(path, tensors["features"]), **common)
     if "text_attention" in tensors:

@@ -80,10 +80,15 @@ class EncodeConfig:
 # schedule (`NUM_INFERENCE_STEPS: 28`, `NOISE_STEPS: 8`): σ = 0.5151 for SD3, t ≈ 261 on the training axis. Its noise
 # is unseeded (`randn_tensor`); ours is seeded, so that a run repeats.
 SEG4DIFF_SCHEDULE = (28, 8)
+# ConceptAttention's references: Flux `encode_image(num_steps=4, noise_timestep=2, seed=0)`, σ = `get_schedule(4)[2]`
+# (0.5 on schnell); SD3 `encode_image(num_inference_steps=4, timestep_index=-2)`: both the point 2 from the end of a
+# 4-step schedule. UNets (cross-attention) take the timestep, DiffSeg's 300, with the same seeded noise.
+CONCEPT_SCHEDULE = (4, 2)
 ENCODE_DEFAULTS = {
     "diffseg": EncodeConfig(),
     "diffcut": EncodeConfig(timestep=50, resolution=1024, noise_seed=42),
     "seg4diff": EncodeConfig(timestep=261, resolution=1024, noise_seed=0, schedule=SEG4DIFF_SCHEDULE),
+    "concepts": EncodeConfig(timestep=300, noise_seed=0, schedule=CONCEPT_SCHEDULE),
 }
 
 
@@ -238,6 +243,12 @@ class Seg4DiffConfig:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and math.isfinite(value) and value > 0):
                 raise ValueError(f"`{name}` must be a positive number but is {value!r}.")
+
+
+@dataclass(frozen=True)
+class ConceptConfig:
+    """How concept maps become a label map: each pixel takes its most probable concept (the maps' argmax, as the
+    references' segmentation). Nothing to set: the concepts themselves are the job's words."""
 
 
 @dataclass(frozen=True)

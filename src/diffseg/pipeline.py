@@ -11,6 +11,7 @@ How each Stable Diffusion family loads and is conditioned lives in `backbones`; 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from PIL import Image
 
 from .backbones import dit
 from .backbones import families as backbones
+from .backbones.concepts import ConceptTokens, concept_attention, default_blocks, encode_concepts, parse_concepts
 from .backbones.capture import capture_attention, capture_joint_attention, capture_output, stop_after, token_grid
 from .backbones.devices import place, resolve_device, resolve_dtype
 from .bundle import Bundle
@@ -38,7 +40,7 @@ from .config import (
 )
 from .io.images import as_array, to_model_input
 from .io.images import crop as crop_image
-from .naming.vocabulary import Vocabulary, build_vocabulary
+from .naming.vocabulary import Vocabulary, build_vocabulary, word_scores
 from .methods.registry import METHODS, method_named
 from .segmentation import Segmentation, segment_bundle
 
@@ -107,6 +109,8 @@ class DiffSegPipeline:
         self.scheduler = scheduler
         self.model = model
         self._conditioning: dict[object, backbones.Conditioning] = {}
+        self._text_components = {k: v for k, v in text_components.items() if v is not None}
+        self._concepts: dict[tuple[str, ...], ConceptTokens] = {}
         if self.transformer is not None:
             if conditioning is None:  # text encoders given in memory: encode the empty prompt with them, once
                 encoders = dict(text_encoder=self.text_encoder, text_encoder_2=text_encoder_2, **text_components)
@@ -178,6 +182,26 @@ class DiffSegPipeline:
         """A `Vocabulary` for `words` with this pipeline's tokenizer (see `semantic.build_vocabulary`)."""
         self._check_words()
         return build_vocabulary(words, self.tokenizer)
+
+    def words_for(self, spec, words: Sequence[str] | str | None) -> Vocabulary | tuple[str, ...] | None:
+        """How method `spec` takes `words`: a `Vocabulary` when its own UNet pass names its segments (DiffSeg's
+        cross-attention); else the words as a tuple, which are the concepts (`concepts`, which needs them) or the
+        concepts whose maps name its segments (every other method, and every method on a diffusion transformer).
+
+        Raises:
+            ValueError: no words for the concepts method, or words no encoder takes.
+        """
+        if spec.concepts and words is None:
+            raise ValueError("The concepts method maps words to pixels: pass them, e.g. --concepts 'cat, dog, sky'.")
+        if words is None:
+            return None
+        if spec.names_segments and self.unet is not None:
+            return self.vocabulary(words)
+        words = parse_concepts(words)
+        if self.unet is not None:
+            for word in words:  # each its own prompt: fail before any image when one cannot be
+                self.vocabulary([word])
+        return words
 
     def _check_words(self) -> None:
         if self.transformer is not None:
@@ -257,9 +281,7 @@ class DiffSegPipeline:
         batch = [images] if single else list(images)
         if not batch:
             raise ValueError("`images` is empty; pass at least one image.")
-        if labels is not None and not spec.names_segments:
-            raise ValueError(f"Naming segments with `labels` does not work with method {method!r}; use 'diffseg'.")
-        vocabulary = self.vocabulary(labels) if labels is not None else None
+        vocabulary = self.words_for(spec, labels)
 
         # 2. Decode and crop: the region encoded is also what the labels will cover.
         arrays = [crop_image(as_array(image), config.crop) for image in batch]
@@ -290,7 +312,7 @@ class DiffSegPipeline:
         *,
         method: str = "diffseg",
         config: EncodeConfig | None = None,
-        vocabulary: Vocabulary | None = None,
+        vocabulary: Vocabulary | tuple[str, ...] | None = None,
         segment_from: str = _NAMING.segment_from,
     ) -> list[Bundle]:
         """Bundles of a prepared batch (see `images.to_model_input`) whose (H, W, 3) uint8 `images` (after any
@@ -304,7 +326,15 @@ class DiffSegPipeline:
                 f"{spec.name} runs on {', '.join(spec.families)} checkpoints; this is {self.backbone.name}. Use "
                 f"another method (one of {others})."
             )
-        return spec.encode(self, pixels, images, config or spec.encode_defaults, vocabulary, segment_from)
+        config = config or spec.encode_defaults
+        if spec.concepts or not isinstance(vocabulary, tuple):
+            return spec.encode(self, pixels, images, config, vocabulary, segment_from)
+        # Words that name the segments through their concept maps: a second step on the same pixels, at the concept
+        # maps' own noise (`ENCODE_DEFAULTS["concepts"]`) and blocks.
+        bundles = spec.encode(self, pixels, images, config, None, segment_from)
+        concepts = METHODS["concepts"]
+        named_by = concepts.encode(self, pixels, images, concepts.encode_defaults, vocabulary, segment_from)
+        return [dataclasses.replace(b, named_by=n) for b, n in zip(bundles, named_by)]
 
     def _step_inputs(
         self, pixels: torch.Tensor, timestep: int, noise_seed: int | None, *, schedule=None, conditioning=None
@@ -316,7 +346,10 @@ class DiffSegPipeline:
         size = tuple(pixels.shape[-2:])
         if self.transformer is not None:
             if schedule is not None:
-                level = dit.schedule_sigma(self._noise_schedule(), *schedule)
+                tokens = dit.token_count(size, self.backbone)
+                level = dit.schedule_sigma(
+                    self._noise_schedule(), *schedule, family=self.backbone.family, tokens=tokens
+                )
             else:
                 level = dit.sigma(self.backbone, self._noise_schedule(), timestep, dit.token_count(size, self.backbone))
             pixels = pixels.to(self.device, torch.float32, memory_format=torch.channels_last)
@@ -467,6 +500,105 @@ class DiffSegPipeline:
         with self._lock, capture as store, stop_after(dit.blocks(self.transformer)[chosen[-1]]):
             self.transformer(**inputs)
         return store.maps("cross")[grid].reshape(len(pixels), *grid, tokens)
+
+    # ------------------------------------------------------------------ concepts: words to pixels
+
+    def concept_tokens(self, words: Sequence[str] | str) -> ConceptTokens:
+        """A diffusion transformer's concept tokens for `words` (`concepts.encode_concepts`), computed once per word
+        set. The text encoders they need (Flux: T5; SD3: both CLIPs) load on the first call when the pipeline has
+        none (its empty prompt came from the cache), and stay for the next."""
+        words = parse_concepts(words)
+        if words not in self._concepts:
+            needed = ("text_encoder_2",) if self.backbone.family == "flux" else ("text_encoder", "text_encoder_2")
+            encoders = {**self._text_components, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+            encoders.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
+            if any(encoders.get(name) is None for name in needed):
+                loaded = backbones.load_text_encoders(
+                    self.model, self.backbone, needed, dtype=self.dtype, device=self.device
+                )
+                for name, component in loaded.items():  # the pipeline's attributes, as if given at the start
+                    setattr(self, name, component)
+                encoders.update(loaded)
+            width = self.transformer.config.joint_attention_dim
+            self._concepts[words] = encode_concepts(self.backbone, encoders, words, self.device, width)
+        return self._concepts[words]
+
+    @torch.inference_mode()
+    def concept_maps(
+        self,
+        pixels: torch.Tensor,
+        words: Sequence[str] | str,
+        *,
+        timestep: int = ENCODE_DEFAULTS["concepts"].timestep,
+        noise_seed: int | None = ENCODE_DEFAULTS["concepts"].noise_seed,
+        blocks: tuple[int, int] | None = None,
+        schedule: tuple[int, int] | None = ENCODE_DEFAULTS["concepts"].schedule,
+    ) -> torch.Tensor:
+        """Where each word is in a prepared batch: (B, K, h, w) float32 on the token grid, summing to 1 over the K
+        concepts at every token.
+
+        SD3 and Flux: ConceptAttention (`backbones.concepts`) at the reference's noise level (`schedule`: step 2 of 4,
+        σ = 0.5 on Flux.1-schnell) and blocks (`blocks` (first, last) joint blocks; default Flux's last four double
+        blocks, SD3 every block); Flux, as its reference, with the pooled text vector and the guidance zero. UNets:
+        each word's cross-attention (`concept_cross_attention`).
+        """
+        words = parse_concepts(words)
+        if self.transformer is None:
+            self._blocks(blocks)  # a UNet has none: refused
+            return self.concept_cross_attention(pixels, words, timestep=timestep, noise_seed=noise_seed)
+        joint = len(self.transformer.transformer_blocks)
+        chosen = self._blocks(blocks) or default_blocks(self.backbone.family, joint)
+        if chosen.stop > joint:
+            raise ValueError(
+                f"Concept maps read joint (double-stream) blocks; {self.backbone.name} has {joint} (0 to {joint - 1}), "
+                f"not {chosen.start}:{chosen.stop - 1}."
+            )
+        tokens = self.concept_tokens(words)
+        conditioning = self.prompt_embedding()
+        if self.backbone.family == "flux":  # reference `encode_image`: y = zeros (`embed_concepts`' vec), guidance 0
+            conditioning = backbones.Conditioning(conditioning.hidden, torch.zeros_like(conditioning.pooled))
+        inputs, grid = self._step_inputs(pixels, timestep, noise_seed, schedule=schedule, conditioning=conditioning)
+        if "guidance" in inputs:
+            inputs["guidance"] = torch.zeros_like(inputs["guidance"])
+        family, last = self.backbone.family, self.transformer.transformer_blocks[chosen[-1]]
+        with self._lock, concept_attention(self.transformer, family, tokens, chosen) as record, stop_after(last):
+            self.transformer(**inputs)
+        return record.maps().reshape(len(pixels), len(words), *grid)
+
+    def concept_cross_attention(
+        self, pixels: torch.Tensor, words: tuple[str, ...], *, timestep: int, noise_seed: int | None
+    ) -> torch.Tensor:
+        """A UNet's concept maps: each word's cross-attention, averaged over layers, heads and its tokens and
+        L2-normalised over space as the naming step computes it (`vocabulary.word_scores`), then shared out over the
+        words at each token. Each word is its own prompt, one batch of K × B, so no word's map depends on the
+        others (CLIP reads a prompt left to right)."""
+        vocabularies = [self.vocabulary([word]) for word in words]
+        batch, size = len(pixels), tuple(pixels.shape[-2:])
+        inputs, grid = self._step_inputs(pixels, timestep, noise_seed)
+        parts = [
+            {"sample": inputs["sample"], "timestep": inputs["timestep"]}
+            | backbones.unet_inputs(self.backbone, self.prompt_embedding(v), batch, size)
+            for v in vocabularies
+        ]
+        joined = parts[0]
+        for part in parts[1:]:
+            joined = _concat(joined, part)
+        with self._lock, capture_attention(self.unet, grid, cross=True, self_attention=False) as store:
+            self.unet(**joined)
+        cross = store.maps("cross")  # grid -> (K·B, h·w, 77), word-major
+        scores = torch.stack(
+            [
+                torch.cat(
+                    [
+                        word_scores({g: m[k * batch + b] for g, m in cross.items()}, v, size=grid)
+                        for k, v in enumerate(vocabularies)
+                    ]
+                )
+                for b in range(batch)
+            ]
+        )  # (B, K, h·w)
+        shares = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return shares.reshape(batch, len(words), *grid)
 
     def _blocks(self, blocks: tuple[int, int] | None) -> range | None:
         """The transformer block indices `blocks` (first, last) names, checked against this model."""

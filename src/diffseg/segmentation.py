@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .bundle import Bundle
+from .bundle import Bundle, ConceptBundle
 from .config import DiffCutConfig, NamingConfig, SegmentConfig
-from .io.visualisation import overlay
+from .io.visualisation import overlay, with_legend
+from .methods.concepts.segment import probabilities
 from .methods.registry import Method, method_of
 from .naming.vocabulary import SegmentLabel, assign_labels, word_scores
 
@@ -26,16 +27,23 @@ class Segmentation:
         num_segments: K.
         image: (H, W, 3) uint8 RGB the labels belong to.
         names: per segment, its word and score, when the bundle was encoded with labels; else None.
+        probabilities: concept maps only: (K, H, W) float32, each concept's probability at each pixel (summing to 1
+            over concepts); `labels` is their argmax, ids the concepts' indices, `names` the concepts.
     """
 
     labels: np.ndarray
     num_segments: int
     image: np.ndarray
     names: list[SegmentLabel] | None = None
+    probabilities: np.ndarray | None = None
 
     @property
     def overlay(self) -> Image.Image:
-        """Segment colours over the image, with boundaries drawn (and segment names, when there are any)."""
+        """Segment colours over the image, with boundaries drawn (and segment names, when there are any; concept maps:
+        a legend of the concepts' colours below the image)."""
+        if self.probabilities is not None:
+            words = [n.label for n in self.names]
+            return Image.fromarray(with_legend(overlay(self.image, self.labels), words))
         names = None if self.names is None else {n.id: n.label or "unlabelled" for n in self.names}
         return Image.fromarray(overlay(self.image, self.labels, names=names))
 
@@ -73,7 +81,8 @@ def segment_bundle(
     defaults) and any keyword `overrides` of its fields. Labels at the image's size unless `output_size` is given.
 
     A bundle encoded with words also gets its segments named (`vocabulary.assign_labels`, by `naming`'s voting and
-    minimum confidence); naming never changes the label map.
+    minimum confidence), from its cross-attention or from the words' concept maps (`named_by`); naming never changes
+    the label map.
     """
     method = method_of(bundle)
     config = settings_for(method, config, **overrides)
@@ -85,10 +94,30 @@ def segment_bundle(
     if image.shape[:2] != size:
         image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
     labels = method.segment(bundle, config, size, image)
+    if isinstance(bundle, ConceptBundle):
+        return _concept_segmentation(bundle, labels, image)
     names = None
+    votes = {"voting": naming.voting, "min_confidence": naming.min_confidence}
     if getattr(bundle, "cross_attention", None) is not None and bundle.vocabulary is not None:
         scores = word_scores(bundle.cross_attention, bundle.vocabulary)
-        names = assign_labels(
-            labels, scores, bundle.vocabulary.words, voting=naming.voting, min_confidence=naming.min_confidence
-        )
+        names = assign_labels(labels, scores, bundle.vocabulary.words, **votes)
+    elif bundle.named_by is not None:  # the words' concept maps: each pixel's share of each word
+        maps = bundle.named_by.concept_maps
+        scores = maps.reshape(len(maps), -1).float().cpu()
+        names = assign_labels(labels, scores, bundle.named_by.words, score_size=tuple(maps.shape[-2:]), **votes)
     return Segmentation(labels=labels, num_segments=int(labels.max()) + 1, image=image, names=names)
+
+
+def _concept_segmentation(bundle: ConceptBundle, labels: np.ndarray, image: np.ndarray) -> Segmentation:
+    """A concept bundle's segmentation: one named segment per concept (its score: its mean probability over the pixels
+    it takes), and the probabilities themselves."""
+    shares = probabilities(bundle.concept_maps, labels.shape).cpu().numpy()  # (K, H, W)
+    k = len(bundle.words)
+    flat = labels.reshape(-1)
+    counts = np.bincount(flat, minlength=k)
+    won = np.bincount(flat, weights=shares.reshape(k, -1)[flat, np.arange(flat.size)], minlength=k)
+    names = [
+        SegmentLabel(i, word, round(float(won[i] / max(counts[i], 1)), 4), round(float(counts[i] / flat.size), 6))
+        for i, word in enumerate(bundle.words)
+    ]
+    return Segmentation(labels=labels, num_segments=k, image=image, names=names, probabilities=shares)

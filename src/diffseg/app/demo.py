@@ -236,10 +236,7 @@ class Demo:
         try:
             self.check_ranges(values)
             array, digest = self.decoded(path)
-            words = parse_words(values[c.words])
-            if words and not method_named(method).names_segments:
-                notes.append(f"the words are not used: {method} does not name segments (DiffSeg does)")
-                words = ()
+            words = parse_words(values[c.words])  # every method names its segments with them
             entry, encoded = self.cache.get(
                 array,
                 int(values[c.timestep]),

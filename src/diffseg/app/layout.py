@@ -153,7 +153,8 @@ def _control_column(
         type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="input-image"
     )
     gr.Examples(examples=examples(), inputs=image, elem_id="examples", label="Examples")
-    offered = [name for name, m in METHODS.items() if m.runs_on(family)]
+    # Concept maps have no place on the page yet (they need a words box of their own): the CLI and Python have them.
+    offered = [name for name, m in METHODS.items() if m.runs_on(family) and not m.concepts]
     method = gr.Radio(
         offered,
         value="diffseg",

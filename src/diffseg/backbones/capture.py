@@ -397,10 +397,11 @@ def attention_layers(unet: torch.nn.Module, kind: str = "self") -> list[str]:
 
 @contextmanager
 def capture_attention(
-    unet: torch.nn.Module, latent: tuple[int, int], *, cross: bool = False
+    unet: torch.nn.Module, latent: tuple[int, int], *, cross: bool = False, self_attention: bool = True
 ) -> Iterator[AttentionStore]:
-    """Install capturing processors on the self-attention layers (and, with `cross`, the cross-attention layers) for
-    the duration of the block. The original processors are restored on exit, also when the forward raises.
+    """Install capturing processors on the self-attention layers (and, with `cross`, the cross-attention layers;
+    `self_attention=False` leaves the self-attention fused and unrecorded) for the duration of the block. The
+    original processors are restored on exit, also when the forward raises.
 
         with capture_attention(unet, latents.shape[-2:]) as store:
             unet(latents, timestep, encoder_hidden_states=text)
@@ -408,7 +409,9 @@ def capture_attention(
     """
     store = AttentionStore(latent)
     original = unet.attn_processors  # name -> processor, every layer
-    replace = {name: AttentionCaptureProcessor(store, "self") for name in attention_layers(unet, "self")}
+    replace = {}
+    if self_attention:
+        replace.update({name: AttentionCaptureProcessor(store, "self") for name in attention_layers(unet, "self")})
     if cross:
         replace.update({name: AttentionCaptureProcessor(store, "cross") for name in attention_layers(unet, "cross")})
     # `set_attn_processor` with a dict wants a processor for every layer: keep the others as they are.

@@ -162,29 +162,40 @@ def sigma(backbone: Backbone, scheduler, timestep: int, tokens: int) -> float:
     if u <= 0:
         return 0.0
     if config.get("use_dynamic_shifting", False):
-        with quiet():
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        mu = calculate_shift(
-            tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        return float(scheduler.time_shift(mu, 1.0, torch.tensor(u)))
+        return float(scheduler.time_shift(_shift(config, tokens), 1.0, torch.tensor(u)))
     shift = config.get("shift", 1.0)
     return shift * u / (1 + (shift - 1) * u)
 
 
-def schedule_sigma(scheduler, steps: int, from_end: int) -> float:
-    """σ at `timesteps[-from_end]` of the scheduler's `set_timesteps(steps)`: where Seg4Diff's `prepare_latent` puts
-    the noise (`scheduler.scale_noise(latent, scheduler.timesteps[-noise_steps], noise)`). A static-shift scheduler
-    (SD3's); SD3-medium, 28 steps, 8th from the end: σ = 0.5151."""
+def _shift(config, tokens: int) -> float:
+    """μ of Flux's resolution-dependent shift for `tokens` image tokens (FluxPipeline's `calculate_shift`)."""
+    with quiet():
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(
+        tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+
+
+def schedule_sigma(scheduler, steps: int, from_end: int, *, family: str = "sd3", tokens: int = 4096) -> float:
+    """σ at `timesteps[-from_end]` of the family's `steps`-step inference schedule, as its diffusers pipeline sets it.
+
+    SD3: the scheduler's `set_timesteps(steps)`: where Seg4Diff's `prepare_latent` puts the noise
+    (`scheduler.scale_noise(latent, scheduler.timesteps[-noise_steps], noise)`); SD3-medium, 28 steps, 8th from the
+    end: σ = 0.5151. Flux: `FluxPipeline`'s σ = linspace(1, 1/steps, steps), shifted for `tokens` image tokens
+    (dev; schnell has no shift): ConceptAttention's `get_schedule(4)[2]` is σ = 0.5 on schnell."""
+    import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     copy = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-    copy.set_timesteps(steps)
+    if family == "flux":
+        copy.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=_shift(scheduler.config, tokens))
+    else:
+        copy.set_timesteps(steps)
     return float(copy.sigmas[len(copy.timesteps) - from_end])
 
 
@@ -295,10 +306,17 @@ def load(model: str, backbone: Backbone, *, dtype: torch.dtype, local_files_only
 
 
 def load_text_encoders(
-    model: str, backbone: Backbone, *, dtype: torch.dtype, local_files_only: bool, missing
+    model: str,
+    backbone: Backbone,
+    *,
+    dtype: torch.dtype,
+    local_files_only: bool,
+    missing,
+    only: tuple[str, ...] | None = None,
 ) -> dict[str, object]:
-    """The family's text encoders and tokenizers. SD3 without `text_encoder_3/` (a checkpoint saved without T5)
-    runs with zeros in its place, as diffusers does; every other component must be there."""
+    """The family's text encoders and tokenizers (`only`: those text encoders, with their tokenizers). SD3 without
+    `text_encoder_3/` (a checkpoint saved without T5) runs with zeros in its place, as diffusers does; every other
+    component must be there."""
     import transformers
 
     facts = DIT_FAMILIES[backbone.family]
@@ -307,6 +325,8 @@ def load_text_encoders(
     for encoder, tokenizer, encoder_class, tokenizer_class in zip(
         backbone.text_encoders, backbone.tokenizers, facts["encoder_classes"], facts["tokenizer_classes"]
     ):
+        if only is not None and encoder not in only:
+            continue
         if encoder == "text_encoder_3" and folder.is_dir() and not (folder / encoder).is_dir():
             continue  # SD3 saved without T5: zeros in its place
         try:

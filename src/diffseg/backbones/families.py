@@ -391,6 +391,27 @@ def _load_transformer(
     return components
 
 
+def load_text_encoders(
+    model: str, backbone: Backbone, names: tuple[str, ...], *, dtype: torch.dtype, device: torch.device
+) -> dict[str, object]:
+    """A diffusion transformer's text encoders `names` (and their tokenizers), loaded on `device` for words (concept
+    maps) when the empty prompt's conditioning came from the cache. The same errors as `load`."""
+    from . import dit
+
+    model = str(model)
+    check_model_path(model)
+    offline = not Path(model).expanduser().is_dir() and not _hub_reachable()
+
+    def missing(name: str, error: Exception) -> FileNotFoundError:
+        return _missing_weights(model, f"`{name}`", UNREACHABLE if offline else str(error))
+
+    with _quiet_loading(), dit.quiet():
+        loaded = dit.load_text_encoders(
+            model, backbone, dtype=dtype, local_files_only=offline, missing=missing, only=names
+        )
+    return {n: e.to(device) if isinstance(e, torch.nn.Module) else e for n, e in loaded.items()}
+
+
 def load_tokenizer(model: str | os.PathLike):
     """The checkpoint's first tokenizer alone (no weights: a few MB), so that naming words can be checked before the
     model loads."""

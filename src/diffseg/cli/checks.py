@@ -72,20 +72,22 @@ def check_model(args: argparse.Namespace, encode=None):
 
 
 def check_naming(args: argparse.Namespace) -> None:
-    """Naming words checked with the checkpoint's tokenizer alone, and a caption model that cannot be had refused,
-    before the model loads."""
+    """Naming words (or concepts) checked with the checkpoint's tokenizer alone, and a caption model that cannot be
+    had refused, before the model loads."""
     if getattr(args, "words", None) is not None:
+        from ..backbones.concepts import parse_concepts
         from ..backbones.families import load_tokenizer, read_backbone
         from ..naming.vocabulary import build_vocabulary
 
         backbone = read_backbone(args.model)
-        if backbone.denoiser == "transformer":
-            raise ValueError(
-                f"`--words` names segments by a UNet's cross-attention; {backbone.name} has none. Use an SD 1.x/2.x or "
-                "SDXL checkpoint with `--words`."
-            )
-
-        build_vocabulary(args.words, load_tokenizer(args.model))
+        if backbone.denoiser == "transformer":  # concept maps: T5 or CLIP, loaded with the model
+            parse_concepts(args.words)
+        elif getattr(args, "method", "diffseg") == "diffseg":  # one prompt of all the words
+            build_vocabulary(args.words, load_tokenizer(args.model))
+        else:  # concept maps: each word its own prompt
+            tokenizer = load_tokenizer(args.model)
+            for word in parse_concepts(args.words):
+                build_vocabulary([word], tokenizer)
     if getattr(args, "caption", False):
         from ..naming.captioning import DEFAULT_CAPTION_MODEL, check_caption_model, default_tagger
 

@@ -7,6 +7,7 @@ import sys
 
 from .checks import check_batch_size, check_model, check_naming, check_writable
 from .options import (
+    add_concept_arguments,
     add_encode_arguments,
     add_label_arguments,
     add_model_arguments,
@@ -14,6 +15,7 @@ from .options import (
     add_segment_arguments,
     job_config,
     output_writers,
+    resolve_concepts,
 )
 
 
@@ -26,6 +28,7 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
         ) from error
     from ..jobs.dataset import segment_dataset
 
+    resolve_concepts(args)
     config = job_config(args)
     check_model(args, config.encode)
     check_naming(args)
@@ -84,5 +87,6 @@ def add_segment_dataset_command(commands) -> None:
     add_encode_arguments(p)
     p.set_defaults(batch_size=4)
     add_segment_arguments(p)
+    add_concept_arguments(p)
     add_label_arguments(p, captions=False)
     p.set_defaults(run=run_segment_dataset)

@@ -14,6 +14,7 @@ from ..config import (
     RESOLUTION_PRESETS,
     SEGMENT_FROM,
     VOTING,
+    ConceptConfig,
     DiffCutConfig,
     EncodeConfig,
     NamingConfig,
@@ -232,6 +233,28 @@ def add_segment_arguments(parser: argparse.ArgumentParser, per_dataset: bool = F
     )
 
 
+def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--concepts",
+        default=None,
+        metavar="WORDS",
+        help="comma-separated words to find, e.g. 'cat, dog, grass, sky': writes concepts/NAME.png (each pixel's most "
+        "probable word, ids in the order given), concept-overlays/NAME.png (with a legend), concepts/NAME.json and, "
+        "with --npy, concept-maps/NAME.npy (K×H×W probabilities). ConceptAttention on SD3 / Flux, cross-attention on "
+        "SD 1.x/2.x/SDXL (the same as --method concepts --words WORDS)",
+    )
+
+
+def resolve_concepts(args: argparse.Namespace) -> None:
+    """`--concepts WORDS` is `--method concepts --words WORDS`; refused with another method or other words."""
+    concepts = getattr(args, "concepts", None)
+    if concepts is None:
+        return
+    if args.method not in ("diffseg", "concepts") or args.words is not None or getattr(args, "caption", False):
+        raise ValueError("--concepts is a method of its own: pass it without --method, --words or --caption.")
+    args.method, args.words = "concepts", concepts
+
+
 def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) -> None:
     group = parser.add_argument_group("naming segments with words")
     group.add_argument(
@@ -240,7 +263,9 @@ def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) 
         dest="words",
         default=None,
         metavar="WORDS",
-        help="comma-separated words to name segments with, e.g. 'road,car,person,sky' (offline; --labels is the same)",
+        help="comma-separated words to name segments with, e.g. 'road,car,person,sky' (offline; --labels is the same): "
+        "DiffSeg on SD 1.x/2.x/SDXL by its own pass's cross-attention, every other method and family by the words' "
+        "concept maps (see --concepts)",
     )
     if captions:
         group.add_argument(
@@ -282,6 +307,8 @@ def method_config(args: argparse.Namespace) -> SegmentConfig | DiffCutConfig:
     checked before any model loads by the config itself."""
     if args.method == "diffcut":
         return _checked(DiffCutConfig, {"tau": args.tau, "alpha": args.alpha, "pamr": args.pamr})
+    if args.method == "concepts":
+        return ConceptConfig()
     if args.method == "seg4diff":
         kl = _SEG4DIFF.kl_threshold if args.kl_threshold is None else args.kl_threshold
         if isinstance(kl, tuple):
@@ -318,8 +345,8 @@ def job_config(args: argparse.Namespace, output_size: tuple[int, int] | None = N
     words = getattr(args, "words", None)
     if words is not None and getattr(args, "caption", False):
         raise ValueError("Pass either --words or --caption, not both.")
-    if (words is not None or getattr(args, "caption", False)) and not METHODS[args.method].names_segments:
-        raise ValueError(f"Naming segments (--words, --caption) works with --method diffseg only, not {args.method}.")
+    if METHODS[args.method].concepts and (words is None or getattr(args, "caption", False)):
+        raise ValueError("--method concepts maps words: pass them with --concepts 'cat, dog, sky' (not --caption).")
     return JobConfig(
         method=args.method,
         encode=encode_config(args),
@@ -362,4 +389,5 @@ def output_writers(args: argparse.Namespace, naming: bool = False) -> list:
             import pycocotools  # noqa: F401
         except ImportError as error:
             raise ImportError("--coco needs pycocotools: pip install 'diffseg[coco]' (or pycocotools).") from error
-    return writers_for(overlay=not args.no_overlay, npy=args.npy, names=naming, coco=args.coco)
+    concepts = METHODS[args.method].concepts
+    return writers_for(overlay=not args.no_overlay, npy=args.npy, names=naming, coco=args.coco, concepts=concepts)

@@ -19,6 +19,7 @@ from .checks import (
 )
 from .options import (
     _size,
+    add_concept_arguments,
     add_encode_arguments,
     add_label_arguments,
     add_model_arguments,
@@ -26,6 +27,7 @@ from .options import (
     add_segment_arguments,
     job_config,
     output_writers,
+    resolve_concepts,
 )
 
 
@@ -35,8 +37,10 @@ def run_segment(args: argparse.Namespace) -> int:
     from ..io.images import find_images
     from ..io.outputs import OutputFolder
     from ..jobs.runner import Job, pending
+    from ..methods.registry import METHODS
 
     # 1. Check inputs and arguments, before anything loads: every setting made once.
+    resolve_concepts(args)
     batch_size = check_batch_size(args.batch_size)
     config = job_config(args, output_size=check_output_size(args.output_size))
     sink = OutputFolder(Path(args.output), tuple(output_writers(args, naming=args.words is not None or args.caption)))
@@ -55,7 +59,7 @@ def run_segment(args: argparse.Namespace) -> int:
     # 2. Load the model.
     pipe = load_pipeline(args)
     if args.words is not None:
-        pipe.vocabulary(args.words)  # fail before any image: empty, too long
+        pipe.words_for(METHODS[args.method], args.words)  # fail before any image: empty, too long
     captioner = load_captioner(args, pipe.device) if args.caption else None
     job = Job(pipe, config, captioner=captioner, batch_size=batch_size)
 
@@ -93,7 +97,7 @@ def add_segment_command(commands) -> None:
         help="segment images, folders or globs into label maps and overlays",
         description="Segment images with DiffSeg (default) or DiffCut (--method diffcut). Writes "
         "OUTPUT/labels/NAME.png (integer ids), OUTPUT/overlays/NAME.png and, with --npy, OUTPUT/arrays/NAME.npy; with "
-        "--coco, OUTPUT/coco/NAME.json (COCO RLE masks).",
+        "--coco, OUTPUT/coco/NAME.json (COCO RLE masks). With --concepts WORDS: where each word is (see --concepts).",
     )
     p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -109,5 +113,6 @@ def add_segment_command(commands) -> None:
     add_model_arguments(p)
     add_encode_arguments(p)
     add_segment_arguments(p)
+    add_concept_arguments(p)
     add_label_arguments(p)
     p.set_defaults(run=run_segment)

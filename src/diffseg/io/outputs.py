@@ -179,13 +179,23 @@ def _write_array(outcome, path: Path) -> None:
     save_array(outcome.result.labels, path)
 
 
+def _write_probabilities(outcome, path: Path) -> None:
+    save_array(outcome.result.probabilities.astype(np.float32), path)  # (K, H, W): its argmax is the label map
+
+
 def _write_names(outcome, path: Path) -> None:
-    names, vocabulary = outcome.result.names or [], outcome.bundle.vocabulary
+    names, bundle = outcome.result.names or [], outcome.bundle
+    if hasattr(bundle, "words"):  # concept maps
+        words = bundle.words
+    elif bundle.named_by is not None:  # named by concept maps
+        words = bundle.named_by.words
+    else:  # by its own pass's cross-attention
+        words = bundle.vocabulary.words if bundle.vocabulary else ()
     save_json(
         {
             "image": str(outcome.source),
             "caption": outcome.caption,
-            "vocabulary": list(vocabulary.words) if vocabulary else [],
+            "vocabulary": list(words),
             "voting": outcome.voting,
             "segments": {str(n.id): {"label": n.label, "score": n.score, "area": n.area} for n in names},
         },
@@ -244,18 +254,33 @@ WRITERS = {
 }
 
 
-def writers_for(*, overlay: bool = True, npy: bool = False, names: bool = False, coco: bool = False) -> list[Writer]:
-    """The writers of the formats asked for; the label PNG always comes first."""
-    chosen = {"overlay": overlay, "npy": npy, "names": names, "coco": coco}
-    return [WRITERS["labels"]] + [WRITERS[key] for key, on in chosen.items() if on]
+# Concept maps: the label map of concept indices, the overlay with its legend, the words and each one's share (JSON),
+# and with --npy the (K, H, W) probabilities.
+CONCEPT_WRITERS = {
+    "labels": Writer("labels", "concepts", ".png", _write_labels),
+    "overlay": Writer("overlay", "concept-overlays", ".png", _write_overlay),
+    "npy": Writer("npy", "concept-maps", ".npy", _write_probabilities),
+    "names": Writer("names", "concepts", ".json", _write_names),
+    "coco": WRITERS["coco"],
+}
+
+
+def writers_for(
+    *, overlay: bool = True, npy: bool = False, names: bool = False, coco: bool = False, concepts: bool = False
+) -> list[Writer]:
+    """The writers of the formats asked for (`concepts`: those of concept maps, their words always written); the
+    label PNG always comes first."""
+    table = CONCEPT_WRITERS if concepts else WRITERS
+    chosen = {"overlay": overlay, "npy": npy, "names": names or concepts, "coco": coco}
+    return [table["labels"]] + [table[key] for key, on in chosen.items() if on]
 
 
 def outputs_done(output: str | os.PathLike, name: str, writers: list[Writer], source: str | None = None) -> bool:
-    """Whether every writer's file exists (for `--resume`) and, given `source`, the label map was made from that
-    input (a map recording another input is not this one's; one recording none is trusted)."""
+    """Whether every writer's file exists (for `--resume`) and, given `source`, the label map (the first writer's) was
+    made from that input (a map recording another input is not this one's; one recording none is trusted)."""
     if not all(w.path(output, name).is_file() for w in writers):
         return False
-    recorded = label_source(WRITERS["labels"].path(output, name)) if source is not None else None
+    recorded = label_source(writers[0].path(output, name)) if source is not None else None
     return recorded is None or recorded == source_id(source)
 
 

@@ -151,3 +151,34 @@ def _write_names(image: np.ndarray, labels: np.ndarray, names: Mapping[int, str]
             stroke_fill=(0, 0, 0),
         )
     return np.asarray(canvas)
+
+
+def with_legend(image: np.ndarray, words: list[str]) -> np.ndarray:
+    """`image` with a legend below it: each word after a swatch of its id's palette colour (id = the word's index),
+    in rows as wide as the image. (H + legend, W, 3) uint8."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = image.shape[:2]
+    size = max(12, min(28, width // 40))
+    font = ImageFont.load_default(size=size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad, swatch = size // 2, size
+    entries = [(k, word, swatch + pad // 2 + measure.textlength(word, font=font)) for k, word in enumerate(words)]
+    rows, x = [[]], pad
+    for entry in entries:  # wrap to the image's width
+        if rows[-1] and x + entry[2] > width - pad:
+            rows.append([])
+            x = pad
+        rows[-1].append((x, *entry))
+        x += entry[2] + 2 * pad
+    line = size + pad
+    canvas = Image.new("RGB", (width, height + len(rows) * line + pad), (255, 255, 255))
+    canvas.paste(Image.fromarray(np.asarray(image, dtype=np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    colours = palette(len(words))
+    for r, row in enumerate(rows):
+        y = height + pad + r * line
+        for x, k, word, _ in row:
+            draw.rectangle((x, y, x + swatch, y + swatch), fill=tuple(int(c) for c in colours[k]), outline=(0, 0, 0))
+            draw.text((x + swatch + pad // 2, y + swatch // 2), word, font=font, fill=(0, 0, 0), anchor="lm")
+    return np.asarray(canvas)

@@ -24,7 +24,7 @@ from ..backbones.families import Backbone, read_backbone, target_size
 from ..config import DEFAULT_MODEL, EncodeConfig
 from ..io.images import crop as crop_image
 from ..io.images import decode_image, find_images, to_model_input
-from ..io.outputs import WRITERS, OutputFolder, atomic_path, read_labels
+from ..io.outputs import CONCEPT_WRITERS, WRITERS, OutputFolder, atomic_path, read_labels
 from .runner import Job, JobConfig, Outcome, deliver, pending
 
 MANIFEST = "manifest.parquet"
@@ -145,6 +145,14 @@ def read_manifest(output: Path) -> dict[str, dict]:
     return {row["name"]: row for row in pq.read_table(path).to_pylist()}
 
 
+def writers(config: JobConfig, formats) -> tuple:
+    """The writers of `formats` (keys of `outputs.WRITERS`) for the job's method: concept maps have their own files."""
+    from ..methods.registry import method_named
+
+    table = CONCEPT_WRITERS if method_named(config.method).concepts else WRITERS
+    return tuple(table[f] for f in formats)
+
+
 class Manifest:
     """`OUTPUT/manifest.parquet`: one row per input, and the job's resume sink. An input is done when its files are
     (`OutputFolder.done`); a label PNG whose row a killed run never wrote is adopted into the manifest."""
@@ -164,7 +172,7 @@ class Manifest:
         return True
 
     def label_path(self, name: str) -> Path:
-        return WRITERS["labels"].path(self.folder, name)
+        return self.files.writers[0].path(self.folder, name)
 
     def row(self, source: str, name: str, shape=None, num_segments=None, labels=None, error: str = "") -> dict:
         height, width = shape if shape is not None else (None, None)
@@ -234,7 +242,7 @@ class SegmentWorker:
         from ..pipeline import DiffSegPipeline
 
         self.job = Job(DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype, offload=offload), config)
-        self.files = OutputFolder(Path(output), tuple(WRITERS[f] for f in formats))
+        self.files = OutputFolder(Path(output), writers(config, formats))
         self.manifest = Manifest(self.files, rows={})  # the rows are the driver's; a worker only makes its own
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -297,7 +305,8 @@ def segment_dataset(
         batch_size: images per UNet batch on each worker.
         num_gpus_per_worker: GPUs per actor (fractions share a GPU); None: 1 if the cluster has GPUs, else 0.
         concurrency: number of actors.
-        formats: keys of `outputs.WRITERS` to write besides the label PNG ("overlay", "npy", "names", "coco").
+        formats: keys of `outputs.WRITERS` to write besides the label PNG ("overlay", "npy", "names", "coco"); concept
+            maps write `outputs.CONCEPT_WRITERS`' files under the same keys.
     """
     # 1. Check inputs; read back what is done.
     config = config or JobConfig()
@@ -309,7 +318,7 @@ def segment_dataset(
     items = list_inputs(source)
     output.mkdir(parents=True, exist_ok=True)
     formats = tuple(dict.fromkeys(("labels", *formats)))
-    manifest = Manifest(OutputFolder(output, tuple(WRITERS[f] for f in formats)))
+    manifest = Manifest(OutputFolder(output, writers(config, formats)))
     todo = pending(items, [manifest])
     summary = JobSummary(skipped=len(items) - len(todo))
     if not todo:

@@ -46,7 +46,8 @@ class JobConfig:
         segment: the method's settings object, a `SegmentConfig` (DiffSeg) or `DiffCutConfig` (DiffCut) (default:
             its defaults).
         naming: how segments are named from words (voting, minimum confidence, the pass segments come from).
-        words: words to name segments with (a list or a comma-separated string), or None.
+        words: words to name segments with (a list or a comma-separated string), or None; for concept maps, the
+            concepts.
         output_size: (height, width) of every label map; None: each image's own size (after any crop).
     """
 
@@ -65,8 +66,8 @@ class JobConfig:
             object.__setattr__(self, "segment", spec.config())
         if not isinstance(self.segment, spec.config):
             raise ValueError(f"{self.method} takes a {spec.config.__name__}, not a {type(self.segment).__name__}.")
-        if self.words is not None and not spec.names_segments:
-            raise ValueError(f"Naming segments with words works with DiffSeg only, not with {self.method}.")
+        if self.words is None and spec.concepts:
+            raise ValueError("Concept maps need words: pass the concepts, e.g. 'cat, dog, sky'.")
 
 
 @dataclass
@@ -165,8 +166,8 @@ class Job:
 
     @cached_property
     def vocabulary(self):
-        """The job's words, tokenised once (None without words)."""
-        return self.pipe.vocabulary(self.config.words) if self.config.words is not None else None
+        """The job's words as its method takes them, made once: a tokenised vocabulary, the concepts, or None."""
+        return self.pipe.words_for(method_named(self.config.method), self.config.words)
 
     def _encode(self, images: list, words) -> list[Bundle]:
         config = self.config
@@ -206,7 +207,8 @@ class Job:
     ) -> Iterator[Outcome]:
         """The segment stage on encoded bundles: one outcome per item."""
         config = self.config
-        voting = config.naming.voting if config.words is not None or self.captioner is not None else None
+        named = (config.words is not None and not method_named(config.method).concepts) or self.captioner is not None
+        voting = config.naming.voting if named else None
         for (source, name), bundle, caption in zip(items, bundles, captions or [None] * len(items)):
             try:
                 result = self.pipe.segment(bundle, config.segment, output_size=config.output_size, naming=config.naming)

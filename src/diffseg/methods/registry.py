@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..bundle import AttentionBundle, Bundle, FeatureBundle, TextAttentionBundle
-from ..config import ENCODE_DEFAULTS, DiffCutConfig, EncodeConfig, Seg4DiffConfig, SegmentConfig
+from ..bundle import AttentionBundle, Bundle, ConceptBundle, FeatureBundle, TextAttentionBundle
+from ..config import ENCODE_DEFAULTS, ConceptConfig, DiffCutConfig, EncodeConfig, Seg4DiffConfig, SegmentConfig
+from .concepts.segment import segment_concepts
 from .diffcut.segment import segment_features
 from .diffseg.segment import segment_attention
 from .seg4diff.segment import segment_text_attention
@@ -34,6 +35,7 @@ class Method:
         segment: (bundle, config, output_size, image at output_size) -> (H, W) int32 ids 0..K-1.
         names_segments: whether naming words can ride along its encode (cross-attention of the same UNet pass).
         families: the backbone families it runs on (`Backbone.family`); None: every one.
+        concepts: whether its words are what it maps (required), not names for its segments.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Method:
     segment: Callable[..., np.ndarray]
     names_segments: bool = False
     families: tuple[str, ...] | None = None
+    concepts: bool = False
 
     def runs_on(self, family: str) -> bool:
         return self.families is None or family in self.families
@@ -75,13 +78,19 @@ def _encode_attention(pipe, pixels, images, settings: EncodeConfig, vocabulary, 
     ]
 
 
+def _per_image(bundle: type, tensors, images, settings: EncodeConfig, pipe, **fields) -> list:
+    """One bundle of a one-tensor type per image: its slice of the batch's tensor, in float32 on the CPU."""
+    family = pipe.backbone.family
+    return [
+        bundle(t.float().cpu(), image, settings.timestep, pipe.model, family, **fields)
+        for t, image in zip(tensors, images)
+    ]
+
+
 def _encode_features(pipe, pixels, images, settings: EncodeConfig, vocabulary, segment_from) -> list[FeatureBundle]:
     """DiffCut's encode: one layer's tokens."""
     tokens = pipe.features(pixels, timestep=settings.timestep, noise_seed=settings.noise_seed, blocks=settings.blocks)
-    family = pipe.backbone.family
-    return [
-        FeatureBundle(t.float().cpu(), image, settings.timestep, pipe.model, family) for t, image in zip(tokens, images)
-    ]
+    return _per_image(FeatureBundle, tokens, images, settings, pipe)
 
 
 def _encode_text_attention(
@@ -95,11 +104,20 @@ def _encode_text_attention(
         blocks=settings.blocks,
         schedule=settings.schedule,
     )
-    family = pipe.backbone.family
-    return [
-        TextAttentionBundle(m.float().cpu(), image, settings.timestep, pipe.model, family)
-        for m, image in zip(maps, images)
-    ]
+    return _per_image(TextAttentionBundle, maps, images, settings, pipe)
+
+
+def _encode_concepts(pipe, pixels, images, settings: EncodeConfig, words, segment_from) -> list[ConceptBundle]:
+    """Concept maps' encode: each word's map over the image (`pipeline.concept_maps`)."""
+    maps = pipe.concept_maps(
+        pixels,
+        words,
+        timestep=settings.timestep,
+        noise_seed=settings.noise_seed,
+        blocks=settings.blocks,
+        schedule=settings.schedule,
+    )
+    return _per_image(ConceptBundle, maps, images, settings, pipe, words=tuple(words))
 
 
 def _segment_attention(bundle: AttentionBundle, config: SegmentConfig, size, image) -> np.ndarray:
@@ -120,6 +138,10 @@ def _segment_features(bundle: FeatureBundle, config: DiffCutConfig, size, image)
     return segment_features(
         bundle.features, tau=config.tau, alpha=config.alpha, output_size=size, image=pixels, pamr=config.pamr
     )
+
+
+def _segment_concepts(bundle: ConceptBundle, config: ConceptConfig, size, image) -> np.ndarray:
+    return segment_concepts(bundle.concept_maps, size)
 
 
 def _segment_text_attention(bundle: TextAttentionBundle, config: Seg4DiffConfig, size, image) -> np.ndarray:
@@ -159,6 +181,16 @@ METHODS: dict[str, Method] = {
             _encode_text_attention,
             _segment_text_attention,
             families=("sd3",),
+        ),
+        Method(
+            "concepts",
+            "each word's map: ConceptAttention (Helbling et al., ICML 2025) on SD3 / Flux, cross-attention on UNets",
+            ConceptConfig,
+            ConceptBundle,
+            ENCODE_DEFAULTS["concepts"],
+            _encode_concepts,
+            _segment_concepts,
+            concepts=True,
         ),
     )
 }
