@@ -346,3 +346,83 @@ def test_evaluate_voc20_with_diffcut_and_pamr_through_the_cli(tiny_checkpoint, t
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(len(r["tp"]) == 21 and r["all"] == 128 * 128 for r in records)
     assert "voc20: unsupervised, per-image Hungarian matching, 21 classes, diffcut protocol" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ open-vocabulary
+
+
+def reference_multi_class(mask: np.ndarray, labels: np.ndarray, classes: int = 21):
+    """`run_multi_class_seg_experiment.py`'s per-class accumulation, transcribed: intersection and union of the
+    predicted and true masks of each class; accuracy over labelled pixels (`batch_pix_accuracy`)."""
+    inter, union = np.zeros(classes), np.zeros(classes)
+    for class_index in range(classes):
+        inter[class_index] += ((mask == class_index) & (labels == class_index)).sum()
+        union[class_index] += ((mask == class_index) | (labels == class_index)).sum()
+    correct = ((mask + 1 == labels + 1) * (labels + 1 > 0)).sum()
+    return inter, union, correct / (labels + 1 > 0).sum()
+
+
+def test_open_vocabulary_scores_are_the_references_intersections_and_unions():
+    from diffseg.evaluation.metrics import supervised_scores
+
+    rng = np.random.default_rng(3)
+    labels = blobs(rng, (64, 64), [0, 3, 7, 20])
+    mask = np.where(rng.random((64, 64)) < 0.7, labels, rng.choice([0, 3, 9, 20], size=(64, 64)))
+    ours = supervised_scores(labels, mask, 21)
+    inter, union, accuracy = reference_multi_class(mask, labels)
+    np.testing.assert_array_equal(ours.tp, inter)
+    np.testing.assert_array_equal(ours.tp + ours.fp + ours.fn, union)
+    assert ours.pixel_accuracy == pytest.approx(accuracy)
+    present = union > 0
+    assert ours.miou == pytest.approx((inter[present] / union[present]).mean())
+    # An unlabelled pixel (VOC's border) is not scored, whatever is predicted there.
+    bordered = labels.copy()
+    bordered[:, :4] = -1
+    assert supervised_scores(bordered, mask, 21).all == int((bordered >= 0).sum())
+
+
+def test_class_concepts_are_the_references_background_words_then_the_present_classes(tmp_path):
+    from diffseg.evaluation.datasets import BENCHMARKS
+    from diffseg.evaluation.harness import BACKGROUND_CONCEPTS, ClassConcepts
+
+    voc = BENCHMARKS["voc20"]
+    label = np.array([[20, 14, -1], [2, 14, 20]])
+    words, classes = ClassConcepts().words(voc, label, "concepts")
+    assert words == [*BACKGROUND_CONCEPTS, "bird", "person"]
+    np.testing.assert_array_equal(classes, [20] * 5 + [2, 14])
+    words, classes = ClassConcepts(("background",), all_classes=True).words(voc, label, "concepts")
+    assert len(words) == 21 and words[1:] == voc.class_names()[:20] and classes[0] == 20
+    # The official layout's background (0) is the background class and its border unlabelled under this protocol.
+    make_voc(tmp_path, tmp_path / "preds", np.random.default_rng(4))
+    sample = voc.samples(tmp_path / "VOCdevkit" / "VOC2012")[0]
+    raw = np.asarray(Image.open(sample.label))
+    read = voc.read_label(sample.label, "concepts")
+    assert (read[raw == 0] == 20).all() and (read[raw == 255] == -1).all() and (read[raw == 5] == 4).all()
+
+
+def test_evaluate_voc21_with_concepts_from_classes_through_the_cli(tiny_flux_checkpoint, tmp_path, capsys):
+    from conftest import tiny_model
+
+    make_voc(tmp_path, tmp_path / "preds", np.random.default_rng(11))
+    out = tmp_path / "run"
+    argv = ("evaluate", "voc21", "--root", tmp_path / "VOCdevkit" / "VOC2012", "--limit", "2", "-o", out)
+    assert run_cli(*argv, *tiny_model(tiny_flux_checkpoint), "--concepts-from-classes") == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["protocol"] == "concepts" and settings["method"].startswith("concepts:")
+    assert settings["background_concepts"] == ["background", "floor", "grass", "tree", "sky"]
+    voc = BENCHMARKS["voc20"]
+    for record, sample in zip(
+        [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()],
+        voc.samples(tmp_path / "VOCdevkit" / "VOC2012"),
+    ):
+        label = PROTOCOLS["concepts"].label(voc.read_label(sample.label, "concepts"))
+        assert record["all"] == int((label >= 0).sum())  # the 64×64 grid, the border not scored
+        present = set(np.unique(label[label >= 0]).tolist()) | {20}
+        assert all(record["fp"][c] == 0 for c in range(21) if c not in present)  # only its words are predicted
+    text = capsys.readouterr().out
+    assert "open-vocabulary, no matching, 21 classes, concepts protocol" in text and "ConceptAttention" in text
+    assert run_cli(*argv, *tiny_model(tiny_flux_checkpoint), "--concepts-from-classes", "--method", "diffcut") == 2
+    assert (
+        run_cli("evaluate", "ade20k", "--root", tmp_path, *tiny_model(tiny_flux_checkpoint), "--concepts-from-classes")
+        == 2
+    )

@@ -271,3 +271,12 @@ def test_the_cli_names_a_transformers_segments(tiny_sd3_checkpoint, tmp_path):
     record = json.loads((tmp_path / "out" / "semantics" / "photo.json").read_text())
     assert record["vocabulary"] == ["sky", "grass"] and record["voting"] == "majority"
     assert {s["label"] for s in record["segments"].values()} <= {"sky", "grass", None}
+
+
+@pytest.mark.parametrize("dtype, bound", [("float16", 1e-2), ("bfloat16", 3e-2)])
+def test_half_precision_concept_maps_stay_close_to_float32(flux, tiny_flux_checkpoint, dtype, bound):
+    """A relative norm, not a largest error: what half precision can promise on any CPU."""
+    half = DiffSegPipeline.from_pretrained(tiny_flux_checkpoint, device="cpu", dtype=dtype)
+    pixels = to_model_input([photo()], (96, 128))
+    ours, full = half.concept_maps(pixels, WORDS), flux.concept_maps(pixels, WORDS)
+    assert ours.dtype == torch.float32 and relative_error(ours, full) < bound

@@ -592,6 +592,30 @@ def test_diffcut_chosen_with_words_names_its_segments(user, tmp_path):
     assert names and all(("red" in row or "green" in row or "unlabelled" in row) for row in names)
 
 
+def test_concept_maps_show_each_words_share_where_the_pointer_is(user, tmp_path):
+    """Method "concepts": the words are what it finds; one segment per word, named; pointing at the image gives every
+    word's share there, from the maps the page holds (no server round trip)."""
+    user.upload(_photo(tmp_path, "concepts"))
+    page = user.page
+    page.get_by_role("radio", name="concepts").check()  # no words yet: the page says what to do, keeps its result
+    page.get_by_text("Concept maps find words").first.wait_for(timeout=30_000)
+    assert "encoded in" in user.words("red, green, blue")
+    segments = _viewer(page)["segments"]
+    assert sorted(s["name"] for s in segments) == ["blue", "green", "red"]
+    assert page.locator("#segments th", has_text="name").count() == 1
+    page.mouse.move(*_point(page, max(segments, key=lambda s: s["area"])))
+    tip = page.locator("#viewer .tip")
+    tip.wait_for(state="visible")
+    shares = dict(part.rsplit(" ", 2)[:2] for part in tip.inner_text().split(" · "))
+    assert set(shares) == {"red", "green", "blue"} and abs(sum(int(v) for v in shares.values()) - 100) <= 2
+    requests = user.log.segmentations()
+    page.mouse.move(*_point(page, min(segments, key=lambda s: s["area"])))
+    assert user.log.segmentations() == requests  # pointing asks the server nothing
+    page.locator(".toast-wrap .toast-close").first.click()  # the earlier message, out of the README's picture
+    page.mouse.move(*_point(page, max(segments, key=lambda s: s["area"])))
+    _screenshot(page, "app-concepts.png")
+
+
 def test_one_progress_display_over_the_viewer(user, tmp_path):
     """Gradio draws its progress over every output of an event unless told where: the page has one, on the viewer."""
     user.page.evaluate(

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import Bundle
-from ..config import AppConfig, DiffCutConfig, Seg4DiffConfig, SegmentConfig, anchor_points
+from ..config import AppConfig, ConceptConfig, DiffCutConfig, Seg4DiffConfig, SegmentConfig, anchor_points
 from ..io.images import load_image
 from ..methods.diffseg.aggregation import by_size
 from ..methods.registry import method_named
@@ -204,7 +204,7 @@ class Demo:
         attention = getattr(bundle, "attention", None)
         return max(by_size(attention)[0]) if attention else None
 
-    def method_settings(self, values: dict, bundle: Bundle) -> SegmentConfig | DiffCutConfig | Seg4DiffConfig:
+    def method_settings(self, values: dict, bundle: Bundle):
         """The bundle's method's settings object, from the controls (the anchor grid already within the image's
         limit, see `segment`)."""
         c = self.controls
@@ -212,6 +212,8 @@ class Demo:
             return DiffCutConfig(tau=values[c.tau], alpha=values[c.alpha], pamr=values[c.pamr])
         if bundle.method == "seg4diff":
             return Seg4DiffConfig(kl_threshold=float(values[c.seg4diff_kl]), power=float(values[c.power]))
+        if bundle.method == "concepts":
+            return ConceptConfig()
         return SegmentConfig(
             kl_threshold=float(values[c.kl]),
             iterations=int(values[c.iterations]),
@@ -237,6 +239,8 @@ class Demo:
             self.check_ranges(values)
             array, digest = self.decoded(path)
             words = parse_words(values[c.words])  # every method names its segments with them
+            if not words and method_named(method).concepts:
+                raise ValueError("Concept maps find words: type them in “Words” (for example: sky, grass, dog).")
             entry, encoded = self.cache.get(
                 array,
                 int(values[c.timestep]),

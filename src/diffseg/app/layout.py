@@ -153,15 +153,15 @@ def _control_column(
         type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="input-image"
     )
     gr.Examples(examples=examples(), inputs=image, elem_id="examples", label="Examples")
-    # Concept maps have no place on the page yet (they need a words box of their own): the CLI and Python have them.
-    offered = [name for name, m in METHODS.items() if m.runs_on(family) and not m.concepts]
+    offered = [name for name, m in METHODS.items() if m.runs_on(family)]
     method = gr.Radio(
         offered,
         value="diffseg",
         label="Method (re-encodes)",
         elem_id="method",
         info="DiffSeg: self-attention merged by KL; DiffCut: a layer's features, recursive normalised cut"
-        + ("; Seg4Diff: a block's image-to-text attention merged by KL" if "seg4diff" in offered else ""),
+        + ("; Seg4Diff: a block's image-to-text attention merged by KL" if "seg4diff" in offered else "")
+        + "; concepts: where each of the Words is (point at the image for each word's share)",
     )
     timestep = _slider(
         "timestep",
@@ -171,7 +171,7 @@ def _control_column(
         "The noise level of the one denoising step (papers: DiffSeg 300, DiffCut 50; Seg4Diff 261, its step 8 of 28)",
     )
     words = gr.Textbox(
-        label="Name segments with (comma-separated words, optional; re-encodes)",
+        label="Words: name segments with them, or find them (method “concepts”) (comma-separated; re-encodes)",
         placeholder="road, car, person, sky",
         elem_id="labels",
     )

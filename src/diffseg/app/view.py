@@ -146,18 +146,34 @@ def ids_uri(labels: np.ndarray) -> str:
     return _data_uri(Image.fromarray(rgb), "PNG", compress_level=1)
 
 
-def viewer_html(image: str, labels: np.ndarray, rows: list[SegmentRow], title: str) -> str:
+SHARES_SIDE = 256  # longest side of the concept maps the viewer reads each word's share from
+
+
+def shares_uri(probabilities: np.ndarray) -> str:
+    """Concept maps (K, H, W) for the viewer: the K maps at most `SHARES_SIDE` on a side, stacked top to bottom in one
+    8-bit grey PNG (255 = all of the pixel), as a data URI."""
+    k, height, width = probabilities.shape
+    step = max(1, -(-max(height, width) // SHARES_SIDE))
+    small = probabilities[:, step // 2 :: step, step // 2 :: step]
+    grey = np.clip(np.rint(255 * small), 0, 255).astype(np.uint8).reshape(-1, small.shape[2])
+    return _data_uri(Image.fromarray(grey, mode="L"), "PNG", compress_level=1)
+
+
+def viewer_html(
+    image: str, labels: np.ndarray, rows: list[SegmentRow], title: str, probabilities: np.ndarray | None = None
+) -> str:
     """The viewer's markup: data attributes that `web/viewer.js` draws from, a canvas with an accessible name, a
-    layer for segment names and a tooltip."""
+    layer for segment names and a tooltip. With concept maps' `probabilities`, each word's share at the pointer."""
     segments = [
         {"id": r.id, "colour": r.colour, "area": r.area, "name": r.name, "score": r.score, "x": r.x, "y": r.y}
         for r in rows
     ]
     count = f"{len(rows)} segment" + ("" if len(rows) == 1 else "s")
     attribute = lambda value: html.escape(value, quote=True)  # noqa: E731
+    shares = "" if probabilities is None else f" data-shares='{attribute(shares_uri(probabilities))}'"
     return (
         f"<div class='diffseg-viewer' data-image='{attribute(image)}' data-ids='{attribute(ids_uri(labels))}'"
-        f" data-segments='{attribute(json.dumps(segments))}'>"
+        f" data-segments='{attribute(json.dumps(segments))}'{shares}>"
         f"<div class='stage'><canvas role='img' tabindex='0' aria-label='{attribute(title)}: {count}. Point at a "
         "segment for its name and area; select it to isolate it.'></canvas>"
         "<div class='names' aria-hidden='true'></div><div class='tip' hidden></div></div></div>"
@@ -182,6 +198,6 @@ def render(result, image: str, out_dir: Path, name: str, start: float | None = N
     label_file = Path(out_dir) / f"{name}-labels.png"
     save_image(label_image(result.labels), label_file)
     rows = segment_rows(result.labels, result.names)
-    viewer = viewer_html(image, result.labels, rows, name)
+    viewer = viewer_html(image, result.labels, rows, name, result.probabilities)
     table = segment_table(rows, named=result.names is not None)
     return View(viewer, label_file, table, rows, time.perf_counter() - start)

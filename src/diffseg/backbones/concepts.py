@@ -162,8 +162,8 @@ def concept_step(block, family: str, concepts: torch.Tensor, inputs: dict, temb:
     """One joint block's concept step: the (B, K, N) maps (softmax over the K concepts) and the concept tokens after
     the block (None after a block whose text stream ends there, SD3's last).
 
-    `inputs` are the block's attention inputs as it called its `attn`: the modulated image and text tokens (and, for
-    Flux, the rotary embedding of [text; image])."""
+    `inputs` are the keyword arguments the block called its `attn` with: the modulated image and text tokens (and,
+    for Flux, the rotary embedding of [text; image])."""
     attn = block.attn
     heads = attn.heads
     image, text = inputs["hidden_states"], inputs["encoder_hidden_states"]
@@ -237,15 +237,17 @@ def concept_attention(transformer, family: str, tokens: ConceptTokens, chosen: r
         hidden = tokens.hidden.to(output.device, output.dtype)
         state["concepts"] = module.forward(hidden).expand(batch, -1, -1)  # `forward`: not this hook again
 
-    def attention_inputs(_module, _args, kwargs):
-        state["inputs"] = kwargs
+    def block_inputs(_module, _args, kwargs):
+        state["temb"] = kwargs["temb"]
 
-    def block_done(index):
-        def hook(module, _args, kwargs, _output):
+    def attention_done(block, index):
+        # The step runs when the block's attention has run, inside the block's forward: under block-level offloading
+        # the block's weights are on the device then.
+        def hook(_module, _args, kwargs, _output):
             if state.get("concepts") is None:
                 return
             maps, state["concepts"] = concept_step(
-                module, family, state["concepts"], state.pop("inputs"), kwargs["temb"], tokens.prefix
+                block, family, state["concepts"], kwargs, state["temb"], tokens.prefix
             )
             if index in chosen:
                 record.add(maps)
@@ -256,8 +258,8 @@ def concept_attention(transformer, family: str, tokens: ConceptTokens, chosen: r
         handles.append(transformer.context_embedder.register_forward_hook(embedded))
         for index in range(chosen.stop):
             block = transformer.transformer_blocks[index]
-            handles.append(block.attn.register_forward_pre_hook(attention_inputs, with_kwargs=True))
-            handles.append(block.register_forward_hook(block_done(index), with_kwargs=True))
+            handles.append(block.register_forward_pre_hook(block_inputs, with_kwargs=True))
+            handles.append(block.attn.register_forward_hook(attention_done(block, index), with_kwargs=True))
         yield record
     finally:
         for handle in handles:

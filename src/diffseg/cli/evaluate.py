@@ -11,12 +11,27 @@ from .checks import check_batch_size, check_model, check_writable, load_pipeline
 from .options import add_encode_arguments, add_model_arguments, add_segment_arguments, encode_config, method_config
 
 
-def _benchmarks(names: list[str]) -> list[str]:
+# The open-vocabulary names of the benchmarks with a background class, counted with it (the literature's VOC-21 and
+# Context-60): the same data.
+ALIASES = {"voc21": "voc20", "context60": "context59"}
+
+
+def _benchmarks(names: list[str], concepts: bool = False) -> list[str]:
     from ..evaluation.datasets import BENCHMARKS
 
     if "all" in names and len(names) > 1:
         raise ValueError(f"`all` names every benchmark: give it alone, or list benchmarks ({', '.join(BENCHMARKS)}).")
-    chosen = list(BENCHMARKS) if names == ["all"] else list(dict.fromkeys(names))
+    if concepts:  # open-vocabulary: the benchmarks with a background class
+        names = [b for b, bench in BENCHMARKS.items() if bench.background] if names == ["all"] else names
+        chosen = list(dict.fromkeys(ALIASES.get(n, n) for n in names))
+        plain = [n for n in chosen if n in BENCHMARKS and not BENCHMARKS[n].background]
+        if plain:
+            raise ValueError(
+                f"--concepts-from-classes scores benchmarks with a background class (voc21, context60, cocoobject); "
+                f"not {', '.join(plain)}."
+            )
+    else:
+        chosen = list(BENCHMARKS) if names == ["all"] else list(dict.fromkeys(names))
     unknown = [n for n in chosen if n not in BENCHMARKS]
     if unknown:
         raise ValueError(
@@ -31,7 +46,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.datasets import BENCHMARKS
     from ..evaluation.harness import evaluate, format_summary
 
-    names = _benchmarks(args.dataset)
+    concepts = None
+    if args.concepts_from_classes:
+        concepts = _class_concepts(args)
+    names = _benchmarks(args.dataset, concepts is not None)
     several = len(names) > 1 or args.dataset == ["all"]
     encode = encode_config(args)
     batch_size = check_batch_size(args.batch_size)
@@ -80,6 +98,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             protocol=args.protocol,
             batch_size=batch_size,
             limit=args.limit,
+            concepts=concepts,
         )
         summaries.append(summary)
         skipped_images += len(summary.skipped)
@@ -98,6 +117,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
             )
         )
     return 1 if skipped_images or missing else 0
+
+
+def _class_concepts(args: argparse.Namespace):
+    """`--concepts-from-classes`: concept maps of the class names, scored open-vocabulary (the "concepts" protocol)."""
+    from ..backbones.concepts import parse_concepts
+    from ..evaluation.harness import ClassConcepts
+
+    if args.method not in ("diffseg", "concepts") or args.protocol != "diffseg":
+        raise ValueError("--concepts-from-classes runs concept maps under their own protocol: leave out --method and "
+                         "--protocol.")  # fmt: skip
+    if args.predictions or args.predictions_root:
+        raise ValueError("--concepts-from-classes runs the model; score prediction folders without it.")
+    args.method, args.protocol = "concepts", "concepts"
+    return ClassConcepts(parse_concepts(args.background_concepts), all_classes=args.all_classes)
 
 
 def _config(args: argparse.Namespace, bench):
@@ -142,7 +175,8 @@ def add_evaluate_command(commands) -> None:
         "dataset",
         nargs="+",
         metavar="BENCHMARK",
-        help=f"one or more of {', '.join(BENCHMARKS)}, or `all`",
+        help=f"one or more of {', '.join(BENCHMARKS)}, or `all` (with --concepts-from-classes: voc21, context60, "
+        "cocoobject)",
     )
     p.add_argument(
         "--root",
@@ -174,6 +208,27 @@ def add_evaluate_command(commands) -> None:
         help="diffseg: score at 512² (DiffSeg's paper); diffcut: DiffCut's eval_diffcut.py exactly (crop of side "
         "min(H, W) - 1, labels to 1024² then 128², background step on VOC, Context and COCO-Object, PAMR after it "
         "with --pamr) (default: %(default)s)",
+    )
+    from ..evaluation.harness import BACKGROUND_CONCEPTS
+
+    group = p.add_argument_group("open-vocabulary (concept maps of the class names)")
+    group.add_argument(
+        "--concepts-from-classes",
+        action="store_true",
+        help="score concept maps whose words are the benchmark's class names, each pixel the class of its word, with "
+        "no matching (ConceptAttention's VOC multi-class protocol: whole image at 1024², 64×64 score grid): voc21, "
+        "context60, cocoobject",
+    )
+    group.add_argument(
+        "--background-concepts",
+        default=", ".join(BACKGROUND_CONCEPTS),
+        metavar="WORDS",
+        help="words that all stand for background, before the classes (default: the reference's, %(default)s)",
+    )
+    group.add_argument(
+        "--all-classes",
+        action="store_true",
+        help="every class name for every image (default: the classes present in its label, as the reference)",
     )
     add_model_arguments(p)
     add_encode_arguments(p, crop=False)

@@ -139,7 +139,11 @@ class CocoObject(CocoStuff27):
     """COCO-Object: COCO-Stuff's images and labels, the 80 thing classes kept, everything else background."""
 
     def class_map(self, protocol: str = "diffseg") -> np.ndarray:
-        return coco_object_map()
+        table = coco_object_map()
+        if protocol == "concepts":  # open-vocabulary: every stuff class is the background class; 255 unlabelled
+            table = table.copy()
+            table[:182][table[:182] < 0] = self.num_classes - 1
+        return table
 
 
 class Cityscapes(Benchmark):
@@ -194,7 +198,14 @@ class Voc20(Benchmark):
 
     def read_label(self, path: Path, protocol: str = "diffseg") -> np.ndarray:
         if path.parent.parent.name == "annotations_pascal20":  # already converted
-            return super().read_label(path, protocol)
+            labels = super().read_label(path, protocol)
+            if protocol == "concepts":  # background and border are one value there: both background
+                labels = np.where(labels < 0, self.num_classes - 1, labels)
+            return labels
+        if protocol == "concepts":  # open-vocabulary: 0 background (class 20), 1–20 objects, 255 border unlabelled
+            table = _table(identity=range(1, 21))
+            table[0] = self.num_classes - 1
+            return table[_read_raw(path)]
         # DiffCut's `convert_pas20` of an official label: 0 -> 255, then minus 1 (1–20 -> 0–19, 255 -> 254 -> 255).
         return _table(identity=range(1, 21))[_read_raw(path)]
 
@@ -210,7 +221,10 @@ class Context59(Benchmark):
         return _paired(Path(root), "images/validation", "annotations_ctx59/validation", self.layout, "2008_000002")
 
     def class_map(self, protocol: str = "diffseg") -> np.ndarray:
-        return _table(identity=range(0, 59))
+        table = _table(identity=range(0, 59))
+        if protocol == "concepts":  # open-vocabulary: 255 is Context's 60th class, background
+            table[255] = self.num_classes - 1
+        return table
 
 
 class Ade20k(Benchmark):
@@ -332,6 +346,22 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
     )
 }
+
+
+# Open-vocabulary (concept maps of the class names, `--concepts-from-classes`): ConceptAttention's paper, Table 3,
+# PASCAL VOC multi-class, Flux.1-schnell.
+CONCEPT_ATTENTION = "ConceptAttention paper (Helbling et al., ICML 2025), PASCAL VOC multi-class, Flux"
+OPEN_VOCABULARY: dict[str, tuple[Published, ...]] = {
+    "voc20": (
+        Published("ConceptAttention (Helbling et al. 2025), Flux", 51.39, 86.99, CONCEPT_ATTENTION),
+        Published("Flux cross-attention, in ConceptAttention's table", 27.04, 79.52, CONCEPT_ATTENTION),
+    ),
+}
+
+
+def published(bench: Benchmark, protocol: str) -> tuple[Published, ...]:
+    """The numbers published on `bench` under the kind of scoring `protocol` does (open-vocabulary or not)."""
+    return OPEN_VOCABULARY.get(bench.name, ()) if protocol == "concepts" else bench.published
 
 
 def _data(name: str) -> str:

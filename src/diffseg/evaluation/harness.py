@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import METHOD_DEFAULT, DiffCutConfig, SegmentConfig, anchor_points, encode_settings
+from ..config import METHOD_DEFAULT, ConceptConfig, DiffCutConfig, SegmentConfig, anchor_points, encode_settings
 from ..io.images import load_image
 from ..io.outputs import atomic_path, read_labels
-from .datasets import BENCHMARKS, Benchmark, Sample
+from .datasets import BENCHMARKS, Benchmark, Sample, published
 from .metrics import Scores
-from .protocols import PROTOCOLS, RESOLUTION, Protocol
+from .protocols import PROTOCOLS, Protocol
 
 
 @dataclass
@@ -127,6 +127,7 @@ def evaluate(
     protocol: str = "diffseg",
     batch_size: int = 1,
     limit: int | None = None,
+    concepts: ClassConcepts | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> Summary:
@@ -156,17 +157,33 @@ def evaluate(
     rules = PROTOCOLS[protocol]
     samples = bench.samples(root)[:limit]
     pamr = False  # under DiffCut's protocol, PAMR runs in the scorer, after the background step
-    if pipeline is not None:
-        config = config or SegmentConfig()
-        pamr = protocol == "diffcut" and getattr(config, "pamr", False)
-        job = _protocol_job(
-            pipeline, replace(config, pamr=False) if pamr else config, timestep, rules, batch_size, blocks
+    if (concepts is not None) != (protocol == "concepts"):
+        raise ValueError('Open-vocabulary scoring (`concepts`) and the "concepts" protocol go together.')
+    if concepts is not None and (pipeline is None or not bench.background):
+        raise ValueError(
+            f"Open-vocabulary scoring runs concept maps on a benchmark with a background class (voc20, context59, "
+            f"cocoobject), not {'precomputed predictions' if pipeline is None else bench.name}."
         )
+    if pipeline is not None:
+        config = config or (ConceptConfig() if concepts is not None else SegmentConfig())
+        pamr = protocol == "diffcut" and getattr(config, "pamr", False)
+        words = None if concepts is None else concepts.background
+        job = _protocol_job(
+            pipeline, replace(config, pamr=False) if pamr else config, timestep, rules, batch_size, blocks, words
+        )
+        by_id = {s.id: s for s in samples}
 
         def predict(items: list) -> Iterator:  # the method sees the protocol's crop of each image
-            return job.segment_images([(sample_id, name, rules.crop(image)) for sample_id, name, image in items])
+            cropped = [(sample_id, name, rules.crop(image)) for sample_id, name, image in items]
+            if concepts is None:
+                return job.segment_images(cropped)
+            return _as_classes(
+                job, cropped, [concepts.words(bench, _full_label(bench, by_id[i]), protocol) for i, _, _ in items]
+            )
 
         settings = _run_settings(bench, protocol, job, pipeline.model, pamr)
+        if concepts is not None:
+            settings.update(background_concepts=list(concepts.background), all_classes=concepts.all_classes)
     else:
         predict = _read_predictions(Path(predictions), rules)
         settings = _run_settings(bench, protocol, None, f"predictions:{Path(predictions).resolve()}")
@@ -200,6 +217,19 @@ def evaluate(
     final = _summary(bench, samples, results, skipped, settings)
     _write_summary(output, final)
     return final
+
+
+def _full_label(bench: Benchmark, sample: Sample) -> np.ndarray:
+    return bench.read_label(sample.label, "concepts")
+
+
+def _as_classes(job, items: list, words: list) -> Iterator:
+    """Concept maps of each image's own words, their label maps (word indices) turned into the classes the words
+    stand for."""
+    for outcome, (_, classes) in zip(job.segment_images(items, [w for w, _ in words]), words):
+        if outcome.ok:
+            outcome.result.labels = classes[outcome.result.labels]
+        yield outcome
 
 
 def _score_batch(
@@ -258,18 +288,47 @@ def _open_run(output: Path, settings: dict) -> dict:
     return settings
 
 
-def _protocol_job(pipeline, config, timestep, rules: Protocol, batch_size: int, blocks=None):
+def _protocol_job(pipeline, config, timestep, rules: Protocol, batch_size: int, blocks=None, words=None):
     """The job runner with the protocol's encode: the protocol's square (cropped before), resized to DiffSeg's 512
-    whatever the model (DiffCut's 1024), the method's timestep and noise; label maps at the protocol's score size."""
+    whatever the model (DiffCut's 1024; concept maps' 1024), the method's timestep and noise; label maps at the
+    protocol's score size."""
     from ..jobs.runner import Job, JobConfig
     from ..methods.registry import method_of
 
     method = method_of(config).name
     if isinstance(config, SegmentConfig) and config.num_points is None:  # the number for this model's grids: a run
         config = replace(config, num_points=anchor_points(len(pipeline.backbone.grid_sides)))  # records it
-    encode = encode_settings(method, timestep=timestep, resize="square", crop="center", blocks=blocks)
-    encode = replace(encode, resolution=encode.resolution or RESOLUTION)  # DiffSeg's protocol: 512 whatever the model
-    return Job(pipeline, JobConfig(method, encode, config, output_size=rules.score_size), batch_size=batch_size)
+    encode = encode_settings(method, timestep=timestep, resize="square", crop=rules.job_crop, blocks=blocks)
+    encode = replace(encode, resolution=encode.resolution or rules.default_resolution)
+    job = JobConfig(method, encode, config, words=words, output_size=rules.score_size)
+    return Job(pipeline, job, batch_size=batch_size)
+
+
+# ConceptAttention's VOC multi-class experiment (`run_multi_class_seg_experiment.py`): these concepts, then the
+# classes present in the image; a pixel taking any of them is background.
+BACKGROUND_CONCEPTS = ("background", "floor", "grass", "tree", "sky")
+
+
+@dataclass(frozen=True)
+class ClassConcepts:
+    """Open-vocabulary evaluation: the benchmark's class names are the concept words of each image.
+
+    Attributes:
+        background: words that all stand for the background class, first (the reference's five).
+        all_classes: every class name for every image; by default the classes present in its label (the reference's
+            `present_classes`: it knows which objects are there and locates them).
+    """
+
+    background: tuple[str, ...] = BACKGROUND_CONCEPTS
+    all_classes: bool = False
+
+    def words(self, bench: Benchmark, label: np.ndarray, protocol: str) -> tuple[list[str], np.ndarray]:
+        """The image's words and, per word, the class it stands for (an array to index label maps with)."""
+        names = bench.class_names(protocol)
+        background = bench.num_classes - 1
+        classes = range(background) if self.all_classes else [int(c) for c in np.unique(label) if 0 <= c < background]
+        words = list(self.background) + [names[c] for c in classes]
+        return words, np.array([background] * len(self.background) + list(classes), np.int64)
 
 
 def _read_predictions(folder: Path, rules: Protocol) -> Callable:
@@ -319,7 +378,7 @@ def _summary(bench: Benchmark, samples: list, results: ResultsFile, skipped: lis
         seconds_per_image=float(np.mean([r["seconds"] for r in scored])) if scored else float("nan"),
         skipped=skipped,
         settings=settings,
-        published=[asdict(p) for p in bench.published],
+        published=[asdict(p) for p in published(bench, settings["protocol"])],
         classes=bench.class_names(settings["protocol"]),
     )
 
@@ -334,15 +393,13 @@ def format_summary(summary: Summary) -> str:
     rows = [(p["method"], p["pixel_accuracy"], p["miou"], "") for p in summary.published]
     rows.append(("this run", 100 * summary.pixel_accuracy, 100 * summary.miou, str(summary.images)))
     protocol = summary.settings.get("protocol", "diffseg")
-    lines = [
-        f"{summary.dataset}: unsupervised, per-image Hungarian matching, {len(summary.iou)} classes, "
-        f"{protocol} protocol",
-        "",
-    ]
-    lines.append(f"{'':32}{'pixel acc':>10}{'mIoU':>8}{'images':>8}")
+    kind = "open-vocabulary, no matching" if protocol == "concepts" else "unsupervised, per-image Hungarian matching"
+    lines = [f"{summary.dataset}: {kind}, {len(summary.iou)} classes, {protocol} protocol", ""]
+    width = max(32, *(len(name) + 2 for name, *_ in rows))
+    lines.append(f"{'':{width}}{'pixel acc':>10}{'mIoU':>8}{'images':>8}")
     for name, acc, miou, n in rows:
         acc, miou = ("" if v is None else f"{v:.1f}" for v in (acc, miou))
-        lines.append(f"{name:32}{acc:>10}{miou:>8}{n:>8}")
+        lines.append(f"{name:{width}}{acc:>10}{miou:>8}{n:>8}")
     if summary.skipped:
         lines.append(f"\n{len(summary.skipped)} images skipped (see summary.json).")
     return "\n".join(lines)

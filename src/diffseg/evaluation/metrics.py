@@ -89,6 +89,20 @@ def hungarian_scores(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return Scores(tp=tp, fp=fp, fn=fn, all=int(hist.sum()), images=1)
 
 
+def supervised_scores(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> Scores:
+    """Score one image whose predictions are classes already (open-vocabulary: no matching): per class, the pixels
+    labelled and predicted it (TP), predicted it but labelled another (FP), labelled it but predicted another (FN).
+    Labels outside [0, C) are not scored; predictions outside it count as wrong."""
+    valid = (labels >= 0) & (labels < num_classes)
+    truth, guess = labels[valid].astype(np.int64), predictions[valid].astype(np.int64)
+    right = truth == guess
+    tp = np.bincount(truth[right], minlength=num_classes)[:num_classes]
+    fn = np.bincount(truth[~right], minlength=num_classes)[:num_classes]
+    wrong = guess[~right]
+    fp = np.bincount(wrong[(wrong >= 0) & (wrong < num_classes)], minlength=num_classes)[:num_classes]
+    return Scores(tp=tp, fp=fp, fn=fn, all=int(valid.sum()), images=1)
+
+
 def merge_unmatched_into_background(
     labels: np.ndarray, predictions: np.ndarray, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:

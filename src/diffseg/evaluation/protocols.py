@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..io.images import center_crop
 from .datasets import Benchmark
-from .metrics import Scores, hungarian_scores, merge_unmatched_into_background
+from .metrics import Scores, hungarian_scores, merge_unmatched_into_background, supervised_scores
 
 RESOLUTION = 512  # google/diffseg `RESOLUTION = 512`
 DIFFCUT_INPUT = 1024  # `eval_diffcut.py --img_size 1024`
@@ -50,6 +50,10 @@ class Protocol:
     name: str
     score_size: tuple[int, int]
     input_size: int  # the square the method sees
+    # The encode's own crop of the protocol's `crop` (already square: "center" changes nothing), and the input size
+    # for a method with none of its own: DiffSeg's 512 under both unsupervised protocols.
+    job_crop: str | None = "center"
+    default_resolution: int = RESOLUTION
 
     def crop(self, image: np.ndarray) -> np.ndarray:
         """The part of an (H, W, ...) image the method is given (then resized to `input_size` squared)."""
@@ -124,7 +128,23 @@ class DiffCutProtocol(Protocol):
         return F.interpolate(x, size=self.score_size, mode="bilinear", align_corners=False)
 
 
+class ConceptsProtocol(Protocol):
+    """Open-vocabulary scoring of concept maps whose words are the classes (ConceptAttention's VOC multi-class
+    experiment, `run_multi_class_seg_experiment.py`): the whole image squashed to 1024² (no crop), labels to the 64×64
+    token grid by PIL's NEAREST (torch's "nearest-exact"), predictions already classes, scored with no matching."""
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+    def label(self, classes: np.ndarray) -> np.ndarray:
+        return _resize(classes, self.score_size, "nearest-exact")  # `transforms.Resize((64, 64), Image.NEAREST)`
+
+    def score(self, bench, labels, predictions, refine_with=None) -> Scores:
+        return supervised_scores(labels, predictions, bench.num_classes)
+
+
 PROTOCOLS: dict[str, Protocol] = {
     "diffseg": DiffSegProtocol("diffseg", (RESOLUTION, RESOLUTION), RESOLUTION),
     "diffcut": DiffCutProtocol("diffcut", DIFFCUT_SCORE, DIFFCUT_INPUT),
+    "concepts": ConceptsProtocol("concepts", (64, 64), 1024, job_crop=None, default_resolution=1024),
 }

@@ -142,23 +142,29 @@ class Job:
             for outcome in self.segment_images(loaded):
                 yield deliver(outcome, sinks)
 
-    def segment_images(self, loaded: Sequence[tuple[str, str, object]]) -> Iterator[Outcome]:
+    def segment_images(
+        self, loaded: Sequence[tuple[str, str, object]], words: Sequence[Sequence[str]] | None = None
+    ) -> Iterator[Outcome]:
         """Outcomes of (source, name, image) items already decoded (the evaluation harness enters here, having read
-        each image beside its label): encode as one batch, then segment each."""
+        each image beside its label): encode as one batch, then segment each. `words` gives each image its own words
+        (the open-vocabulary evaluation's classes), as the captioner does: one encode each."""
         if not loaded:
             return
         items = [(source, name) for source, name, _ in loaded]
         images = [image for _, _, image in loaded]
         captions = [None] * len(loaded)
         try:
-            if self.captioner is None:
+            if self.captioner is not None:
+                words = []
+                for k, image in enumerate(images):
+                    captions[k], found = self.captioner.vocabulary(
+                        crop_array(np.asarray(image), self.config.encode.crop)
+                    )
+                    words.append(found)
+            if words is None:
                 bundles = self._encode(images, self.config.words)
             else:  # each image has its own words: one encode each
-                bundles = []
-                for k, image in enumerate(images):
-                    crop = self.config.encode.crop
-                    captions[k], words = self.captioner.vocabulary(crop_array(np.asarray(image), crop))
-                    bundles.extend(self._encode([image], words or None))
+                bundles = [b for image, own in zip(images, words) for b in self._encode([image], own or None)]
         except MODEL_ERRORS as error:
             yield from encoding_failed(items, error)
             return

@@ -3,7 +3,8 @@
 // The server sends the image, a PNG of segment ids (id = red + 256 * green) and one record per segment
 // (app_view.viewer_html). Everything a pointer does happens here, with no server round trip: the overlay is composed
 // per pixel (image, segment colour at the opacity slider's value, white boundaries when the toggle is on, the rest
-// dimmed when a segment is isolated); hovering shows a segment's name, area and score; a click (or a tap, Enter on a
+// dimmed when a segment is isolated); hovering shows a segment's name, area and score (concept maps: every word's
+// share at the pointer); a click (or a tap, Enter on a
 // row of the segment table, or Enter and the arrows on the image) isolates a segment and selects its table row, and
 // Escape releases it; names are written largest segment first, skipping any that would overlap one already written.
 
@@ -71,7 +72,15 @@ async function load() {
   base.height = height;
   base.getContext("2d").drawImage(image, 0, 0, width, height);
   const photo = base.getContext("2d", { willReadFrequently: true }).getImageData(0, 0, width, height).data;
-  state.data = { root, canvas, width, height, ids, edge, segments, colours, photo };
+  state.data = { root, canvas, width, height, ids, edge, segments, colours, photo, shares: null };
+  if (root.dataset.shares) {
+    // Concept maps: the K words' maps stacked top to bottom in one grey PNG (view.shares_uri), segment k the word k.
+    const grey = await decode(root.dataset.shares);
+    if (root !== element.querySelector(".diffseg-viewer")) return;
+    const k = segments.size;
+    const values = pixels(grey);
+    state.data.shares = { values, k, width: grey.naturalWidth, height: grey.naturalHeight / k };
+  }
   draw();
   placeNames();
   syncTable();
@@ -102,7 +111,21 @@ function draw() {
   d.root.dataset.boundaries = String(edges);
 }
 
-function describe(s) {
+// Concept maps: every word's share at (fx, fy), largest first ("sky 62 % · grass 30 % · cat 8 %").
+function sharesAt(fx, fy) {
+  const m = state.data.shares;
+  const x = Math.min(m.width - 1, Math.floor(fx * m.width));
+  const y = Math.min(m.height - 1, Math.floor(fy * m.height));
+  const shares = [...state.data.segments.values()].map((s) => [
+    s.name,
+    m.values[4 * ((s.id * m.height + y) * m.width + x)] / 255,
+  ]);
+  shares.sort((a, b) => b[1] - a[1]);
+  return shares.map(([name, p]) => `${name} ${Math.round(100 * p)} %`).join(" · ");
+}
+
+function describe(s, fx, fy) {
+  if (state.data.shares && fx !== undefined) return sharesAt(fx, fy);
   const parts = [`Segment ${s.id}`];
   if (s.name) parts.push(s.name);
   parts.push(`${(100 * s.area).toFixed(1)} % of the image`);
@@ -166,9 +189,9 @@ function restingTip() {
   else state.data.root.querySelector(".tip").hidden = true;
 }
 
-function showTip(s, fx, fy) {
+function showTip(s, fx, fy, pointer = false) {
   const tip = state.data.root.querySelector(".tip");
-  tip.textContent = describe(s);
+  tip.textContent = pointer ? describe(s, fx, fy) : describe(s);
   tip.style.left = `${100 * fx}%`;
   tip.style.top = `${100 * fy}%`;
   // Kept inside the image: near an edge it extends away from that edge.
@@ -191,7 +214,7 @@ function segmentAt(event) {
 element.addEventListener("pointermove", (event) => {
   if (!state.data || event.target !== state.data.canvas) return;
   const hit = segmentAt(event);
-  if (hit && hit.segment) showTip(hit.segment, hit.fx, hit.fy);
+  if (hit && hit.segment) showTip(hit.segment, hit.fx, hit.fy, true);
 });
 element.addEventListener("pointerleave", () => {
   if (state.data) restingTip();
