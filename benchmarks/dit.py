@@ -9,8 +9,11 @@ Text encoders are not built: the empty prompt's conditioning is what a cached ch
 
 Per row: `encode` (VAE + one transformer step, attention captured: DiffSeg), `plain` (the same transformer forward
 without capture), the capture's overhead (captured forward / plain forward − 1), `segment` (DiffSeg on the bundle),
-DiffCut's encode (block output hooked, the forward untouched) and the peak RSS of the process. Timings are one run
-after one untimed warm-up; `--repeat N` alternates N plain and captured forwards and takes each one's median.
+DiffCut's encode (block output hooked, the forward untouched), concept maps of four words (ConceptAttention's stream
+through the joint blocks up to its last one: Flux's last four double blocks, SD3 every block; random word tokens of the
+text encoders' shape) against the same forward stopped there without them, and the peak RSS of the process. Timings
+are one run after one untimed warm-up; `--repeat N` alternates N plain and captured forwards and takes each one's
+median.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def timed(fn) -> float:
 
 
 def one(architecture: str, size: int, dtype: str, flux_blocks: int, repeat: int = 1) -> dict:
-    from diffseg.backbones.capture import capture_joint_attention
+    from diffseg.backbones.capture import capture_joint_attention, stop_after
+    from diffseg.backbones.concepts import ConceptTokens, concept_attention, default_blocks
     from diffseg.io.images import to_model_input
     from diffseg.testing.models import random_pipeline
 
@@ -61,6 +65,22 @@ def one(architecture: str, size: int, dtype: str, flux_blocks: int, repeat: int 
     encode_s = time.perf_counter() - start
     segment_s = timed(lambda: pipe.segment(bundle))
     diffcut_s = timed(lambda: pipe.encode(image, method="diffcut", resolution=size))
+    family, transformer = pipe.backbone.family, pipe.transformer
+    prefix = 1 if family == "sd3" else 0  # SD3's concept stream starts with CLIP's start token
+    width = transformer.config.joint_attention_dim
+    tokens = ConceptTokens(("cat", "dog", "grass", "sky"), torch.randn(1, prefix + 4, width), prefix)
+    chosen = default_blocks(family, len(transformer.transformer_blocks))
+    last = transformer.transformer_blocks[chosen[-1]]
+
+    def to_last():
+        with torch.inference_mode(), stop_after(last):
+            transformer(**inputs)
+
+    def with_concepts():
+        with torch.inference_mode(), concept_attention(transformer, family, tokens, chosen), stop_after(last):
+            transformer(**inputs)
+
+    to_last_s, concepts_s = timed(to_last), timed(with_concepts)
     n_blocks = len(pipe.transformer.transformer_blocks) + len(
         getattr(pipe.transformer, "single_transformer_blocks", ())
     )
@@ -77,6 +97,8 @@ def one(architecture: str, size: int, dtype: str, flux_blocks: int, repeat: int 
         "encode_s": encode_s,
         "segment_s": segment_s,
         "diffcut_encode_s": diffcut_s,
+        "concepts_s": concepts_s,
+        "concepts_overhead_pct": 100 * (concepts_s / to_last_s - 1),
         "peak_rss_gib": peak_rss_gib(),
     }
     if blocks is not None:  # the full depth on paper: per-block costs times the full count (blocks of either kind
@@ -115,7 +137,8 @@ def main() -> None:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     columns = [
         "model", "dtype", "input", "tokens", "blocks", "parameters_b", "plain_s", "captured_s", "overhead_pct",
-        "encode_s", "segment_s", "diffcut_encode_s", "peak_rss_gib", "full_depth_est_captured_s",
+        "encode_s", "segment_s", "diffcut_encode_s", "concepts_s", "concepts_overhead_pct", "peak_rss_gib",
+        "full_depth_est_captured_s",
     ]  # fmt: skip
     print(f"diffusion transformers, random weights, CPU, {torch.get_num_threads()} threads\n")
     report(f"dit-cpu-{args.size}" + ("" if args.models == "sd3-medium,flux-dev" else f"-{args.models}"), rows, columns)

@@ -13,6 +13,7 @@ from diffseg.app.demo import preset_weights, presets_for, read_upload, slider_we
 from diffseg.app.view import SMALL_SEGMENT, image_uri, render, segment_rows, segment_table
 from diffseg.io.outputs import read_labels
 from diffseg.naming.vocabulary import SegmentLabel
+from diffseg.segmentation import Segmentation
 
 from conftest import quadrants_image
 
@@ -156,9 +157,7 @@ def test_viewer_data_round_trips_the_ids_and_the_image(tmp_path):
     labels = np.arange(300 * 400).reshape(300, 400) % 700  # 700 ids
     image = quadrants_image(300, 400)
     bundle_image = image_uri(image)
-    view = render(
-        type("Result", (), {"labels": labels.astype(np.int32), "names": None})(), bundle_image, tmp_path, "photo"
-    )
+    view = render(Segmentation(labels.astype(np.int32), 700, image), bundle_image, tmp_path, "photo")
     ids = re.search(r"data-ids='data:image/png;base64,([^']+)'", view.viewer).group(1)
     rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(ids))).convert("RGB")).astype(np.int64)
     assert np.array_equal(rgb[..., 0] + 256 * rgb[..., 1], labels)
@@ -168,6 +167,15 @@ def test_viewer_data_round_trips_the_ids_and_the_image(tmp_path):
     big = image_uri(np.zeros((3000, 4000, 3), dtype=np.uint8))
     assert Image.open(io.BytesIO(base64.b64decode(big.split(",", 1)[1]))).size == (1024, 768)
     assert read_labels(view.label_file).shape == (300, 400)  # the download stays at full size
+    assert "data-shares" not in view.viewer
+    # Concept maps: the K maps stacked top to bottom in one grey PNG, each at most 256 on a side.
+    shares = np.random.default_rng(0).dirichlet(np.ones(3), size=(300, 400)).transpose(2, 0, 1).astype(np.float32)
+    concepts = Segmentation(shares.argmax(0).astype(np.int32), 3, image, probabilities=shares)
+    grey = re.search(
+        r"data-shares='data:image/png;base64,([^']+)'", render(concepts, bundle_image, tmp_path, "c").viewer
+    )
+    stacked = np.asarray(Image.open(io.BytesIO(base64.b64decode(grey.group(1))))).reshape(3, -1, 200) / 255
+    assert stacked.shape == (3, 150, 200) and np.abs(stacked - shares[:, 1::2, 1::2]).max() <= 0.5 / 255 + 1e-6
 
 
 def test_names_are_anchored_inside_their_segments_and_never_overlap():
@@ -222,3 +230,44 @@ def test_a_failure_beyond_the_server_gets_the_apps_message_and_keeps_the_result(
     kept = demo.segment({**values, page.controls.kl: 0.5}, None, no_progress)
     assert kept == demo.keep() and demo.session(None).warned[0] == FAILED
     assert "alloc" not in FAILED and demo.session(None).values[page.controls.kl] == values[page.controls.kl]
+
+
+def test_stop_ends_a_long_cut_at_its_next_node_and_the_page_keeps_its_result(tiny_pipeline, tmp_path, monkeypatch):
+    """A DiffCut re-cut of many segments is stopped between two nodes of its cut tree, not run to its end."""
+    import gradio as gr
+
+    from diffseg.app.demo import Demo
+    from diffseg.app.layout import build_page
+    from diffseg.methods.diffcut import ncut
+
+    page = build_page("tiny", tiny_pipeline.backbone.grid_sides)
+    demo = Demo(tiny_pipeline, page, BundleCache(tiny_pipeline, folder=tmp_path / "bundles"), tmp_path)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(quadrants_image(96, 128)).save(photo)
+    c = page.controls
+    values = {control: control.value for control in c.ordered()}
+    values.update({c.image: str(photo), c.method: "diffcut", c.timestep: 50, c.tau: 0.3})
+    shown = demo.segment(values, None, lambda *_, **__: None)
+    assert page.results.status in shown
+    nodes = []
+    real = ncut.best_bipartition
+
+    def counted(*args):
+        nodes.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(ncut, "best_bipartition", counted)
+    demo.segment({**values, c.tau: 0.95}, None, lambda *_, **__: None)  # the whole cut, for its node count
+    full, nodes[:] = len(nodes), []
+    assert full > 3
+
+    def stopped_at_the_second(*args):
+        if len(nodes) == 1:
+            demo.on_cancel(None)  # Stop pressed while the cut runs
+        return counted(*args)
+
+    monkeypatch.setattr(ncut, "best_bipartition", stopped_at_the_second)
+    monkeypatch.setattr(gr, "Info", lambda message: None)
+    kept = demo.segment({**values, c.tau: 0.9}, None, lambda *_, **__: None)
+    assert kept == demo.keep() and len(nodes) == 2 < full  # ended at the node after Stop
+    assert demo.session(None).values[c.tau] == 0.95  # the page's result is the one before

@@ -280,3 +280,8 @@ def test_half_precision_concept_maps_stay_close_to_float32(flux, tiny_flux_check
     pixels = to_model_input([photo()], (96, 128))
     ours, full = half.concept_maps(pixels, WORDS), flux.concept_maps(pixels, WORDS)
     assert ours.dtype == torch.float32 and relative_error(ours, full) < bound
+
+
+def test_a_concept_the_text_encoder_cannot_hold_is_refused_by_name(sd3):
+    with pytest.raises(ValueError, match="'a very long concept.*takes .* tokens; the text encoder holds 77"):
+        sd3.concept_tokens(["sky", "a very long concept " + "word " * 20])  # 77 CLIP tokens (one per letter here)

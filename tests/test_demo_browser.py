@@ -695,7 +695,12 @@ def _stopped(user, act) -> None:
     act()
     user.page.locator("#cancel").click(timeout=30_000)
     user.page.get_by_text("Stopped; the page shows its previous result.").wait_for(timeout=30_000)
-    user.page.locator("#cancel").wait_for(state="hidden", timeout=60_000)  # nothing runs any more
+    try:
+        user.page.locator("#cancel").wait_for(state="hidden", timeout=60_000)  # nothing runs any more
+    except Exception as error:  # playwright's TimeoutError
+        if "Timeout" not in type(error).__name__:
+            raise
+        raise AssertionError(f"Stop still shown after 60 s; the server's log:\n{user.log.text()[-3000:]}") from None
     _settled(user.page)
     time.sleep(1.0)  # anything the Stop failed to stop would reach the log by now
 

@@ -206,3 +206,21 @@ def test_pamr_refines_labels_towards_image_edges():
     refined = segment_features(features, output_size=(32, 32), image=image, pamr=True)
     truth = (np.arange(32) >= 16)[None].repeat(32, 0)
     assert ((refined == refined[0, -1]) == truth).mean() > ((plain == plain[0, -1]) == truth).mean()
+
+
+def test_a_cut_stops_between_nodes_when_its_caller_says_so_and_runs_whole_otherwise():
+    from diffseg.cancel import Cancelled, cancellable
+
+    tokens = torch.nn.functional.normalize(torch.randn(16, 64, generator=torch.Generator().manual_seed(0)), dim=0)
+    whole = recursive_ncut(tokens, tau=0.99, alpha=10)
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(Cancelled), cancellable(stop):
+        recursive_ncut(tokens, tau=0.99, alpha=10)
+    assert len(asked) == 3 and len(whole) > 2  # asked before each node; the third ask stops it
+    with cancellable(lambda: False):
+        assert [m.tolist() for m in recursive_ncut(tokens, tau=0.99, alpha=10)] == [m.tolist() for m in whole]

@@ -57,7 +57,7 @@ def test_a_bundle_takes_only_its_own_method_settings_named(tiny_pipeline):
         (lambda: NamingConfig(voting="loudest"), "`voting`"),
         (lambda: NamingConfig(min_confidence=float("nan")), "`min_confidence`"),
         (lambda: NamingConfig(segment_from="both"), "`segment_from`"),
-        (lambda: JobConfig("diffcut", words="sky, road"), "DiffSeg only"),
+        (lambda: JobConfig("concepts"), "Concept maps need words"),
         (lambda: JobConfig("diffcut", segment=SegmentConfig()), "DiffCutConfig"),
         (lambda: JobConfig("maskcut"), "`method`"),
     ],

@@ -201,6 +201,8 @@ class DiffSegPipeline:
         if self.unet is not None:
             for word in words:  # each its own prompt: fail before any image when one cannot be
                 self.vocabulary([word])
+        else:
+            self.concept_tokens(words)  # encoded once (loading their text encoder): fails before any image
         return words
 
     def _check_words(self) -> None:
@@ -249,7 +251,8 @@ class DiffSegPipeline:
             images: one image or a list (Pillow, (H, W, 3) uint8 array, or path). Images of the same input size go
                 through the UNet as one batch.
             method: a name of `methods.registry.METHODS`: "diffseg" (self-attention at every grid), "diffcut" (one
-                layer's features) or "seg4diff" (SD3 only: one block's image-to-text attention).
+                layer's features), "seg4diff" (SD3 only: one block's image-to-text attention) or "concepts" (where
+                each of the `labels` is: concept maps).
             timestep: UNet timestep (default: DiffSeg 300, DiffCut 50, as their papers; Seg4Diff 261, where its
                 reference's step 8 of 28 lies, and that step's exact noise level).
             crop: None to use the whole image, "center" to take the central square first (the benchmarks').
@@ -262,15 +265,17 @@ class DiffSegPipeline:
                 (DiffCut's reference: 42, drawn on the pipeline's device as the reference draws on its GPU).
             blocks: SD3 / Flux only: (first, last) transformer blocks, inclusive; DiffSeg averages their attention
                 (default: every block), DiffCut reads the image tokens after `last` (default: the family's block).
-            labels: DiffSeg only: words to name segments with (a list or a comma-separated string). The UNet then
-                also runs conditioned on a prompt of these words, in the same batch, and its cross-attention is kept.
+            labels: words to name segments with (a list or a comma-separated string). DiffSeg on a UNet: the UNet
+                also runs conditioned on a prompt of these words, in the same batch, and its cross-attention is kept;
+                any other method or family: the words' concept maps, one more step (`bundle.named_by`). For
+                "concepts": the words to find.
             segment_from: with `labels`, the pass the self-attention comes from: "unconditional" (default; the
                 segments are exactly those without labels) or "conditional" (text changes the self-attention too).
             config: an `EncodeConfig` to use as it is, instead of the method's defaults and the keywords above.
 
         Returns:
-            A bundle per image (a list for a list): an `AttentionBundle` (DiffSeg), a `FeatureBundle` (DiffCut) or a
-            `TextAttentionBundle` (Seg4Diff).
+            A bundle per image (a list for a list): an `AttentionBundle` (DiffSeg), a `FeatureBundle` (DiffCut), a
+            `TextAttentionBundle` (Seg4Diff) or a `ConceptBundle` (concepts).
         """
         # 1. Check inputs: the settings are made (and validated) once.
         spec = method_named(method)

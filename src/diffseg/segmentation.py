@@ -23,7 +23,8 @@ class Segmentation:
     """One image's segmentation.
 
     Attributes:
-        labels: (H, W) int32 ids 0..K-1, every id present.
+        labels: (H, W) int32 ids 0..K-1, every id present (concept maps: ids are the words' indices; a word no
+            pixel prefers has none).
         num_segments: K.
         image: (H, W, 3) uint8 RGB the labels belong to.
         names: per segment, its word and score, when the bundle was encoded with labels; else None.

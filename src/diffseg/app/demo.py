@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import Bundle
+from ..cancel import Cancelled, cancellable
 from ..config import AppConfig, ConceptConfig, DiffCutConfig, Seg4DiffConfig, SegmentConfig, anchor_points
 from ..io.images import load_image
 from ..methods.diffseg.aggregation import by_size
@@ -258,14 +259,16 @@ class Demo:
                     notes.append(f"anchor grid {limit}: this image's finest attention grid allows at most {limit}")
                     values = {**values, c.points: limit}
                 adjusted[c.points] = gr.update(maximum=min(limit, c.points.maximum), value=values[c.points])
-            # Where the model runs: on a GPU server, the GPU.
-            result = self.pipeline.segment(entry.bundle, self.method_settings(values, entry.bundle))
+            # Where the model runs: on a GPU server, the GPU. Stop ends a long cut at its next node.
+            with cancellable(lambda: session.stops != stops):
+                result = self.pipeline.segment(entry.bundle, self.method_settings(values, entry.bundle))
             name = Path(path).stem  # Gradio keeps the upload's own file name
             # Downloads live beside their bundle (one folder each: two sessions' "photo.jpg" never collide) and
             # go with it when it is evicted.
             view = render(result, entry.image, self.cache.folder / entry.file.stem, name, start)
             bundle_file = named_copy(entry.file, view.label_file.parent / f"{name}.safetensors")
-        except EncodeCancelled as stopped:
+        except (EncodeCancelled, Cancelled) as stopped:
+            print(f"diffseg app: stopped after {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
             gr.Info(str(stopped))
             return self.keep()
         except OutOfRange as refused:  # the control goes back to the value of the result the page shows

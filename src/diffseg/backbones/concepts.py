@@ -62,13 +62,25 @@ def parse_concepts(words: Sequence[str] | str) -> tuple[str, ...]:
     return unique
 
 
-def word_starts(tokenizer, concept: str, offset: int) -> list[int]:
+def word_starts(tokenizer, concept: str, offset: int, limit: int | None = None) -> list[int]:
     """Positions of the first token of each word of `concept` in its own encoding, `offset` being the tokens before
-    the first word (CLIP's start token: 1; T5: 0). A single word has one: the token the references keep."""
+    the first word (CLIP's start token: 1; T5: 0). A single word has one: the token the references keep.
+
+    Raises:
+        ValueError: a word with no tokens, or a concept longer than the encoder's `limit` tokens (its end token
+            included).
+    """
     starts, position = [], offset
     for word in concept.split():
+        count = len(tokenizer(word, add_special_tokens=False).input_ids)
+        if not count:
+            raise ValueError(f"The concept {concept!r} has a word with no tokens ({word!r}); remove it.")
         starts.append(position)
-        position += len(tokenizer(word, add_special_tokens=False).input_ids)
+        position += count
+    if limit is not None and position + 1 > limit:
+        raise ValueError(
+            f"The concept {concept!r} takes {position + 1} tokens; the text encoder holds {limit}. Use fewer words."
+        )
     return starts
 
 
@@ -102,11 +114,11 @@ def encode_concepts(
                 hidden = pipe._get_t5_prompt_embeds(
                     word, max_sequence_length=backbone.text_tokens, device=device, dtype=t5.dtype
                 )
-                starts = word_starts(encoders["tokenizer_2"], word, 0)
+                starts = word_starts(encoders["tokenizer_2"], word, 0, hidden.shape[1])
             else:
                 halves = [pipe._get_clip_prompt_embeds(word, device=device, clip_model_index=i)[0] for i in (0, 1)]
                 hidden = torch.cat(halves, dim=-1)  # (1, 77, 768 + 1280)
-                starts = word_starts(encoders["tokenizer"], word, 1)
+                starts = word_starts(encoders["tokenizer"], word, 1, hidden.shape[1])
                 prefix = 1
                 start_token = hidden[:, :1]
             tokens.append(hidden[:, starts].mean(dim=1, keepdim=True))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...cancel import checkpoint
+
 # Reference `get_bipartition(..., k=100)`: thresholds between 0.99·min and 0.99·max of the eigenvector.
 NUM_THRESHOLDS = 100
 THRESHOLD_SPAN = 0.99
@@ -148,6 +150,7 @@ def recursive_ncut(tokens: torch.Tensor, *, tau: float, alpha: float) -> list[to
     stack = [torch.arange(n, device=affinity.device)]  # index sets still to split; the root keeps every token
     root = True
     while stack:
+        checkpoint()  # a caller's Stop ends the cut between nodes (`cancel.cancellable`)
         region = stack.pop()  # (n,) token indices, ascending
         if len(region) < 2:
             continue
