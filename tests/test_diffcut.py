@@ -224,3 +224,32 @@ def test_a_cut_stops_between_nodes_when_its_caller_says_so_and_runs_whole_otherw
     assert len(asked) == 3 and len(whole) > 2  # asked before each node; the third ask stops it
     with cancellable(lambda: False):
         assert [m.tolist() for m in recursive_ncut(tokens, tau=0.99, alpha=10)] == [m.tolist() for m in whole]
+
+
+def test_the_fast_assignment_gives_the_reference_products_labels_even_at_near_ties():
+    """`_assign_as_reference` scores with the fast operand order and re-scores near ties with the reference's own
+    product: its labels equal those of the reference's product alone, bit for bit, also where two clusters are near
+    copies of each other (scores within 1e-7)."""
+    import torch.nn.functional as F
+
+    from diffseg.methods.diffcut.segment import _assign_as_reference
+
+    def reference_labels(feats, clusters, size):  # `generate_masks` steps 2-3 with the reference's product
+        _, c, h, w = feats.shape
+        onehot = F.one_hot(clusters).T.reshape(-1, 1, 1, h, w)
+        weights = onehot / (onehot.sum(dim=(-1, -2), keepdim=True) + 1e-8)
+        pooled = torch.stack([torch.einsum("bchw,bqhw->bqc", feats, weight)[0, 0] for weight in weights])
+        upsampled = F.interpolate(feats, size=size, mode="bilinear")
+        ids = (torch.t(upsampled.reshape(c, -1)) @ torch.t(pooled)).argmax(dim=1).reshape(size)
+        return np.unique(ids.numpy(), return_inverse=True)[1].reshape(size)
+
+    generator = torch.Generator().manual_seed(0)
+    for case in range(6):
+        feats = F.normalize(torch.randn(1, 320, 16, 16, generator=generator), dim=1)
+        clusters = torch.randint(0, 6, (256,), generator=generator)
+        if case % 2:  # two clusters of near-identical tokens: their scores tie to rounding everywhere
+            twin = feats.reshape(320, -1)[:, clusters == 1].mean(dim=1)
+            feats.reshape(320, -1)[:, (clusters == 1) | (clusters == 2)] = twin[:, None]
+            feats = F.normalize(feats + 1e-7 * torch.randn(feats.shape, generator=generator), dim=1)
+        ours = _assign_as_reference(feats, clusters, (64, 64))
+        np.testing.assert_array_equal(ours, reference_labels(feats, clusters, (64, 64)))

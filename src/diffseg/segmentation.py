@@ -94,9 +94,9 @@ def segment_bundle(
     image = bundle.image
     if image.shape[:2] != size:
         image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+    if isinstance(bundle, ConceptBundle):  # the probabilities are a result too: made once, their argmax the labels
+        return _concept_segmentation(bundle, size, image)
     labels = method.segment(bundle, config, size, image)
-    if isinstance(bundle, ConceptBundle):
-        return _concept_segmentation(bundle, labels, image)
     names = None
     votes = {"voting": naming.voting, "min_confidence": naming.min_confidence}
     if getattr(bundle, "cross_attention", None) is not None and bundle.vocabulary is not None:
@@ -109,14 +109,15 @@ def segment_bundle(
     return Segmentation(labels=labels, num_segments=int(labels.max()) + 1, image=image, names=names)
 
 
-def _concept_segmentation(bundle: ConceptBundle, labels: np.ndarray, image: np.ndarray) -> Segmentation:
-    """A concept bundle's segmentation: one named segment per concept (its score: its mean probability over the pixels
-    it takes), and the probabilities themselves."""
-    shares = probabilities(bundle.concept_maps, labels.shape).cpu().numpy()  # (K, H, W)
+def _concept_segmentation(bundle: ConceptBundle, size: tuple[int, int], image: np.ndarray) -> Segmentation:
+    """A concept bundle's segmentation at `size`: the probabilities, their argmax (`segment_concepts`), and one named
+    segment per concept (its score: its mean probability over the pixels it takes)."""
+    shares = probabilities(bundle.concept_maps, size).cpu().numpy()  # (K, H, W)
+    labels = shares.argmax(axis=0).astype(np.int32)
     k = len(bundle.words)
     flat = labels.reshape(-1)
     counts = np.bincount(flat, minlength=k)
-    won = np.bincount(flat, weights=shares.reshape(k, -1)[flat, np.arange(flat.size)], minlength=k)
+    won = np.bincount(flat, weights=shares.max(axis=0).ravel(), minlength=k)  # each pixel's winning probability
     names = [
         SegmentLabel(i, word, round(float(won[i] / max(counts[i], 1)), 4), round(float(counts[i] / flat.size), 6))
         for i, word in enumerate(bundle.words)

@@ -49,6 +49,7 @@ def as_token_grid(features, grid: tuple[int, int] | None = None) -> torch.Tensor
 # near-equal clusters (a cut through a uniform region) score within 1e-7 of each other, and only the same operations
 # break those ties the same way. Beyond it (large label maps) the K score maps are upsampled instead.
 REFERENCE_ORDER_FLOATS = 1 << 26
+CLOSE = 1e-3  # relative gap under which two clusters' scores take the reference's own product (500× its rounding)
 
 
 def _assign_as_reference(feats: torch.Tensor, clusters: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -60,7 +61,17 @@ def _assign_as_reference(feats: torch.Tensor, clusters: torch.Tensor, size: tupl
     weights = onehot / (onehot.sum(dim=(-1, -2), keepdim=True) + 1e-8)
     pooled = torch.stack([torch.einsum("bchw,bqhw->bqc", feats, weight)[0, 0] for weight in weights])  # (K, C)
     upsampled = F.interpolate(feats, size=size, mode="bilinear")  # (1, C, H, W), the reference's `nn.Upsample`
-    scores = torch.t(upsampled.reshape(c, size[0] * size[1])) @ torch.t(pooled)  # (H·W, K)
+    flat = upsampled.reshape(c, size[0] * size[1])  # (C, H·W)
+    # The reference's product is `torch.t(flat) @ torch.t(pooled)`: on a CPU that operand layout runs a slow kernel
+    # (0.3 s at 128² × 1,280 channels), `pooled @ flat` the fast one (14× faster), and the two round differently by
+    # ~1e-6. Only where a pixel's two best clusters lie within `CLOSE` does that rounding choose between them: those
+    # rows take the reference's product (a row computed alone gives the same bits as in the whole product).
+    scores = (pooled @ flat).T  # (H·W, K)
+    if scores.shape[1] > 1:
+        best = scores.topk(2, dim=1).values  # (H·W, 2)
+        close = torch.nonzero(best[:, 0] - best[:, 1] <= CLOSE * best[:, 0].abs().clamp_min(1)).reshape(-1)
+        if len(close):
+            scores[close] = torch.t(flat[:, close]) @ torch.t(pooled)
     ids = scores.argmax(dim=1).reshape(size)  # first maximum
     return np.unique(ids.cpu().numpy(), return_inverse=True)[1].reshape(size).astype(np.int32)
 
