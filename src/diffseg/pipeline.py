@@ -570,6 +570,7 @@ class DiffSegPipeline:
             self.transformer(**inputs)
         return record.maps().reshape(len(pixels), len(words), *grid)
 
+    @torch.inference_mode()
     def concept_cross_attention(
         self, pixels: torch.Tensor, words: tuple[str, ...], *, timestep: int, noise_seed: int | None
     ) -> torch.Tensor:
@@ -591,17 +592,10 @@ class DiffSegPipeline:
         with self._lock, capture_attention(self.unet, grid, cross=True, self_attention=False) as store:
             self.unet(**joined)
         cross = store.maps("cross")  # grid -> (K·B, h·w, 77), word-major
-        scores = torch.stack(
-            [
-                torch.cat(
-                    [
-                        word_scores({g: m[k * batch + b] for g, m in cross.items()}, v, size=grid)
-                        for k, v in enumerate(vocabularies)
-                    ]
-                )
-                for b in range(batch)
-            ]
-        )  # (B, K, h·w)
+        scores = torch.empty(batch, len(words), grid[0] * grid[1])
+        for k, vocabulary in enumerate(vocabularies):
+            for b in range(batch):
+                scores[b, k] = word_scores({g: m[k * batch + b] for g, m in cross.items()}, vocabulary, size=grid)[0]
         shares = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-12)
         return shares.reshape(batch, len(words), *grid)
 
