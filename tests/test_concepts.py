@@ -199,7 +199,10 @@ def test_concepts_through_python_and_a_saved_bundle(flux, tmp_path):
     assert np.array_equal(flux.segment(again).labels, result.labels)
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny_flux_checkpoint", "tiny_checkpoint"])
+@pytest.mark.parametrize(
+    "checkpoint",
+    ["tiny_flux_checkpoint", "tiny_sd3_checkpoint", "tiny_checkpoint", "tiny_sd2_checkpoint", "tiny_sdxl_checkpoint"],
+)
 def test_concepts_through_the_cli(checkpoint, request, tmp_path):
     from PIL import Image
 

@@ -506,6 +506,29 @@ def test_on_sd3_seg4diff_is_offered_encodes_once_and_its_threshold_resegments_fr
     assert external == [], "the page fetched something from outside the server"
 
 
+def test_on_sd3_words_name_segments_and_concept_maps_show_each_words_share(browser, sd3_demo_server, tmp_path):
+    """A transformer page: words name DiffSeg's segments through their concept maps (no cross-attention there), and
+    the method "concepts" shows ConceptAttention's maps, each word's share under the pointer."""
+    page, external = _open(browser, sd3_demo_server)
+    sd3 = User(page, sd3_demo_server)
+    try:
+        sd3.upload(_photo(tmp_path, "sd3-words", 96, 128))
+        assert "encoded in" in sd3.words("red, green")
+        assert page.locator("#segments th", has_text="name").count() == 1
+        names = {s["name"] for s in _viewer(page)["segments"]}
+        assert names and names <= {"red", "green", "unlabelled"}
+        assert "encoded in" in sd3.choose("concepts")
+        segments = _viewer(page)["segments"]
+        assert sorted(s["name"] for s in segments) == ["green", "red"]
+        page.mouse.move(*_point(page, max(segments, key=lambda s: s["area"])))
+        tip = page.locator("#viewer .tip")
+        tip.wait_for(state="visible")
+        assert {part.rsplit(" ", 2)[0] for part in tip.inner_text().split(" · ")} == {"red", "green"}
+    finally:
+        page.close()
+    assert external == [], "the page fetched something from outside the server"
+
+
 def test_a_unet_page_does_not_offer_seg4diff(user):
     user.page.get_by_role("radio", name="diffcut").wait_for()
     assert user.page.get_by_role("radio", name="diffcut").count() == 1
