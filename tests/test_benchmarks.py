@@ -426,3 +426,23 @@ def test_evaluate_voc21_with_concepts_from_classes_through_the_cli(tiny_flux_che
         run_cli("evaluate", "ade20k", "--root", tmp_path, *tiny_model(tiny_flux_checkpoint), "--concepts-from-classes")
         == 2
     )
+
+
+def test_class_id_predictions_are_scored_open_vocabulary_too(tmp_path, capsys):
+    """`--concepts-from-classes --predictions DIR`: PNGs of class ids (background last), scored with no matching: the
+    truth itself scores 100 %, the truth with two classes swapped less."""
+    make_voc(tmp_path, tmp_path / "unused", np.random.default_rng(12))
+    voc, root = BENCHMARKS["voc20"], tmp_path / "VOCdevkit" / "VOC2012"
+    for folder, swap in (("truth", False), ("swapped", True)):
+        for sample in voc.samples(root):
+            classes = voc.read_label(sample.label, "concepts")
+            if swap:
+                classes = np.where(classes == 20, 4, np.where(classes == 4, 20, classes))
+            save_png(np.where(classes < 0, 0, classes), tmp_path / folder / f"{sample.id}.png")
+    argv = ("evaluate", "voc21", "--root", root, "--concepts-from-classes", "--json")
+    assert run_cli(*argv, "--predictions", tmp_path / "truth", "-o", tmp_path / "a") == 0
+    truth = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert truth["miou"] == pytest.approx(1.0) and truth["pixel_accuracy"] == pytest.approx(1.0)
+    assert run_cli(*argv, "--predictions", tmp_path / "swapped", "-o", tmp_path / "b") == 0
+    swapped = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert swapped["miou"] < 0.9 and swapped["pixel_accuracy"] < 1.0

@@ -46,10 +46,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.datasets import BENCHMARKS
     from ..evaluation.harness import evaluate, format_summary
 
-    concepts = None
-    if args.concepts_from_classes:
-        concepts = _class_concepts(args)
-    names = _benchmarks(args.dataset, concepts is not None)
+    concepts = _class_concepts(args) if args.concepts_from_classes else None
+    names = _benchmarks(args.dataset, args.concepts_from_classes)
     several = len(names) > 1 or args.dataset == ["all"]
     encode = encode_config(args)
     batch_size = check_batch_size(args.batch_size)
@@ -127,9 +125,9 @@ def _class_concepts(args: argparse.Namespace):
     if args.method not in ("diffseg", "concepts") or args.protocol != "diffseg":
         raise ValueError("--concepts-from-classes runs concept maps under their own protocol: leave out --method and "
                          "--protocol.")  # fmt: skip
-    if args.predictions or args.predictions_root:
-        raise ValueError("--concepts-from-classes runs the model; score prediction folders without it.")
     args.method, args.protocol = "concepts", "concepts"
+    if args.predictions or args.predictions_root:  # class-id maps made elsewhere, scored the same way
+        return None
     return ClassConcepts(parse_concepts(args.background_concepts), all_classes=args.all_classes)
 
 
@@ -217,7 +215,8 @@ def add_evaluate_command(commands) -> None:
         action="store_true",
         help="score concept maps whose words are the benchmark's class names, each pixel the class of its word, with "
         "no matching (ConceptAttention's VOC multi-class protocol: whole image at 1024², 64×64 score grid): voc21, "
-        "context60, cocoobject",
+        "context60, cocoobject; with --predictions, PNGs of class ids (the benchmark's classes, background last) "
+        "scored the same way",
     )
     group.add_argument(
         "--background-concepts",

@@ -157,12 +157,15 @@ def evaluate(
     rules = PROTOCOLS[protocol]
     samples = bench.samples(root)[:limit]
     pamr = False  # under DiffCut's protocol, PAMR runs in the scorer, after the background step
-    if (concepts is not None) != (protocol == "concepts"):
-        raise ValueError('Open-vocabulary scoring (`concepts`) and the "concepts" protocol go together.')
-    if concepts is not None and (pipeline is None or not bench.background):
+    if protocol == "concepts" and not bench.background:
         raise ValueError(
-            f"Open-vocabulary scoring runs concept maps on a benchmark with a background class (voc20, context59, "
-            f"cocoobject), not {'precomputed predictions' if pipeline is None else bench.name}."
+            f"Open-vocabulary scoring is for a benchmark with a background class (voc20, context59, cocoobject), not "
+            f"{bench.name}."
+        )
+    if (concepts is not None) != (protocol == "concepts" and pipeline is not None):
+        raise ValueError(
+            "Open-vocabulary scoring of a model takes `concepts` (the class names as words) and protocol "
+            '"concepts"; of precomputed predictions, protocol "concepts" alone.'
         )
     if pipeline is not None:
         config = config or (ConceptConfig() if concepts is not None else SegmentConfig())
