@@ -170,7 +170,7 @@ def test_viewer_data_round_trips_the_ids_and_the_image(tmp_path):
     assert "data-shares" not in view.viewer
     # Concept maps: the K maps stacked top to bottom in one grey PNG, each at most 256 on a side.
     shares = np.random.default_rng(0).dirichlet(np.ones(3), size=(300, 400)).transpose(2, 0, 1).astype(np.float32)
-    concepts = Segmentation(shares.argmax(0).astype(np.int32), 3, image, probabilities=shares)
+    concepts = Segmentation(shares.argmax(0).astype(np.int32), 3, image, words=("a", "b", "c"), probabilities=shares)
     grey = re.search(
         r"data-shares='data:image/png;base64,([^']+)'", render(concepts, bundle_image, tmp_path, "c").viewer
     )

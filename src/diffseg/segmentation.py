@@ -28,6 +28,7 @@ class Segmentation:
         num_segments: K.
         image: (H, W, 3) uint8 RGB the labels belong to.
         names: per segment, its word and score, when the bundle was encoded with labels; else None.
+        words: the words `names` were chosen from (the vocabulary, or the concepts), in the order given; else ().
         probabilities: concept maps only: (K, H, W) float32, each concept's probability at each pixel (summing to 1
             over concepts); `labels` is their argmax, ids the concepts' indices, `names` the concepts.
     """
@@ -36,6 +37,7 @@ class Segmentation:
     num_segments: int
     image: np.ndarray
     names: list[SegmentLabel] | None = None
+    words: tuple[str, ...] = ()
     probabilities: np.ndarray | None = None
 
     @property
@@ -43,8 +45,7 @@ class Segmentation:
         """Segment colours over the image, with boundaries drawn (and segment names, when there are any; concept maps:
         a legend of the concepts' colours below the image)."""
         if self.probabilities is not None:
-            words = [n.label for n in self.names]
-            return Image.fromarray(with_legend(overlay(self.image, self.labels), words))
+            return Image.fromarray(with_legend(overlay(self.image, self.labels), list(self.words)))
         names = None if self.names is None else {n.id: n.label or "unlabelled" for n in self.names}
         return Image.fromarray(overlay(self.image, self.labels, names=names))
 
@@ -97,16 +98,16 @@ def segment_bundle(
     if isinstance(bundle, ConceptBundle):  # the probabilities are a result too: made once, their argmax the labels
         return _concept_segmentation(bundle, size, image)
     labels = method.segment(bundle, config, size, image)
-    names = None
+    names, words = None, ()
     votes = {"voting": naming.voting, "min_confidence": naming.min_confidence}
     if getattr(bundle, "cross_attention", None) is not None and bundle.vocabulary is not None:
-        scores = word_scores(bundle.cross_attention, bundle.vocabulary)
-        names = assign_labels(labels, scores, bundle.vocabulary.words, **votes)
+        words = bundle.vocabulary.words
+        names = assign_labels(labels, word_scores(bundle.cross_attention, bundle.vocabulary), words, **votes)
     elif bundle.named_by is not None:  # the words' concept maps: each pixel's share of each word
-        maps = bundle.named_by.concept_maps
+        maps, words = bundle.named_by.concept_maps, bundle.named_by.words
         scores = maps.reshape(len(maps), -1).float().cpu()
-        names = assign_labels(labels, scores, bundle.named_by.words, score_size=tuple(maps.shape[-2:]), **votes)
-    return Segmentation(labels=labels, num_segments=int(labels.max()) + 1, image=image, names=names)
+        names = assign_labels(labels, scores, words, score_size=tuple(maps.shape[-2:]), **votes)
+    return Segmentation(labels=labels, num_segments=int(labels.max()) + 1, image=image, names=names, words=words)
 
 
 def _concept_segmentation(bundle: ConceptBundle, size: tuple[int, int], image: np.ndarray) -> Segmentation:
@@ -122,4 +123,4 @@ def _concept_segmentation(bundle: ConceptBundle, size: tuple[int, int], image: n
         SegmentLabel(i, word, round(float(won[i] / max(counts[i], 1)), 4), round(float(counts[i] / flat.size), 6))
         for i, word in enumerate(bundle.words)
     ]
-    return Segmentation(labels=labels, num_segments=k, image=image, names=names, probabilities=shares)
+    return Segmentation(labels, k, image, names=names, words=bundle.words, probabilities=shares)

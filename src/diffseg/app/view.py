@@ -160,17 +160,25 @@ def shares_uri(probabilities: np.ndarray) -> str:
 
 
 def viewer_html(
-    image: str, labels: np.ndarray, rows: list[SegmentRow], title: str, probabilities: np.ndarray | None = None
+    image: str,
+    labels: np.ndarray,
+    rows: list[SegmentRow],
+    title: str,
+    probabilities: np.ndarray | None = None,
+    words: tuple[str, ...] = (),
 ) -> str:
     """The viewer's markup: data attributes that `web/viewer.js` draws from, a canvas with an accessible name, a
-    layer for segment names and a tooltip. With concept maps' `probabilities`, each word's share at the pointer."""
+    layer for segment names and a tooltip. With concept maps' `probabilities` (K, H, W) and their K `words`, each
+    word's share at the pointer (every word, also one that wins no pixel and so has no segment)."""
     segments = [
         {"id": r.id, "colour": r.colour, "area": r.area, "name": r.name, "score": r.score, "x": r.x, "y": r.y}
         for r in rows
     ]
     count = f"{len(rows)} segment" + ("" if len(rows) == 1 else "s")
     attribute = lambda value: html.escape(value, quote=True)  # noqa: E731
-    shares = "" if probabilities is None else f" data-shares='{attribute(shares_uri(probabilities))}'"
+    shares = ""
+    if probabilities is not None:
+        shares = f" data-shares='{attribute(shares_uri(probabilities))}' data-words='{attribute(json.dumps(words))}'"
     return (
         f"<div class='diffseg-viewer' data-image='{attribute(image)}' data-ids='{attribute(ids_uri(labels))}'"
         f" data-segments='{attribute(json.dumps(segments))}'{shares}>"
@@ -198,6 +206,6 @@ def render(result, image: str, out_dir: Path, name: str, start: float | None = N
     label_file = Path(out_dir) / f"{name}-labels.png"
     save_image(label_image(result.labels), label_file)
     rows = segment_rows(result.labels, result.names)
-    viewer = viewer_html(image, result.labels, rows, name, result.probabilities)
+    viewer = viewer_html(image, result.labels, rows, name, result.probabilities, result.words)
     table = segment_table(rows, named=result.names is not None)
     return View(viewer, label_file, table, rows, time.perf_counter() - start)

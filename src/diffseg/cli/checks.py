@@ -77,12 +77,13 @@ def check_naming(args: argparse.Namespace) -> None:
     if getattr(args, "words", None) is not None:
         from ..backbones.concepts import parse_concepts
         from ..backbones.families import load_tokenizer, read_backbone
+        from ..methods.registry import METHODS
         from ..naming.vocabulary import build_vocabulary
 
         backbone = read_backbone(args.model)
         if backbone.denoiser == "transformer":  # concept maps: T5 or CLIP, loaded with the model
             parse_concepts(args.words)
-        elif getattr(args, "method", "diffseg") == "diffseg":  # one prompt of all the words
+        elif METHODS[getattr(args, "method", "diffseg")].names_segments:  # its own pass: one prompt of all the words
             build_vocabulary(args.words, load_tokenizer(args.model))
         else:  # concept maps: each word its own prompt
             tokenizer = load_tokenizer(args.model)

@@ -174,15 +174,12 @@ def evaluate(
         job = _protocol_job(
             pipeline, replace(config, pamr=False) if pamr else config, timestep, rules, batch_size, blocks, words
         )
-        by_id = {s.id: s for s in samples}
 
-        def predict(items: list) -> Iterator:  # the method sees the protocol's crop of each image
+        def predict(items: list, labels: list) -> Iterator:  # the method sees the protocol's crop of each image
             cropped = [(sample_id, name, rules.crop(image)) for sample_id, name, image in items]
             if concepts is None:
                 return job.segment_images(cropped)
-            return _as_classes(
-                job, cropped, [concepts.words(bench, _full_label(bench, by_id[i]), protocol) for i, _, _ in items]
-            )
+            return _as_classes(job, cropped, [concepts.words(bench, label, protocol) for label in labels])
 
         settings = _run_settings(bench, protocol, job, pipeline.model, pamr)
         if concepts is not None:
@@ -222,10 +219,6 @@ def evaluate(
     return final
 
 
-def _full_label(bench: Benchmark, sample: Sample) -> np.ndarray:
-    return bench.read_label(sample.label, "concepts")
-
-
 def _as_classes(job, items: list, words: list) -> Iterator:
     """Concept maps of each image's own words, their label maps (word indices) turned into the classes the words
     stand for."""
@@ -245,9 +238,10 @@ def _score_batch(
     if not loaded:
         return
     start = time.perf_counter()
-    outcomes = list(predict([(s.id, s.id, image) for s, image, _ in loaded]))
+    # The predictor sees each image and its label at the image's size (open-vocabulary words come from it).
+    outcomes = list(predict([(s.id, s.id, image) for s, image, _, _ in loaded], [full for _, _, full, _ in loaded]))
     scorer.seconds = (time.perf_counter() - start) / len(loaded)
-    for (sample, image, label), outcome in zip(loaded, outcomes):
+    for (sample, image, _, label), outcome in zip(loaded, outcomes):
         scorer.expect(sample, image, label)
         if not deliver(outcome, [scorer]).ok:
             skip(sample.id, outcome.error)
@@ -340,7 +334,7 @@ def _read_predictions(folder: Path, rules: Protocol) -> Callable:
     from ..jobs.runner import Outcome
     from ..segmentation import Segmentation
 
-    def predict(items: list) -> Iterator:
+    def predict(items: list, _labels: list) -> Iterator:
         for sample_id, name, image in items:
             path = folder / f"{sample_id}.png"
             try:
@@ -354,8 +348,8 @@ def _read_predictions(folder: Path, rules: Protocol) -> Callable:
 
 
 def _load_sample(bench: Benchmark, rules: Protocol, sample: Sample, skip: Callable[[str, str], None]):
-    """(sample, image, label at the score size) of one benchmark image, or None after `skip` names why it cannot be
-    scored."""
+    """(sample, image, label at the image's size, label at the score size) of one benchmark image, or None after `skip`
+    names why it cannot be scored."""
     if not sample.label.is_file():
         return skip(sample.id, f"label `{sample.label}` not found")
     try:
@@ -364,7 +358,7 @@ def _load_sample(bench: Benchmark, rules: Protocol, sample: Sample, skip: Callab
         label = bench.read_label(sample.label, rules.name)
         if label.shape != image.shape[:2]:
             return skip(sample.id, f"label is {label.shape} but image is {image.shape[:2]}")
-        return sample, image, rules.label(label)
+        return sample, image, label, rules.label(label)
     except (OSError, ValueError) as error:
         return skip(sample.id, str(error))
 

@@ -1,4 +1,5 @@
-"""Unsupervised segmentation metrics: per-image Hungarian matching, accumulated over a dataset.
+"""Segmentation metrics: per-image Hungarian matching (unsupervised), or none (open-vocabulary), accumulated over a
+dataset.
 
 The reference protocol (`diffseg/utils.py`, `hungarian_matching`, after PiCIE): per image, a confusion matrix of
 shape C × max(C, predicted ids + 1) over labelled pixels; the assignment of classes to predicted ids that
@@ -90,17 +91,14 @@ def hungarian_scores(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def supervised_scores(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> Scores:
-    """Score one image whose predictions are classes already (open-vocabulary: no matching): per class, the pixels
-    labelled and predicted it (TP), predicted it but labelled another (FP), labelled it but predicted another (FN).
-    Labels outside [0, C) are not scored; predictions outside it count as wrong."""
-    valid = (labels >= 0) & (labels < num_classes)
-    truth, guess = labels[valid].astype(np.int64), predictions[valid].astype(np.int64)
-    right = truth == guess
-    tp = np.bincount(truth[right], minlength=num_classes)[:num_classes]
-    fn = np.bincount(truth[~right], minlength=num_classes)[:num_classes]
-    wrong = guess[~right]
-    fp = np.bincount(wrong[(wrong >= 0) & (wrong < num_classes)], minlength=num_classes)[:num_classes]
-    return Scores(tp=tp, fp=fp, fn=fn, all=int(valid.sum()), images=1)
+    """Score one image whose predictions are classes already (open-vocabulary: no matching): the confusion matrix's
+    diagonal is TP, the rest of each row FN, the rest of each class column FP. Labels outside [0, C) are not scored;
+    predicted ids of no class count as wrong."""
+    hist = confusion_matrix(labels, predictions, num_classes)  # (C, P), P >= C
+    tp = np.diagonal(hist).copy()
+    return Scores(
+        tp=tp, fp=hist[:, :num_classes].sum(axis=0) - tp, fn=hist.sum(axis=1) - tp, all=int(hist.sum()), images=1
+    )
 
 
 def merge_unmatched_into_background(

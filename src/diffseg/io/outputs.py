@@ -184,18 +184,12 @@ def _write_probabilities(outcome, path: Path) -> None:
 
 
 def _write_names(outcome, path: Path) -> None:
-    names, bundle = outcome.result.names or [], outcome.bundle
-    if hasattr(bundle, "words"):  # concept maps
-        words = bundle.words
-    elif bundle.named_by is not None:  # named by concept maps
-        words = bundle.named_by.words
-    else:  # by its own pass's cross-attention
-        words = bundle.vocabulary.words if bundle.vocabulary else ()
+    names = outcome.result.names or []
     save_json(
         {
             "image": str(outcome.source),
             "caption": outcome.caption,
-            "vocabulary": list(words),
+            "vocabulary": list(outcome.result.words),
             "voting": outcome.voting,
             "segments": {str(n.id): {"label": n.label, "score": n.score, "area": n.area} for n in names},
         },

@@ -74,12 +74,12 @@ async function load() {
   const photo = base.getContext("2d", { willReadFrequently: true }).getImageData(0, 0, width, height).data;
   state.data = { root, canvas, width, height, ids, edge, segments, colours, photo, shares: null };
   if (root.dataset.shares) {
-    // Concept maps: the K words' maps stacked top to bottom in one grey PNG (view.shares_uri), segment k the word k.
+    // Concept maps: the K words' maps stacked top to bottom in one grey PNG (view.shares_uri), map k the word k.
     const grey = await decode(root.dataset.shares);
     if (root !== element.querySelector(".diffseg-viewer")) return;
-    const k = segments.size;
+    const words = JSON.parse(root.dataset.words);
     const values = pixels(grey);
-    state.data.shares = { values, k, width: grey.naturalWidth, height: grey.naturalHeight / k };
+    state.data.shares = { values, words, width: grey.naturalWidth, height: grey.naturalHeight / words.length };
   }
   draw();
   placeNames();
@@ -116,10 +116,7 @@ function sharesAt(fx, fy) {
   const m = state.data.shares;
   const x = Math.min(m.width - 1, Math.floor(fx * m.width));
   const y = Math.min(m.height - 1, Math.floor(fy * m.height));
-  const shares = [...state.data.segments.values()].map((s) => [
-    s.name,
-    m.values[4 * ((s.id * m.height + y) * m.width + x)] / 255,
-  ]);
+  const shares = m.words.map((word, k) => [word, m.values[4 * ((k * m.height + y) * m.width + x)] / 255]);
   shares.sort((a, b) => b[1] - a[1]);
   return shares.map(([name, p]) => `${name} ${Math.round(100 * p)} %`).join(" · ");
 }
