@@ -84,7 +84,8 @@ def _tight_clusters(seed: int) -> tuple[np.ndarray, float, float]:
 def _root_fiedler_is_positive(features: np.ndarray, alpha: float) -> bool:
     tokens = torch.nn.functional.normalize(torch.from_numpy(features).T, dim=0)
     affinity = affinity_matrix(tokens, alpha)
-    y = fiedler_vector(affinity, affinity.sum(dim=1))
+    degree = affinity.sum(dim=1)
+    y = fiedler_vector(torch.diag(degree) - affinity, degree)
     return y is not None and bool((y > 0).all())
 
 
@@ -227,12 +228,12 @@ def test_a_cut_stops_between_nodes_when_its_caller_says_so_and_runs_whole_otherw
 
 
 def test_the_fast_assignment_gives_the_reference_products_labels_even_at_near_ties():
-    """`_assign_as_reference` scores with the fast operand order and re-scores near ties with the reference's own
+    """`_assign` scores with the fast operand order and re-scores near ties with the reference's own
     product: its labels equal those of the reference's product alone, bit for bit, also where two clusters are near
     copies of each other (scores within 1e-7)."""
     import torch.nn.functional as F
 
-    from diffseg.methods.diffcut.segment import _assign_as_reference
+    from diffseg.methods.diffcut.segment import _assign
 
     def reference_labels(feats, clusters, size):  # `generate_masks` steps 2-3 with the reference's product
         _, c, h, w = feats.shape
@@ -251,5 +252,43 @@ def test_the_fast_assignment_gives_the_reference_products_labels_even_at_near_ti
             twin = feats.reshape(320, -1)[:, clusters == 1].mean(dim=1)
             feats.reshape(320, -1)[:, (clusters == 1) | (clusters == 2)] = twin[:, None]
             feats = F.normalize(feats + 1e-7 * torch.randn(feats.shape, generator=generator), dim=1)
-        ours = _assign_as_reference(feats, clusters, (64, 64))
+        ours = _assign(feats, clusters, (64, 64))
         np.testing.assert_array_equal(ours, reference_labels(feats, clusters, (64, 64)))
+
+
+def test_cluster_ids_follow_the_references_order_with_many_masks():
+    """Ids number the tokens' membership rows in lexicographic order, the latest mask most significant (bytes packed
+    eight masks at a time: 37 masks leave a partial byte)."""
+    generator = torch.Generator().manual_seed(0)
+    masks = [torch.rand(300, generator=generator) < 0.3 for _ in range(37)]
+    membership = torch.stack(masks[::-1], dim=1).numpy()
+    _, expected = np.unique(membership, axis=0, return_inverse=True)
+    assert torch.equal(assemble_clusters(masks, 300), torch.from_numpy(expected.reshape(-1)))
+
+
+def test_the_shortlisted_bipartition_is_the_one_every_threshold_scored_the_references_way_picks():
+    """`best_bipartition` scores the distinct cuts in float64 and only the decisive ones in the reference's float32
+    arithmetic; scoring all 100 thresholds the reference's way (its `min` and `np.argmin`) picks the same cut and
+    cost, on regions of every size from 2 tokens to 400, tight clusters and noise."""
+    from diffseg.methods.diffcut.ncut import THRESHOLD_SPAN, best_bipartition, reference_cost
+
+    for seed in range(60):
+        features, alpha, _ = _tight_clusters(seed) if seed % 2 else (None, 10.0, None)
+        if features is None:
+            n = [2, 3, 5, 20, 400][seed // 2 % 5]
+            features = np.random.default_rng(seed).normal(size=(n, 16)).astype(np.float32)
+        tokens = torch.nn.functional.normalize(torch.from_numpy(features).T, dim=0)
+        affinity = affinity_matrix(tokens, alpha)
+        degree = affinity.sum(dim=1)
+        if not bool((degree > 0).all()):
+            continue
+        degree_matrix = torch.diag(degree)
+        laplacian = degree_matrix - affinity
+        y = fiedler_vector(laplacian, degree)
+        side, cost = best_bipartition(y, laplacian, degree_matrix)
+        thresholds = torch.linspace(y.min() * THRESHOLD_SPAN, y.max() * THRESHOLD_SPAN, 100)
+        total = torch.sum(degree_matrix)
+        costs = [reference_cost(y > t, laplacian, degree_matrix, total) for t in thresholds]
+        best = int(np.argmin(costs))
+        assert torch.equal(side, y > thresholds[best]), seed
+        assert (cost == min(costs)) or (cost != cost and min(costs) != min(costs)), seed

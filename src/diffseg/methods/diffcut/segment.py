@@ -44,45 +44,66 @@ def as_token_grid(features, grid: tuple[int, int] | None = None) -> torch.Tensor
     return t.float()
 
 
-# Steps 2-3 follow the reference's own order of operations (one pooling per cluster, the C feature maps upsampled,
-# one product) while the upsampled features fit in this many floats (1,280 channels at the reference's 128² is 21 M):
-# near-equal clusters (a cut through a uniform region) score within 1e-7 of each other, and only the same operations
-# break those ties the same way. Beyond it (large label maps) the K score maps are upsampled instead.
+# Steps 2-3 are one linear map of the tokens: each cluster's mean token (the reference's `MaskPooling`), its
+# similarity with every token, bilinear upsampling. The reference upsamples the C feature maps and then takes one
+# product; we take the product on the token grid and upsample the K score maps instead (K/C of the cost and memory, a
+# 12-megapixel label map fits). The two orders round differently by ~1e-6, which decides a pixel only where its two
+# best clusters lie that close (a cut through a uniform region scores within 1e-7). While the upsampled features fit
+# in this many floats (1,280 channels at the reference's 128² is 21 M), those pixels are scored again in the
+# reference's own order of operations.
 REFERENCE_ORDER_FLOATS = 1 << 26
 CLOSE = 1e-3  # relative gap under which two clusters' scores take the reference's own product (500× its rounding)
 
 
-def _assign_as_reference(feats: torch.Tensor, clusters: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Reference `generate_masks` steps 2-3, operation for operation: each cluster's `MaskPooling` einsum (masked
-    sum / (count + 1e-8)), bilinear upsampling of the (1, C, h, w) features, similarities as one product, argmax."""
+def _assign(feats: torch.Tensor, clusters: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Reference `generate_masks` steps 2-3: each cluster's masked mean token (`MaskPooling`), bilinear upsampling,
+    similarities, argmax (first maximum).
+
+    Args:
+        feats: (1, C, h, w) L2-normalised features.
+        clusters: (h·w,) int64 cluster ids 0..K-1.
+        size: (H, W) of the label map.
+    """
     _, c, h, w = feats.shape
-    onehot = F.one_hot(clusters).T.reshape(-1, 1, 1, h, w)  # (K, 1, 1, h, w) bool, each cluster's mask
+    tokens = feats.reshape(c, h * w)  # (C, N)
+    onehot = F.one_hot(clusters).T  # (K, N) bool, each cluster's mask
     # The reference divides each bool mask by (its count + 1e-8) in float32: the same division, for all at once.
-    weights = onehot / (onehot.sum(dim=(-1, -2), keepdim=True) + 1e-8)
-    pooled = torch.stack([torch.einsum("bchw,bqhw->bqc", feats, weight)[0, 0] for weight in weights])  # (K, C)
-    upsampled = F.interpolate(feats, size=size, mode="bilinear")  # (1, C, H, W), the reference's `nn.Upsample`
-    flat = upsampled.reshape(c, size[0] * size[1])  # (C, H·W)
-    # The reference's product is `torch.t(flat) @ torch.t(pooled)`: on a CPU that operand layout runs a slow kernel
-    # (0.3 s at 128² × 1,280 channels), `pooled @ flat` the fast one (14× faster), and the two round differently by
-    # ~1e-6. Only where a pixel's two best clusters lie within `CLOSE` does that rounding choose between them: those
-    # rows take the reference's product (a row computed alone gives the same bits as in the whole product).
-    scores = (pooled @ flat).T  # (H·W, K)
-    if scores.shape[1] > 1:
-        best = scores.topk(2, dim=1).values  # (H·W, 2)
-        close = torch.nonzero(best[:, 0] - best[:, 1] <= CLOSE * best[:, 0].abs().clamp_min(1)).reshape(-1)
-        if len(close):
-            scores[close] = torch.t(flat[:, close]) @ torch.t(pooled)
-    ids = scores.argmax(dim=1).reshape(size)  # first maximum
+    weights = onehot / (onehot.sum(dim=1, keepdim=True) + 1e-8)  # (K, N)
+    pooled = weights @ tokens.T  # (K, C)
+    k = len(pooled)
+    if k == 1 or c * size[0] * size[1] > REFERENCE_ORDER_FLOATS:
+        return label_map((pooled @ tokens).reshape(k, h, w), size)  # (H, W) int32, memory bounded by chunks
+    maps = (pooled @ tokens).reshape(1, k, h, w)
+    scores = F.interpolate(maps, size=size, mode="bilinear").reshape(k, size[0] * size[1])  # (K, H·W)
+    top = scores.topk(2, dim=0)  # values, indices: (2, H·W)
+    ids = top.indices[0]  # first maximum
+    gap = top.values[0] - top.values[1]
+    close = torch.nonzero(gap <= CLOSE * top.values[0].abs().clamp_min(1)).reshape(-1)  # (M,) pixels
+    if len(close):
+        ids[close] = _reference_scores(feats, weights, pooled, close, size).argmax(dim=1)
+    ids = ids.reshape(size)
     return np.unique(ids.cpu().numpy(), return_inverse=True)[1].reshape(size).astype(np.int32)
 
 
-def _assign_by_score_maps(tokens, clusters, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """Steps 2-3 for label maps too large for the reference's order: the same linear map, upsampling the K score
-    maps instead of the C feature maps (K/C of the cost and memory; a 12-megapixel label map fits)."""
-    onehot = F.one_hot(clusters).T.float()  # (K, N)
-    pooled = (onehot / (onehot.sum(dim=1, keepdim=True) + 1e-8)) @ tokens.T  # (K, C), masked mean
-    scores = (pooled @ tokens).reshape(-1, *grid)  # (K, h, w)
-    return label_map(scores, size)  # (H, W) int32, bilinear (align_corners=False), first maximum
+def _reference_scores(feats, weights, pooled, pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(M, K) scores of the given pixels in the reference's order of operations: each cluster's pooling as its own
+    `einsum("bchw,bqhw->bqc")`, the (1, C, h, w) features upsampled by `nn.Upsample(mode="bilinear")`, then
+    `torch.t(upsampled) @ torch.t(pooled)` (one row of it per pixel).
+
+    Only the clusters that can win at these pixels (within `CLOSE` of the best there) are pooled the reference's
+    way; the others keep the fast means, which changes no bit of the candidates' entries (a product's entry depends
+    on its own row and column only).
+    """
+    _, c, h, w = feats.shape
+    upsampled = F.interpolate(feats, size=size, mode="bilinear").reshape(c, -1)  # (C, H·W)
+    rows = torch.t(upsampled[:, pixels])  # (M, C)
+    fast = rows @ torch.t(pooled)  # (M, K)
+    best = fast.max(dim=1, keepdim=True).values
+    candidates = torch.nonzero((fast >= best - 2 * CLOSE * best.abs().clamp_min(1)).any(dim=0)).reshape(-1)
+    exact = pooled.clone()
+    for j in candidates.tolist():
+        exact[j] = torch.einsum("bchw,bqhw->bqc", feats, weights[j].reshape(1, 1, h, w))[0, 0]
+    return rows @ torch.t(exact)
 
 
 @torch.inference_mode()
@@ -126,10 +147,7 @@ def segment_features(
 
     # 1. Recursive normalised cut; clusters numbered as the reference's `assemble_clusters`.
     clusters = assemble_clusters(recursive_ncut(tokens, tau=tau, alpha=alpha), h * w).to(tokens.device)  # (N,)
-    if c * height * width <= REFERENCE_ORDER_FLOATS:
-        labels = _assign_as_reference(feats, clusters, (height, width))
-    else:
-        labels = _assign_by_score_maps(tokens, clusters, (h, w), (height, width))
+    labels = _assign(feats, clusters, (height, width))
     if pamr:
         from .pamr import refine_labels
 
