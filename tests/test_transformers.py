@@ -89,18 +89,9 @@ def test_a_transformer_folder_without_its_vae_says_so(tiny_sd3_checkpoint, tmp_p
 def test_a_second_run_reads_the_cached_empty_prompt_and_never_loads_t5(checkpoint, request, monkeypatch, tmp_path):
     """The first load computes the empty prompt with the family's own diffusers pipeline and caches it; the second
     loads no text encoder at all (T5's loader is watched) and gets exactly the same tensors."""
-    from transformers import T5EncoderModel
-
     folder = request.getfixturevalue(checkpoint)
     monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path / "cache"))
-    loads = []
-    original = T5EncoderModel.from_pretrained.__func__
-
-    def counted(cls, *args, **kwargs):
-        loads.append(args)
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(T5EncoderModel, "from_pretrained", classmethod(counted))
+    loads = _t5_loads(monkeypatch)
     first = DiffSegPipeline.from_pretrained(folder, device="cpu", dtype="float32")
     assert len(loads) == 1 and len(list((tmp_path / "cache" / "prompts").glob("*.safetensors"))) == 1
     second = DiffSegPipeline.from_pretrained(folder, device="cpu", dtype="float32")
@@ -113,6 +104,50 @@ def test_a_second_run_reads_the_cached_empty_prompt_and_never_loads_t5(checkpoin
     fresh = dit.encode_empty_prompt(backbone, encoders, torch.device("cpu"))
     assert torch.equal(fresh.hidden, _conditioning(second)[0]) and torch.equal(fresh.pooled, _conditioning(second)[1])
     assert fresh.hidden.shape[1] == backbone.text_tokens + (77 if backbone.family == "sd3" else 0)
+
+
+def test_a_hub_checkpoint_read_offline_caches_its_empty_prompt_by_revision(tiny_sd3_checkpoint, tmp_path, monkeypatch):
+    """A hub id served from the hub's own cache with the hub unreachable: it loads (the index names its denoiser, so
+    the absent unet/ is not taken for an undownloaded one), a second run reads the cached empty prompt, and a new
+    revision of the same id (another snapshot commit) computes its own."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-sd3"
+    (repo / "refs").mkdir(parents=True)
+    for commit in ("a" * 40, "b" * 40):
+        shutil.copytree(tiny_sd3_checkpoint, repo / "snapshots" / commit)
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path / "cache"))
+    loads = _t5_loads(monkeypatch)
+    cached = lambda: sorted(p.name for p in (tmp_path / "cache" / "prompts").glob("*.safetensors"))  # noqa: E731
+
+    first = DiffSegPipeline.from_pretrained("someone/tiny-sd3", device="cpu", dtype="float32")
+    assert first.backbone.family == "sd3" and len(loads) == 1 and len(cached()) == 1
+    DiffSegPipeline.from_pretrained("someone/tiny-sd3", device="cpu", dtype="float32")
+    assert len(loads) == 1 and len(cached()) == 1  # the same revision: read from the cache
+    (repo / "refs" / "main").write_text("b" * 40)
+    DiffSegPipeline.from_pretrained("someone/tiny-sd3", device="cpu", dtype="float32")
+    assert len(loads) == 2 and len(cached()) == 2  # a new revision: its own entry
+
+
+def _t5_loads(monkeypatch) -> list:
+    """The calls to T5's loader from now on (it is watched, and still loads)."""
+    from transformers import T5EncoderModel
+
+    loads = []
+    original = T5EncoderModel.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        loads.append(args)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", classmethod(counted))
+    return loads
 
 
 def test_sd3_without_t5_conditions_on_zeros_in_its_place(tiny_sd3_checkpoint, tmp_path):

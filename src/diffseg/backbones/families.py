@@ -247,12 +247,15 @@ def _read_configs(model: str, local_files_only: bool, offline: bool) -> tuple[Ba
     from . import dit
 
     try:
-        unet_config = _read_json(model, "unet", "config.json", local_files_only)
+        # The index first: offline, the hub's cache cannot tell a file the checkpoint lacks (an SD3's unet/) from one
+        # never downloaded, so the denoiser to read is the one the index names.
+        index = _read_json(model, "", "model_index.json", local_files_only)
+        transformer = index is not None and "transformer" in index and "unet" not in index
+        unet_config = None if transformer else _read_json(model, "unet", "config.json", local_files_only)
         transformer_config = None
         if unet_config is None:
             transformer_config = _read_json(model, "transformer", "config.json", local_files_only)
         scheduler_config = _read_json(model, "scheduler", "scheduler_config.json", local_files_only)
-        index = _read_json(model, "", "model_index.json", local_files_only) if unet_config is None else None
     except OSError as error:
         reason = UNREACHABLE if offline else str(error)
         raise _missing_weights(model, "the UNet or transformer config", reason) from error
