@@ -271,3 +271,28 @@ def test_stop_ends_a_long_cut_at_its_next_node_and_the_page_keeps_its_result(tin
     kept = demo.segment({**values, c.tau: 0.9}, None, lambda *_, **__: None)
     assert kept == demo.keep() and len(nodes) == 2 < full  # ended at the node after Stop
     assert demo.session(None).values[c.tau] == 0.95  # the page's result is the one before
+
+
+def test_a_diffcut_result_tells_what_pamr_would_cost_on_it_and_stop_ends_pamr(tiny_pipeline, tmp_path, monkeypatch):
+    """The PAMR box states, before it is ticked, about how long refining the result shown takes here (this machine's
+    measured rates × its segments and pixels); a refinement stops between label chunks when asked."""
+    from diffseg.app.demo import Demo
+    from diffseg.app.layout import build_page
+    from diffseg.cancel import Cancelled, cancellable
+    from diffseg.methods.diffcut.pamr import estimated_seconds, refine_labels
+
+    assert 0 < estimated_seconds((128, 128), 3) < estimated_seconds((512, 512), 3) < estimated_seconds((512, 512), 30)
+    page = build_page("tiny", tiny_pipeline.backbone.grid_sides)
+    demo = Demo(tiny_pipeline, page, BundleCache(tiny_pipeline, folder=tmp_path / "bundles"), tmp_path)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(quadrants_image(96, 128)).save(photo)
+    c = page.controls
+    values = {control: control.value for control in c.ordered()}
+    values.update({c.image: str(photo), c.method: "diffcut", c.timestep: 50, c.tau: 0.9})
+    shown = demo.segment(values, None, lambda *_, **__: None)
+    segments = int(re.search(r"\*\*(\d+) segment", demo.session(None).status).group(1))
+    info = shown[c.pamr]["info"]
+    assert f"{segments} segments at 128×96" in info and "about" in info
+    labels = torch.randint(0, 4, (64, 64))
+    with pytest.raises(Cancelled), cancellable(lambda: True):
+        refine_labels(labels, torch.rand(1, 3, 64, 64))

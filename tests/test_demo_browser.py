@@ -7,6 +7,7 @@ of encodes and segmentations are read from the server's log since the test began
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -296,19 +297,33 @@ def test_the_page_names_everything_for_screen_readers(user, tmp_path):
 
 
 def test_every_control_shows_a_focus_ring_and_downloads_are_named_by_their_file(user, tmp_path):
+    """Focus by keyboard changes how each kind of control looks: its surroundings are compared in two screenshots,
+    focused and not (a ring one pixel wide all round changes about as many pixels as the control has perimeter)."""
     user.upload(_photo(tmp_path, "keyboard"))
     page = user.page
-    page.locator("#labels textarea, #labels input").first.focus()
-    rings = {}
-    for selector in ("#kl-threshold input[type=range]", "#refine input", "#method input[value=diffcut]", "#reset"):
-        page.locator(selector).first.focus()
+    changed = {}
+    controls = (
+        "#kl-threshold input[type=range]",
+        "#kl-threshold input[type=number]",
+        "#refine input",
+        "#method input[value=diffcut]",
+        "#reset",
+        "#labels textarea, #labels input",
+        "#viewer canvas",
+    )
+    for selector in controls:
+        element = page.locator(selector).first
+        element.focus()
         page.keyboard.press("Shift+Tab")  # focus by keyboard: what :focus-visible is for
         page.keyboard.press("Tab")
-        rings[selector] = page.evaluate(
-            "() => { const s = getComputedStyle(document.activeElement);"
-            " return s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2; }"
-        )
-    assert all(rings.values()), rings
+        assert page.evaluate("(e) => e === document.activeElement", element.element_handle()), selector
+        box = element.bounding_box()
+        clip = {"x": box["x"] - 6, "y": box["y"] - 6, "width": box["width"] + 12, "height": box["height"] + 12}
+        focused = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=clip))).convert("RGB"), dtype=int)
+        page.evaluate("() => document.activeElement.blur()")
+        plain = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=clip))).convert("RGB"), dtype=int)
+        changed[selector] = int((np.abs(focused - plain).sum(axis=2) > 60).sum()) / (2 * (box["width"] + box["height"]))
+    assert min(changed.values()) >= 0.9, changed  # pixels changed per pixel of perimeter: a ring all round
     snapshot = page.locator("#downloads").aria_snapshot()
     assert 'link "Download keyboard-labels.png' in snapshot and 'link "Download keyboard.safetensors' in snapshot
 
@@ -702,6 +717,10 @@ def test_bad_uploads_get_the_apps_message_once_and_the_page_keeps_its_result(use
     page.get_by_text("exceed the maximum allowed size").wait_for(timeout=30_000)
     time.sleep(1.0)
     assert _count(user.status) == kept and page.locator("#viewer canvas").is_visible()
+    page.wait_for_function(  # the browser emptied the input; the server puts the result's image back
+        "() => { const i = document.querySelector('#input-image img'); return i && i.complete && i.naturalWidth; }",
+        timeout=15_000,
+    )
 
 
 def test_stop_is_shown_only_while_something_runs(user, tmp_path):
@@ -755,7 +774,12 @@ def test_on_a_phone_the_result_stays_in_view_while_a_slider_moves(browser, demo_
     screen = {"width": 390, "height": 844}
     phone, external = _open(browser, demo_server, viewport=screen, has_touch=True, is_mobile=True)
     user = User(phone, demo_server)
-    user.upload(_photo(tmp_path, "phone"))
+    user.upload(_photo(tmp_path, "my_holiday_photo_at_the_beach_2026"))
+    names = phone.evaluate(  # each download's name, whole: wrapped, never cut to "my_… .safetensors"
+        """() => [...document.querySelectorAll('#label-download .stem, #bundle-download .stem')]
+            .map(s => [s.textContent.trim(), s.scrollWidth <= s.clientWidth + 1])"""
+    )
+    assert names == [["my_holiday_photo_at_the_beach_2026-labels", True], ["my_holiday_photo_at_the_beach_2026", True]]
     canvas = phone.locator("#viewer canvas").bounding_box()  # a new result is brought into view
     assert canvas["y"] >= 0 and canvas["y"] + canvas["height"] <= 844, "the result is off the screen after an upload"
     track = phone.locator("#kl-threshold input[type=range]")

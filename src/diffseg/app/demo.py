@@ -38,7 +38,7 @@ from ..io.images import load_image
 from ..methods.diffseg.aggregation import by_size
 from ..methods.registry import method_named
 from .cache import BundleCache, EncodeCancelled
-from .layout import CUSTOM, MAX_GRIDS, Page, asset, build_page, examples, preset_weights, presets_for
+from .layout import CUSTOM, MAX_GRIDS, PAMR_INFO, Page, asset, build_page, examples, preset_weights, presets_for
 from .view import render
 
 __all__ = ["build_app", "launch", "preset_weights", "presets_for", "read_upload", "slider_weights"]
@@ -72,6 +72,17 @@ def named_copy(file: Path, target: Path) -> Path:
         except OSError:
             shutil.copyfile(file, target)
     return target
+
+
+def pamr_info(labels: np.ndarray) -> str:
+    """The PAMR box's note for a DiffCut result: about how long refining it takes on this server."""
+    from ..methods.diffcut.pamr import estimated_seconds
+
+    height, width = labels.shape
+    segments = int(labels.max()) + 1
+    seconds = estimated_seconds((height, width), segments)
+    about = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    return f"{PAMR_INFO}: on this result it takes about {about} here ({segments} segments at {width}×{height})"
 
 
 def parse_words(text: str | None) -> tuple[str, ...]:
@@ -262,6 +273,8 @@ class Demo:
             # Where the model runs: on a GPU server, the GPU. Stop ends a long cut at its next node.
             with cancellable(lambda: session.stops != stops):
                 result = self.pipeline.segment(entry.bundle, self.method_settings(values, entry.bundle))
+            if method == "diffcut":  # PAMR's cost on this result, shown before it is ticked
+                adjusted[c.pamr] = gr.update(info=pamr_info(result.labels))
             name = Path(path).stem  # Gradio keeps the upload's own file name
             # Downloads live beside their bundle (one folder each: two sessions' "photo.jpg" never collide) and
             # go with it when it is evicted.
@@ -335,13 +348,11 @@ class Demo:
         return {**controls, **(extra or {}), **outputs}
 
     def on_image(self, values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
-        """A new image (upload, example). Cleared, or refused for its size: the page keeps its result, and the
-        controls go on acting on it. Unreadable: the input shows the result's image again."""
+        """A new image (upload, example). Cleared, refused for its size (the browser empties the input) or
+        unreadable: the page keeps its result, and the input shows the result's image again."""
         image = self.controls.image
         values = {**values, image: upload_path(values[image])}
-        if not values[image]:
-            return self.keep()
-        outputs = self.segment(values, request, progress)
+        outputs = self.segment(values, request, progress) if values[image] else self.keep()
         previous = self.session(request).values.get(image)
         if self.results.status not in outputs and previous and previous != values[image] and Path(previous).exists():
             outputs[image] = previous
@@ -420,7 +431,7 @@ class Demo:
         # Every segmenting event may set the numbers (a refused value goes back; the anchor grid follows the image)
         # besides the results; each event names what else it sets.
         def outputs(*more):
-            return list(dict.fromkeys([*more, *self.results.all(), *c.numbers()]))
+            return list(dict.fromkeys([*more, *self.results.all(), *c.numbers(), c.pamr]))
 
         # "always_last": while one segmentation runs, further moves collapse into one run with the latest values.
         # No preprocessing: handlers read the image's path with `upload_path`, so a bad upload gets our message.

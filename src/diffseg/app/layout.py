@@ -16,6 +16,7 @@ from ..config import preset_weights as preset_grid_weights
 from ..methods.registry import METHODS
 
 _SEGMENT = SegmentConfig()
+PAMR_INFO = "Snaps segment edges to the image's colour edges"
 _DIFFCUT = DiffCutConfig()
 _SEG4DIFF = Seg4DiffConfig()
 MAX_GRIDS = 4  # weight sliders, finest grid first; a model with fewer grids (SDXL: 2) shows fewer
@@ -195,7 +196,7 @@ def _control_column(
             value=_DIFFCUT.pamr,
             label="PAMR refinement",
             elem_id="pamr",
-            info="Snaps segment edges to the image's colour edges; its time grows with segments × pixels",
+            info=PAMR_INFO + "; its time grows with segments × pixels",
         )
     with gr.Group(visible=False) as seg4diff_controls:
         seg4diff_kl = _slider(

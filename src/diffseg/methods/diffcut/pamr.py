@@ -8,8 +8,13 @@ The reference's shift convolutions are written here as slices of a replicate-pad
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 import torch.nn.functional as F
+
+from ...cancel import checkpoint
 
 DILATIONS = (1, 2, 4, 8)  # reference `PAMR(num_iter=10, dilations=[1, 2, 4, 8])`
 ITERATIONS = 10
@@ -131,6 +136,7 @@ def refine_labels(labels: torch.Tensor, image: torch.Tensor, budget: int = MEMOR
         weights = weights[..., first - context : first - context + (last - first), :]  # (1, 1, 32, h, W)
         best = torch.full((bottom - top, width), -torch.inf, device=labels.device)
         for k in range(0, len(present), chunk):
+            checkpoint()  # a caller's Stop ends the refinement between chunks (`cancel.cancellable`)
             onehot = (window[None] == present[k : k + chunk, None, None]).float()[None]  # (1, Kc, h, W)
             masks = _propagate(onehot, weights)[0, :, top - first : bottom - first]  # (Kc, rows, W)
             value, index = masks.max(dim=0)  # first maximum within the chunk
@@ -140,3 +146,33 @@ def refine_labels(labels: torch.Tensor, image: torch.Tensor, budget: int = MEMOR
     # scipy's median filter, 3×3 with its default reflecting border, on the float ids as the reference.
     filtered = median_filter(refined.float().cpu().numpy(), size=3)
     return torch.from_numpy(filtered.astype("int64"))
+
+
+def estimated_seconds(size: tuple[int, int], labels: int) -> float:
+    """About how long `refine_labels` takes here on a label map of `size` (H, W) with `labels` labels.
+
+    Its work is the colour weights (per pixel) and the propagation (per pixel and label): the two rates are measured
+    once per process on a small map (under a second), so the estimate is this machine's.
+    """
+    per_pixel, per_label_pixel = _rates()
+    pixels = size[0] * size[1]
+    return pixels * (per_pixel + labels * per_label_pixel)
+
+
+@functools.cache
+def _rates(side: int = 256) -> tuple[float, float]:
+    """(seconds per pixel, seconds per pixel and label) of `refine_labels`, from one and nine labels on a map large
+    enough that nine labels' working tensors leave the CPU's caches, as real maps' do (below that, the time per label
+    is several times lower and the estimate would be too)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def seconds(labels: int, side: int = side) -> float:
+        ids = torch.randint(0, labels, (side, side), generator=generator)
+        start = time.perf_counter()
+        refine_labels(ids, torch.rand(1, 3, side, side, generator=generator))
+        return time.perf_counter() - start
+
+    seconds(1, 32)  # the first call pays for one-off set-up
+    one, nine = seconds(1), seconds(9)
+    per_label = max(nine - one, 0.0) / 8 / side**2
+    return max(one / side**2 - per_label, 0.0), per_label
