@@ -206,21 +206,12 @@ def test_a_failure_beyond_the_server_gets_the_apps_message_and_keeps_the_result(
     it shows. (The failure is injected into the segmentation step; the encode is the real model's.)"""
     import gradio as gr
 
-    from diffseg.app.demo import FAILED, Demo
-    from diffseg.app.layout import build_page
+    from diffseg.app.demo import FAILED
 
-    page = build_page("tiny", tiny_pipeline.backbone.grid_sides)
-    demo = Demo(tiny_pipeline, page, BundleCache(tiny_pipeline, folder=tmp_path / "bundles"), tmp_path)
-    photo = tmp_path / "photo.png"
-    Image.fromarray(quadrants_image(64, 64)).save(photo)
-    values = {control: control.value for control in page.controls.ordered()}
-    values[page.controls.image] = str(photo)
+    demo, page, values, _ = _demo_showing(tiny_pipeline, tmp_path, (64, 64))
 
     def no_progress(*_, **__):
         return None
-
-    shown = demo.segment(values, None, no_progress)
-    assert page.results.status in shown  # a result
 
     def out_of_memory(*_, **__):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate 89128960000 bytes")
@@ -236,19 +227,10 @@ def test_stop_ends_a_long_cut_at_its_next_node_and_the_page_keeps_its_result(tin
     """A DiffCut re-cut of many segments is stopped between two nodes of its cut tree, not run to its end."""
     import gradio as gr
 
-    from diffseg.app.demo import Demo
-    from diffseg.app.layout import build_page
     from diffseg.methods.diffcut import ncut
 
-    page = build_page("tiny", tiny_pipeline.backbone.grid_sides)
-    demo = Demo(tiny_pipeline, page, BundleCache(tiny_pipeline, folder=tmp_path / "bundles"), tmp_path)
-    photo = tmp_path / "photo.png"
-    Image.fromarray(quadrants_image(96, 128)).save(photo)
+    demo, page, values, _ = _demo_showing(tiny_pipeline, tmp_path, (96, 128), method="diffcut", timestep=50, tau=0.3)
     c = page.controls
-    values = {control: control.value for control in c.ordered()}
-    values.update({c.image: str(photo), c.method: "diffcut", c.timestep: 50, c.tau: 0.3})
-    shown = demo.segment(values, None, lambda *_, **__: None)
-    assert page.results.status in shown
     nodes = []
     real = ncut.best_bipartition
 
@@ -273,26 +255,36 @@ def test_stop_ends_a_long_cut_at_its_next_node_and_the_page_keeps_its_result(tin
     assert demo.session(None).values[c.tau] == 0.95  # the page's result is the one before
 
 
-def test_a_diffcut_result_tells_what_pamr_would_cost_on_it_and_stop_ends_pamr(tiny_pipeline, tmp_path, monkeypatch):
+def test_a_diffcut_result_tells_what_pamr_would_cost_on_it_and_stop_ends_pamr(tiny_pipeline, tmp_path):
     """The PAMR box states, before it is ticked, about how long refining the result shown takes here (this machine's
     measured rates × its segments and pixels); a refinement stops between label chunks when asked."""
-    from diffseg.app.demo import Demo
-    from diffseg.app.layout import build_page
     from diffseg.cancel import Cancelled, cancellable
     from diffseg.methods.diffcut.pamr import estimated_seconds, refine_labels
 
     assert 0 < estimated_seconds((128, 128), 3) < estimated_seconds((512, 512), 3) < estimated_seconds((512, 512), 30)
-    page = build_page("tiny", tiny_pipeline.backbone.grid_sides)
-    demo = Demo(tiny_pipeline, page, BundleCache(tiny_pipeline, folder=tmp_path / "bundles"), tmp_path)
-    photo = tmp_path / "photo.png"
-    Image.fromarray(quadrants_image(96, 128)).save(photo)
+    demo, page, _, shown = _demo_showing(tiny_pipeline, tmp_path, (96, 128), method="diffcut", timestep=50, tau=0.9)
     c = page.controls
-    values = {control: control.value for control in c.ordered()}
-    values.update({c.image: str(photo), c.method: "diffcut", c.timestep: 50, c.tau: 0.9})
-    shown = demo.segment(values, None, lambda *_, **__: None)
     segments = int(re.search(r"\*\*(\d+) segment", demo.session(None).status).group(1))
     info = shown[c.pamr]["info"]
     assert f"{segments} segments at 128×96" in info and "about" in info
     labels = torch.randint(0, 4, (64, 64))
     with pytest.raises(Cancelled), cancellable(lambda: True):
         refine_labels(labels, torch.rand(1, 3, 64, 64))
+
+
+def _demo_showing(pipeline, folder, size: tuple[int, int], **settings):
+    """A demo (no browser) showing the result for a quadrants photo of `size` with `settings` (control names):
+    (demo, page, the values shown, the outputs)."""
+    from diffseg.app.demo import Demo
+    from diffseg.app.layout import build_page
+
+    page = build_page("tiny", pipeline.backbone.grid_sides)
+    demo = Demo(pipeline, page, BundleCache(pipeline, folder=folder / "bundles"), folder)
+    photo = folder / "photo.png"
+    Image.fromarray(quadrants_image(*size)).save(photo)
+    c = page.controls
+    values = {control: control.value for control in c.ordered()}
+    values.update({c.image: str(photo), **{getattr(c, name): value for name, value in settings.items()}})
+    shown = demo.segment(values, None, lambda *_, **__: None)
+    assert page.results.status in shown  # a result
+    return demo, page, values, shown
