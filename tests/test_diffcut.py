@@ -267,9 +267,9 @@ def test_cluster_ids_follow_the_references_order_with_many_masks():
 
 
 def test_the_shortlisted_bipartition_is_the_one_every_threshold_scored_the_references_way_picks():
-    """`best_bipartition` scores the distinct cuts in float64 and only the decisive ones in the reference's float32
-    arithmetic; scoring all 100 thresholds the reference's way (its `min` and `np.argmin`) picks the same cut and
-    cost, on regions of every size from 2 tokens to 400, tight clusters and noise."""
+    """`best_bipartition` scores the distinct cuts in a cancellation-free form, and only the decisive ones in the
+    reference's float32 arithmetic; scoring all 100 thresholds the reference's way (its `min` and `np.argmin`) picks
+    the same cut and cost, on regions of every size from 2 tokens to 400, tight clusters and noise."""
     from diffseg.methods.diffcut.ncut import THRESHOLD_SPAN, best_bipartition, reference_cost
 
     for seed in range(60):

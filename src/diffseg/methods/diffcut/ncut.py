@@ -95,7 +95,7 @@ def best_bipartition(
 
     For a threshold, x = ±1 by side, k = vol(x > 0) / vol(all), b = k / (1 − k), z = (1 + x) − b (1 − x), cost
     = zᵀ (D − A) z / zᵀ D z. The thresholds' sides are nested (a higher threshold keeps fewer tokens), so the token
-    count names a partition: each distinct one is scored once, all in one float64 product. Only the few that decide
+    count names a partition: each distinct one is scored once, all in one float32 product. Only the few that decide
     the outcome (within `TIE` of the lowest, trivial or NaN) are then scored with the reference's float32 arithmetic
     (`reference_cost`). As the reference picks with Python's `min` and `np.argmin`, a NaN first cost is the minimum
     and any NaN is the arg-minimum.
@@ -111,12 +111,15 @@ def best_bipartition(
     new = np.concatenate(([True], counts[1:] != counts[:-1]))  # (T,) the first threshold of each partition
     first, column = np.flatnonzero(new), np.cumsum(new) - 1  # (P,) and (T,): each threshold's partition
     distinct, s = counts[first], sides[:, first]  # (P,) tokens above, (n, P) sides
-    # The shortlist's costs in float64, with torch's BLAS (numpy's would contend with torch's threads).
-    sd = torch.from_numpy(s).to(y.device).double()  # (n, P)
-    d = torch.diagonal(degree_matrix).double()  # (n,)
-    k = (d @ sd) / d.sum()  # (P,); k = 1 and k = 0 give inf and NaN, as in the reference
-    z = torch.where(sd > 0, 2.0, -2.0 * (k / (1 - k)))  # (n, P): (1 + x) − b (1 − x), 2 above and −2b below
-    costs = (((laplacian.double() @ z) * z).sum(dim=0) / ((d[:, None] * z) * z).sum(dim=0)).cpu().numpy()  # (P,)
+    # The shortlist: each distinct cut's cost in the form zᵀ(D − A)z / zᵀDz expands to, cut(S) · (1/vol(S) + 1/vol(S̄))
+    # with cut(S) the affinity from S to the rest: sums of terms of one sign, so float32 needs no cancellation (the
+    # expanded form's sums cancel to about b² times the result). One product for all of them, with torch's BLAS
+    # (numpy's would contend with torch's threads).
+    above = torch.from_numpy(s).to(y.device, laplacian.dtype)  # (n, P)
+    degree = torch.diagonal(degree_matrix)  # (n,)
+    volume = degree @ above  # (P,) vol(S)
+    cut = -((laplacian @ (1 - above)) * above).sum(dim=0)  # (P,): −L's entries from S to S̄ are A's
+    costs = (cut * (1 / volume + 1 / (degree.sum() - volume))).cpu().numpy()  # NaN where a side is empty
     trivial = (distinct == 0) | (distinct == n)
     plain = np.isfinite(costs) & ~trivial
     lowest = costs[plain].min() if plain.any() else np.inf
