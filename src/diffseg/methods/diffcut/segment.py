@@ -71,10 +71,10 @@ def _assign(feats: torch.Tensor, clusters: torch.Tensor, size: tuple[int, int]) 
     weights = onehot / (onehot.sum(dim=1, keepdim=True) + 1e-8)  # (K, N)
     pooled = weights @ tokens.T  # (K, C)
     k = len(pooled)
+    maps = (pooled @ tokens).reshape(k, h, w)  # (K, h, w) each cluster's similarity on the token grid
     if k == 1 or c * size[0] * size[1] > REFERENCE_ORDER_FLOATS:
-        return label_map((pooled @ tokens).reshape(k, h, w), size)  # (H, W) int32, memory bounded by chunks
-    maps = (pooled @ tokens).reshape(1, k, h, w)
-    scores = F.interpolate(maps, size=size, mode="bilinear").reshape(k, size[0] * size[1])  # (K, H·W)
+        return label_map(maps, size)  # (H, W) int32, memory bounded by chunks
+    scores = F.interpolate(maps[None], size=size, mode="bilinear").reshape(k, size[0] * size[1])  # (K, H·W)
     top = scores.topk(2, dim=0)  # values, indices: (2, H·W)
     ids = top.indices[0]  # first maximum
     gap = top.values[0] - top.values[1]
@@ -88,11 +88,12 @@ def _assign(feats: torch.Tensor, clusters: torch.Tensor, size: tuple[int, int]) 
 def _reference_scores(feats, weights, pooled, pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(M, K) scores of the given pixels in the reference's order of operations: each cluster's pooling as its own
     `einsum("bchw,bqhw->bqc")`, the (1, C, h, w) features upsampled by `nn.Upsample(mode="bilinear")`, then
-    `torch.t(upsampled) @ torch.t(pooled)` (one row of it per pixel).
+    `torch.t(upsampled) @ torch.t(pooled)`, on the rows of these pixels.
 
     Only the clusters that can win at these pixels (within `CLOSE` of the best there) are pooled the reference's
-    way; the others keep the fast means, which changes no bit of the candidates' entries (a product's entry depends
-    on its own row and column only).
+    way; the others keep the fast means (an entry's value depends on its own row and column only). A BLAS may pick
+    another kernel for fewer rows than the whole product, so the ties are broken as the reference's in the tests'
+    cases, not by construction.
     """
     _, c, h, w = feats.shape
     upsampled = F.interpolate(feats, size=size, mode="bilinear").reshape(c, -1)  # (C, H·W)
