@@ -255,6 +255,20 @@ def test_stop_ends_a_long_cut_at_its_next_node_and_the_page_keeps_its_result(tin
     assert demo.session(None).values[c.tau] == 0.95  # the page's result is the one before
 
 
+def test_a_run_the_page_sent_before_stop_is_dropped_and_one_sent_after_runs(tiny_pipeline, tmp_path):
+    """Stop's count on the page tells the runs apart: one sent before the latest Stop (queued behind the stopped run,
+    such as the second change event of a replaced image) does nothing, one sent after it runs, whenever each starts."""
+    demo, page, values, _ = _demo_showing(tiny_pipeline, tmp_path, (64, 64))
+    c = page.controls
+    assert values[c.kl] != 0.5
+    stopped = demo.on_cancel(None)
+    assert stopped[page.stops] == 1 and stopped[c.kl] == values[c.kl]  # the page learns the count, controls go back
+    before = demo.segment({**values, c.kl: 0.5}, None, lambda *_, **__: None)  # sent with the count before Stop
+    assert before == demo.keep() and demo.session(None).values[c.kl] == values[c.kl]
+    after = demo.segment({**values, c.kl: 0.5, page.stops: 1}, None, lambda *_, **__: None)
+    assert page.results.status in after and demo.session(None).values[c.kl] == 0.5
+
+
 def test_a_diffcut_result_tells_what_pamr_would_cost_on_it_and_stop_ends_pamr(tiny_pipeline, tmp_path):
     """The PAMR box states, before it is ticked, about how long refining the result shown takes here (this machine's
     measured rates × its segments and pixels); a refinement stops between label chunks when asked."""
@@ -283,7 +297,7 @@ def _demo_showing(pipeline, folder, size: tuple[int, int], **settings):
     photo = folder / "photo.png"
     Image.fromarray(quadrants_image(*size)).save(photo)
     c = page.controls
-    values = {control: control.value for control in c.ordered()}
+    values = {control: control.value for control in page.inputs()}
     values.update({c.image: str(photo), **{getattr(c, name): value for name, value in settings.items()}})
     shown = demo.segment(values, None, lambda *_, **__: None)
     assert page.results.status in shown  # a result

@@ -362,7 +362,7 @@ def test_the_demo_segments_with_a_transformer_and_re_segments_from_its_cache(pip
     demo = Demo(pipe, page, cache, tmp_path)
     photo = tmp_path / "photo.png"
     Image.fromarray(quadrants_image(72, 128)).save(photo)
-    values = {control: control.value for control in page.controls.ordered()}
+    values = {control: control.value for control in page.inputs()}
     values[page.controls.image] = str(photo)
     first = demo.segment(values, None, lambda *_, **__: None)
     assert page.results.status in first and cache.encodes == 1

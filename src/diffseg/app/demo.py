@@ -49,7 +49,6 @@ FAILED = (
     "This segmentation needs more memory or time than the server has: lower τ or untick PAMR (DiffCut), or use a "
     "smaller image. The page keeps its result."
 )
-STOP_GRACE = 3.0  # seconds after Stop in which a run that was waiting for the stopped one is dropped too
 
 
 def slider_weights(bundle: Bundle, values: list[float]) -> dict[tuple[int, int], float]:
@@ -150,8 +149,7 @@ class OutOfRange(ValueError):
 class Session:
     """One browser session's state: its Stop presses, its last message, and what its page shows."""
 
-    stops: int = 0  # Stop presses so far: a run stops when this changes after it began (a later run is unaffected)
-    stopped_at: float = -1e9  # when Stop was last pressed (time.monotonic)
+    stops: int = 0  # Stop presses so far: a run stops when this changes after the page sent it (`Page.stops`)
     warned: tuple[str, float] = ("", -1e9)  # the last message and when it was shown
     values: dict = field(default_factory=dict)  # control -> value of the result the page shows (the upload path
     # for the image): what Stop and refusals return to
@@ -241,10 +239,10 @@ class Demo:
         start = time.perf_counter()
         path, method = values[c.image], values[c.method]
         stops = session.stops
+        if values[self.page.stops] != stops:  # sent before the latest Stop: part of what was stopped
+            return self.keep()
         # Gradio sends a replaced image's change twice; settings the page already shows need no run.
         if session.values and self.settings(session.values) == self.settings(values):
-            return self.keep()
-        if self.held_back(session, values):
             return self.keep()
         notes, adjusted = [], {}
         try:
@@ -302,13 +300,6 @@ class Demo:
     def groups(self, method: str) -> dict:
         """The method's controls shown, the other methods' hidden."""
         return {group: gr.update(visible=name == method) for name, group in self.page.groups.items()}
-
-    def held_back(self, session: Session, values: dict) -> bool:
-        """Whether this run is one Gradio held back while a stopped run ran ("always_last"): it starts when that one
-        is cancelled, and belongs to what was stopped when it asks for another encode than the page shows."""
-        if time.monotonic() - session.stopped_at >= STOP_GRACE or not session.values:
-            return False
-        return any(values[control] != session.values[control] for control in self.controls.encoding())
 
     def shown(self, session: Session, values: dict, view, bundle_file: Path, notes: list[str]) -> dict:
         """A result on the page: the session remembers its settings (what Stop and refusals go back to)."""
@@ -408,25 +399,26 @@ class Demo:
         return self.setting({self.controls.timestep: timestep}, values, request, progress, self.groups(method))
 
     def on_cancel(self, request: gr.Request) -> dict:
-        """Stop: the running encode ends at its next block (`watch_encode`), and every control, the input image and
-        the method's controls go back to what the viewer shows, which the status line says."""
+        """Stop: the running run ends at its next block or node (`watch_encode`, `cancel.checkpoint`) and returns
+        nothing, runs the page sent before are dropped (`Page.stops`), and every control, the input image and the
+        method's controls go back to what the viewer shows, which the status line says."""
         c, session = self.controls, self.session(request)
         session.stops += 1
-        session.stopped_at = time.monotonic()
+        count = {self.page.stops: session.stops}
         if not session.values:  # nothing shown yet: the input empties
-            return {c.image: None, self.results.status: "Stopped. Upload an image or pick an example."}
+            return {c.image: None, self.results.status: "Stopped. Upload an image or pick an example.", **count}
         status = f"Stopped; the page shows its previous result. {session.status}"
         values = dict(session.values)
         if not Path(values[c.image]).exists():  # an upload dropped with the cache: the input keeps what it has
             del values[c.image]
-        return {**values, **self.groups(session.values[c.method]), self.results.status: status}
+        return {**values, **self.groups(session.values[c.method]), self.results.status: status, **count}
 
     # ------------------------------------------------------------------ wiring
 
     def wire(self) -> None:
         """Connect the page's events to the handlers (inside the page's Blocks)."""
         c, page = self.controls, self.page
-        inputs = c.all()
+        inputs = set(page.inputs())  # as one dict, by component
 
         # Every segmenting event may set the numbers (a refused value goes back; the anchor grid follows the image)
         # besides the results; each event names what else it sets.
@@ -440,25 +432,23 @@ class Demo:
         instant = {**latest, "show_progress": "minimal"}
         groups = list(page.groups.values())
         # Only the image, the method, the timestep, the words and the blocks run the model; the rest re-use the bundle.
-        encoding = [
-            c.image.change(self.on_image, inputs, outputs(c.image), **latest),  # upload, example, clear
-            c.timestep.release(self.on_change, inputs, outputs(), **latest),  # pointer, keys (web/page.js)
-            c.words.submit(self.on_change, inputs, outputs(), **latest),
-            c.blocks.submit(self.on_change, inputs, outputs(), **latest),
-            c.method.input(self.on_method, inputs, outputs(*groups), **latest),
-            page.reset.click(self.on_reset, inputs, outputs(c.preset, c.refine, c.pamr, c.blocks), **latest),
-        ]
-        running = [
-            *encoding,
-            *[
-                control.input(self.on_change, inputs, outputs(), **instant)
-                for control in (c.kl, c.iterations, c.points, c.tau, c.alpha, c.refine, c.pamr, c.seg4diff_kl, c.power)
-            ],
-            *[control.input(self.on_weight, inputs, outputs(c.preset), **instant) for control in c.weights],
-            c.preset.input(self.on_preset, inputs, outputs(), **latest),
-        ]
-        # Stopping: the page drops the running event at once; the server stops its encode at the next block.
-        page.cancel.click(self.on_cancel, None, outputs(*c.ordered(), *groups), cancels=running, queue=False)
+        c.image.change(self.on_image, inputs, outputs(c.image), **latest)  # upload, example, clear
+        c.timestep.release(self.on_change, inputs, outputs(), **latest)  # pointer, keys (web/page.js)
+        c.words.submit(self.on_change, inputs, outputs(), **latest)
+        c.blocks.submit(self.on_change, inputs, outputs(), **latest)
+        c.method.input(self.on_method, inputs, outputs(*groups), **latest)
+        page.reset.click(self.on_reset, inputs, outputs(c.preset, c.refine, c.pamr, c.blocks), **latest)
+        for control in (c.kl, c.iterations, c.points, c.tau, c.alpha, c.refine, c.pamr, c.seg4diff_kl, c.power):
+            control.input(self.on_change, inputs, outputs(), **instant)
+        for control in c.weights:
+            control.input(self.on_weight, inputs, outputs(c.preset), **instant)
+        c.preset.input(self.on_preset, inputs, outputs(), **latest)
+        # Stopping is the server's: the running event ends at its next block and returns nothing, so the page sees
+        # an ordinary completion. Gradio's `cancels=` is not used: its cancelling races the event's own end in the
+        # page, which then shows "Error" over the viewer, and it drops only one of two events a replaced image sends.
+        page.cancel.click(
+            self.on_cancel, None, outputs(*c.ordered(), *groups, page.stops), queue=False, show_progress="hidden"
+        )
 
 
 def build_app(pipeline, *, cache_size: int = _APP.cache_size):

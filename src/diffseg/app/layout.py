@@ -79,10 +79,6 @@ class Controls:
     power: gr.Slider
     weights: list[gr.Slider]
 
-    def encoding(self) -> list:
-        """The controls that define a bundle: changing one runs the model."""
-        return [self.image, self.method, self.timestep, self.words, self.blocks]
-
     def numbers(self) -> list[gr.Slider]:
         """The controls with a number box (and so a range to keep to)."""
         return [
@@ -92,9 +88,6 @@ class Controls:
 
     def ordered(self) -> list:
         return [v for k, v in vars(self).items() if k != "weights"] + self.weights
-
-    def all(self) -> set:
-        return set(self.ordered())
 
 
 @dataclass
@@ -121,6 +114,13 @@ class Page:
     groups: dict[str, gr.Group]  # method name -> the group of its segment controls
     reset: gr.Button
     cancel: gr.Button
+    # Hidden: the Stop presses the page knows of (Stop's handler sets it). Every event carries it as it was when the
+    # page sent the event, so the server tells a run sent before the latest Stop (what was stopped) from a later one.
+    stops: gr.Number
+
+    def inputs(self) -> list:
+        """What every segmenting event sends: each control's value and the page's Stop count."""
+        return [*self.controls.ordered(), self.stops]
 
 
 def _slider(elem_id: str, label: str, span: tuple, value, info: str, **options) -> gr.Slider:
@@ -144,7 +144,8 @@ def build_page(model_name: str, sides: tuple[int, ...], depth: int = 0, family: 
                 controls, groups, reset = _control_column(sides, depth, family)
             with gr.Column(scale=2, elem_id="result"):
                 results, cancel = _result_column()
-    return Page(blocks, controls, results, groups, reset, cancel)
+        stops = gr.Number(0, precision=0, visible=False, elem_id="stops")
+    return Page(blocks, controls, results, groups, reset, cancel, stops)
 
 
 def _control_column(
