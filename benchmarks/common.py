@@ -31,14 +31,22 @@ def arguments(
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> dict:
     """Run `fn` `warmup` times untimed, then `repeat` times; seconds as median, min and all runs."""
+    return timeit_in_turns({"": fn}, repeat, warmup)[""]
+
+
+def timeit_in_turns(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1) -> dict[str, dict]:
+    """`timeit` for several functions run in turns (a, b, a, b, ...): a shared machine's slow spells fall on each
+    alike, so their ratios stay fair. Returns each name's timing."""
     for _ in range(warmup):
-        fn()
-    runs = []
+        for fn in fns.values():
+            fn()
+    runs: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(runs), "min_s": min(runs), "runs_s": runs}
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(r), "min_s": min(r), "runs_s": r} for name, r in runs.items()}
 
 
 def peak_rss_gib() -> float:

@@ -3,9 +3,15 @@ import math
 import pytest
 import torch
 
-from diffseg.backbones.capture import AttentionStore, attention_layers, capture_attention
+from diffseg.backbones.capture import (
+    AttentionStore,
+    attention_layers,
+    capture_attention,
+    last_attention_layer,
+    stop_after,
+)
 
-from conftest import error_percentile, relative_error
+from conftest import error_percentile, quadrants_image, relative_error
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +29,44 @@ def test_capture_leaves_unet_output_unchanged(unet_inputs):
         with capture_attention(unet, (64, 64)):
             captured = unet(latents, t, encoder_hidden_states=text).sample
     assert relative_error(captured, plain) < 1e-5  # another kernel order, not another computation
+
+
+def test_an_encode_ends_after_the_last_layer_it_records_with_the_maps_of_the_whole_forward(unet_inputs, tiny_pipeline):
+    """DiffSeg reads no UNet output: the forward ends after the recorded layer it runs last (in the forward's order;
+    diffusers registers the mid-block after the up-blocks), and the maps are those of the whole forward."""
+    unet, latents, t, text = unet_inputs
+    ran = []
+    hooks = [
+        module.register_forward_hook(lambda *_, name=name: ran.append(name))
+        for name, module in unet.named_modules()
+        if name.endswith((".attn1", ".attn2"))
+    ]
+    try:
+        with torch.inference_mode():
+            unet(latents, t, encoder_hidden_states=text)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    named = dict(unet.named_modules())
+    for cross in (False, True):
+        last = [name for name in ran if cross or name.endswith(".attn1")][-1]
+        assert last_attention_layer(unet, cross=cross) is named[last]
+        with torch.inference_mode():
+            with capture_attention(unet, (64, 64), cross=cross) as whole:
+                unet(latents, t, encoder_hidden_states=text)
+            with capture_attention(unet, (64, 64), cross=cross) as stopped, stop_after(named[last]):
+                unet(latents, t, encoder_hidden_states=text)
+        for kind in ("self", "cross") if cross else ("self",):
+            assert stopped.layers == whole.layers
+            maps, expected = stopped.maps(kind), whole.maps(kind)
+            assert list(maps) == list(expected) and all(torch.equal(maps[g], expected[g]) for g in expected)
+    outputs = []  # the pipeline's encode never reaches the UNet's output convolution
+    hook = unet.conv_out.register_forward_hook(lambda *_: outputs.append(1))
+    try:
+        bundle = tiny_pipeline.encode(quadrants_image(64, 64), resize="square")
+    finally:
+        hook.remove()
+    assert outputs == [] and len(bundle.attention) == 4
 
 
 def test_captured_maps_equal_an_independent_softmax_per_layer(unet_inputs):

@@ -23,7 +23,14 @@ from PIL import Image
 from .backbones import dit
 from .backbones import families as backbones
 from .backbones.concepts import ConceptTokens, concept_attention, default_blocks, encode_concepts, parse_concepts
-from .backbones.capture import capture_attention, capture_joint_attention, capture_output, stop_after, token_grid
+from .backbones.capture import (
+    capture_attention,
+    capture_joint_attention,
+    capture_output,
+    last_attention_layer,
+    stop_after,
+    token_grid,
+)
 from .backbones.devices import place, resolve_device, resolve_dtype
 from .bundle import Bundle
 from .config import (
@@ -426,13 +433,15 @@ class DiffSegPipeline:
                 self.transformer(**inputs)
             return store.maps(), store.layers, None
         self._blocks(blocks)  # a UNet has none: refused
-        if vocabulary is not None:
+        naming = vocabulary is not None  # the words' cross-attention is recorded too
+        if naming:
             named = backbones.unet_inputs(self.backbone, self.prompt_embedding(vocabulary), batch, size)
             inputs = _concat(inputs, {"sample": inputs["sample"], "timestep": inputs["timestep"], **named})
-        with self._lock, capture_attention(self.unet, grid, cross=vocabulary is not None) as store:
+        last = last_attention_layer(self.unet, cross=naming)  # the UNet's output is not needed: the forward stops there
+        with self._lock, capture_attention(self.unet, grid, cross=naming) as store, stop_after(last):
             self.unet(**inputs)
         maps = store.maps()
-        if vocabulary is None:
+        if not naming:
             return maps, store.layers, None
         half = slice(0, batch) if segment_from == "unconditional" else slice(batch, 2 * batch)
         cross = {g: m[batch:] for g, m in store.maps("cross").items()}
@@ -589,7 +598,12 @@ class DiffSegPipeline:
         joined = parts[0]
         for part in parts[1:]:
             joined = _concat(joined, part)
-        with self._lock, capture_attention(self.unet, grid, cross=True, self_attention=False) as store:
+        last = last_attention_layer(self.unet, cross=True, self_attention=False)
+        with (
+            self._lock,
+            capture_attention(self.unet, grid, cross=True, self_attention=False) as store,
+            stop_after(last),
+        ):
             self.unet(**joined)
         cross = store.maps("cross")  # grid -> (K·B, h·w, 77), word-major
         scores = torch.empty(batch, len(words), grid[0] * grid[1])

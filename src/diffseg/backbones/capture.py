@@ -130,7 +130,10 @@ def attend_and_record(
             scores = query[:, :, r:end] @ key_t  # (B, h, rows, Nk)
             if mask is not None:
                 scores = scores + mask[:, :, r:end]
-            probs = scores.softmax(dim=-1, dtype=torch.float32)  # (B, h, rows, Nk)
+            if scores.dtype == torch.float32:  # in place: the same values, no second block-sized buffer to fill
+                probs = torch.softmax(scores, dim=-1, out=scores)  # (B, h, rows, Nk)
+            else:
+                probs = scores.softmax(dim=-1, dtype=torch.float32)
             out[:, :, r:end] = probs.to(value.dtype) @ value  # (B, h, rows, d)
             if start != recorded.start:
                 continue
@@ -383,6 +386,11 @@ def capture_joint_attention(
             sequence[index].attn.processor = original
 
 
+# A UNet's parts with attention, in the order its forward runs them (diffusers registers `up_blocks` before
+# `mid_block`, so `attn_processors` lists the mid-block's layers last).
+_FORWARD_ORDER = ("down_blocks", "mid_block", "up_blocks")
+
+
 def attention_layers(unet: torch.nn.Module, kind: str = "self") -> list[str]:
     """Processor names of the UNet's self-attention (`attn1`) or cross-attention (`attn2`) layers."""
     suffix = "attn1.processor" if kind == "self" else "attn2.processor"
@@ -393,6 +401,17 @@ def attention_layers(unet: torch.nn.Module, kind: str = "self") -> list[str]:
             "UNet (diffusers UNet2DConditionModel)."
         )
     return names
+
+
+def last_attention_layer(unet: torch.nn.Module, *, cross: bool = False, self_attention: bool = True) -> torch.nn.Module:
+    """The layer, among those `capture_attention` records with the same arguments, that the UNet's forward runs last:
+    an encode that reads only attention needs nothing after it (`stop_after`), such as the last block's feed-forward
+    and the output convolution (on SDXL, whose finest level has no attention, the whole last up-block)."""
+    kinds = (["self"] if self_attention else []) + (["cross"] if cross else [])
+    position = {name: k for k, name in enumerate(unet.attn_processors)}  # registration order within each part
+    names = [name for kind in kinds for name in attention_layers(unet, kind)]
+    last = max(names, key=lambda name: (_FORWARD_ORDER.index(name.split(".")[0]), position[name]))
+    return unet.get_submodule(last.removesuffix(".processor"))
 
 
 @contextmanager
