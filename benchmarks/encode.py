@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common import arguments, peak_rss_gib, report, timeit, timeit_in_turns
-from diffseg.backbones.capture import capture_attention, last_attention_layer, stop_after
+from diffseg.backbones.capture import capture_attention
 from diffseg.testing.models import random_pipeline
 
 
@@ -34,11 +34,9 @@ def main() -> None:
         pipe.unet(latents, t, encoder_hidden_states=text)
         sync()
 
-    last = last_attention_layer(pipe.unet)
-
     @torch.inference_mode()
     def captured():
-        with capture_attention(pipe.unet, (64, 64)), stop_after(last):
+        with capture_attention(pipe.unet, (64, 64), stop=True):
             pipe.unet(latents, t, encoder_hidden_states=text)
         sync()
 

@@ -8,7 +8,6 @@ from diffseg.backbones.capture import (
     attention_layers,
     capture_attention,
     last_attention_layer,
-    stop_after,
 )
 
 from conftest import error_percentile, quadrants_image, relative_error
@@ -54,7 +53,7 @@ def test_an_encode_ends_after_the_last_layer_it_records_with_the_maps_of_the_who
         with torch.inference_mode():
             with capture_attention(unet, (64, 64), cross=cross) as whole:
                 unet(latents, t, encoder_hidden_states=text)
-            with capture_attention(unet, (64, 64), cross=cross) as stopped, stop_after(named[last]):
+            with capture_attention(unet, (64, 64), cross=cross, stop=True) as stopped:  # as `encode` runs it
                 unet(latents, t, encoder_hidden_states=text)
         for kind in ("self", "cross") if cross else ("self",):
             assert stopped.layers == whole.layers

@@ -27,7 +27,6 @@ from .backbones.capture import (
     capture_attention,
     capture_joint_attention,
     capture_output,
-    last_attention_layer,
     stop_after,
     token_grid,
 )
@@ -437,8 +436,8 @@ class DiffSegPipeline:
         if naming:
             named = backbones.unet_inputs(self.backbone, self.prompt_embedding(vocabulary), batch, size)
             inputs = _concat(inputs, {"sample": inputs["sample"], "timestep": inputs["timestep"], **named})
-        last = last_attention_layer(self.unet, cross=naming)  # the UNet's output is not needed: the forward stops there
-        with self._lock, capture_attention(self.unet, grid, cross=naming) as store, stop_after(last):
+        # The UNet's output is not needed: the forward ends after the last layer recorded.
+        with self._lock, capture_attention(self.unet, grid, cross=naming, stop=True) as store:
             self.unet(**inputs)
         maps = store.maps()
         if not naming:
@@ -598,12 +597,7 @@ class DiffSegPipeline:
         joined = parts[0]
         for part in parts[1:]:
             joined = _concat(joined, part)
-        last = last_attention_layer(self.unet, cross=True, self_attention=False)
-        with (
-            self._lock,
-            capture_attention(self.unet, grid, cross=True, self_attention=False) as store,
-            stop_after(last),
-        ):
+        with self._lock, capture_attention(self.unet, grid, cross=True, self_attention=False, stop=True) as store:
             self.unet(**joined)
         cross = store.maps("cross")  # grid -> (K·B, h·w, 77), word-major
         scores = torch.empty(batch, len(words), grid[0] * grid[1])

@@ -416,16 +416,28 @@ def last_attention_layer(unet: torch.nn.Module, *, cross: bool = False, self_att
 
 @contextmanager
 def capture_attention(
-    unet: torch.nn.Module, latent: tuple[int, int], *, cross: bool = False, self_attention: bool = True
+    unet: torch.nn.Module,
+    latent: tuple[int, int],
+    *,
+    cross: bool = False,
+    self_attention: bool = True,
+    stop: bool = False,
 ) -> Iterator[AttentionStore]:
     """Install capturing processors on the self-attention layers (and, with `cross`, the cross-attention layers;
     `self_attention=False` leaves the self-attention fused and unrecorded) for the duration of the block. The
-    original processors are restored on exit, also when the forward raises.
+    original processors are restored on exit, also when the forward raises. With `stop`, for a forward whose output
+    is not read, the forward ends after the last recorded layer (`last_attention_layer`, `stop_after`): the maps are
+    the same, and the block's code after the forward does not run.
 
         with capture_attention(unet, latents.shape[-2:]) as store:
             unet(latents, timestep, encoder_hidden_states=text)
         maps = store.maps()  # (h, w) -> (B, h·w, h·w)
     """
+    if stop:
+        last = last_attention_layer(unet, cross=cross, self_attention=self_attention)
+        with capture_attention(unet, latent, cross=cross, self_attention=self_attention) as store, stop_after(last):
+            yield store
+        return
     store = AttentionStore(latent)
     original = unet.attn_processors  # name -> processor, every layer
     replace = {}
