@@ -266,13 +266,9 @@ def test_cluster_ids_follow_the_references_order_with_many_masks():
     assert torch.equal(assemble_clusters(masks, 300), torch.from_numpy(expected.reshape(-1)))
 
 
-def test_the_shortlisted_bipartition_is_the_one_every_threshold_scored_the_references_way_picks():
-    """`best_bipartition` scores the distinct cuts in a cancellation-free form, and only the decisive ones in the
-    reference's float32 arithmetic; scoring all 100 thresholds the reference's way (its `min` and `np.argmin`) picks
-    the same cut and cost, on regions of every size from 2 tokens to 400, tight clusters and noise."""
-    from diffseg.methods.diffcut.ncut import THRESHOLD_SPAN, best_bipartition, reference_cost
-
-    for seed in range(60):
+def _regions(count: int):
+    """(y, laplacian, degree, affinity) of `count` regions of 2 to 400 tokens: tight clusters and noise."""
+    for seed in range(count):
         features, alpha, _ = _tight_clusters(seed) if seed % 2 else (None, 10.0, None)
         if features is None:
             n = [2, 3, 5, 20, 400][seed // 2 % 5]
@@ -280,15 +276,40 @@ def test_the_shortlisted_bipartition_is_the_one_every_threshold_scored_the_refer
         tokens = torch.nn.functional.normalize(torch.from_numpy(features).T, dim=0)
         affinity = affinity_matrix(tokens, alpha)
         degree = affinity.sum(dim=1)
-        if not bool((degree > 0).all()):
+        if bool((degree > 0).all()):
+            yield fiedler_vector(torch.diag(degree) - affinity, degree), torch.diag(degree) - affinity, degree, affinity
+
+
+def test_the_shortlisted_bipartition_is_the_one_every_threshold_scored_the_references_way_picks():
+    """`best_bipartition` scores the distinct cuts exactly, and only the decisive ones in the reference's float32
+    arithmetic; the literal reference (all 100 thresholds, its `min` and `np.argmin`) picks the same cut and cost."""
+    from diffseg.methods.diffcut.ncut import best_bipartition
+
+    from naive_diffcut import _cut
+
+    for case, (y, laplacian, degree, affinity) in enumerate(_regions(60)):
+        side, cost = best_bipartition(y, laplacian, degree)
+        part, expected = _cut(y, affinity, torch.diag(degree))
+        assert torch.equal(side, part.bool()), case
+        assert (cost == expected) or (cost != cost and expected != expected), case
+
+
+def test_a_cut_decided_against_tau_alone_is_the_references_decision():
+    """Given τ, a clear lowest cut far from τ is decided on its exact cost, without the reference's arithmetic: the
+    side and the verdict `cost < τ` stay the reference's for every τ, also one at the cut's own cost and within
+    rounding of it (which take the reference's arithmetic)."""
+    from diffseg.methods.diffcut.ncut import best_bipartition
+
+    from naive_diffcut import _cut
+
+    decided = 0
+    for case, (y, laplacian, degree, affinity) in enumerate(_regions(60)):
+        part, expected = _cut(y, affinity, torch.diag(degree))
+        if expected != expected:
             continue
-        degree_matrix = torch.diag(degree)
-        laplacian = degree_matrix - affinity
-        y = fiedler_vector(laplacian, degree)
-        side, cost = best_bipartition(y, laplacian, degree_matrix)
-        thresholds = torch.linspace(y.min() * THRESHOLD_SPAN, y.max() * THRESHOLD_SPAN, 100)
-        total = torch.sum(degree_matrix)
-        costs = [reference_cost(y > t, laplacian, degree_matrix, total) for t in thresholds]
-        best = int(np.argmin(costs))
-        assert torch.equal(side, y > thresholds[best]), seed
-        assert (cost == min(costs)) or (cost != cost and min(costs) != min(costs)), seed
+        for tau in (expected, expected + 1e-7, expected - 1e-7, expected + 1e-3, expected * 0.5, expected * 2, 0.5):
+            side, cost = best_bipartition(y, laplacian, degree, tau)
+            assert torch.equal(side, part.bool()), (case, tau)
+            assert (cost < tau) == (expected < tau), (case, tau, cost, expected)
+            decided += cost != expected  # decided on the exact cost
+    assert decided > 50  # the shortcut is taken, not only the reference's path

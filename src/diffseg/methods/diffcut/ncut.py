@@ -65,76 +65,124 @@ def fiedler_vector(laplacian: torch.Tensor, degree: torch.Tensor) -> torch.Tenso
     except torch.linalg.LinAlgError:
         return None
     y = inv_sqrt * vectors[:, 1]
-    return y * torch.sign(y[torch.argmax(torch.abs(y))])
+    sign = float(y[torch.argmax(torch.abs(y))])  # the first largest magnitude, as torch.argmax
+    return y if sign > 0 else -y if sign < 0 else y * 0
 
 
-# Candidates whose batched cost lies this close to the lowest (or that put every token on one side, or are NaN) are
-# scored again with the reference's own arithmetic before a decision: batched sums round differently, and the
-# reference's choices (its NaN rule, a near-free trivial cut against a near-free real one) turn on that rounding.
-TIE = 1e-4
+def rounding_bound(n: int) -> float:
+    """How far the reference's float32 cost of a cut of n tokens can lie from its exact value: zᵀ(D − A)z and
+    zᵀDz are sums of n products (each off by at most γₙ ≈ n·2⁻²⁴ of Σ|terms|, and |z|ᵀ|D − A||z| ≤ 2 zᵀDz), D's own
+    row sums add γₙ more, and b's rounding moves the cost only to second order (the cost is stationary in b at
+    b = vol(S)/vol(S̄)): 8·n·2⁻²⁴ covers it, about 5e-4 at 1,024 tokens."""
+    return 8 * n * 2.0**-24
 
 
-def reference_cost(side: torch.Tensor, laplacian: torch.Tensor, degree_matrix: torch.Tensor, total) -> float:
+def tie(n: int) -> float:
+    """Candidates whose exact cost lies this close to the lowest (or to τ) are scored with the reference's own
+    float32 arithmetic before a decision: three times `rounding_bound`, so the two orders cannot swap or tie, and at least 1e-4."""
+    return max(1e-4, 3 * rounding_bound(n))
+
+
+def reference_cost(side: torch.Tensor, laplacian: torch.Tensor, degree: torch.Tensor, total) -> float:
     """One candidate's cost exactly as the reference's `get_bipartition` computes it, operation for operation.
 
     `k = sum(diag_D · (x > 0)) / sum(D)`, with `sum(D)` (`total`) summed over the full n×n diagonal matrix: in
     float32 that sum rounds differently from the sum of the diagonal, so a cut that keeps every token has k ≠ 1,
-    a finite (near-zero) cost and is a real candidate, where k = 1 exactly would give NaN.
+    a finite (near-zero) cost and is a real candidate, where k = 1 exactly would give NaN. The reference's
+    `yᵀ D` with its dense diagonal D is the elementwise product z·d (every other term of each sum is an exact 0).
     """
     x = 2 * side.to(laplacian.dtype) - 1  # the reference's `2 * (1. * (y > thresh)) - 1`
-    k = torch.sum(torch.diagonal(degree_matrix) * (x > 0)) / total
+    k = torch.sum(degree * (x > 0)) / total
     b = k / (1 - k)
     z = (1 + x) - b * (1 - x)
-    return ((z @ laplacian @ z) / (z @ degree_matrix @ z)).item()
+    return ((z @ laplacian @ z) / ((z * degree) @ z)).item()
+
+
+def cut_costs(laplacian: np.ndarray, degree: np.ndarray, order: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Normalised-cut costs, in float64, of the cuts S = the first m tokens of `order`, for each m in `sizes`.
+
+    cost = zᵀ(D − A)z / zᵀDz at b = vol(S)/vol(S̄), which is cut(S) · (1/vol(S) + 1/vol(S̄)), cut(S) the affinity from
+    S to the rest. For every prefix at once: cut(S) = Σ_{i∈S} Σ_{j≠i} A_ij − Σ_{i≠j∈S} A_ij, and a pair lies inside
+    the first m tokens once m exceeds both its ranks, so one weighted histogram over the pairs' larger rank gives all
+    the inner sums. float64 keeps the difference's error near 1e-16 of vol(S), far below any decision's margin
+    (`tie`); no BLAS call (numpy's threads would contend with torch's).
+
+    Args:
+        laplacian: (n, n) float32, the region's D − A (its diagonal is not read). degree: (n,) float32, D's diagonal.
+        order: (n,) token indices. sizes: (P,) prefix lengths, each 1..n-1.
+    """
+    n = len(order)
+    rank = np.empty(n, dtype=np.intp)
+    rank[order] = np.arange(n)
+    affinity = -laplacian.astype(np.float64)  # (n, n) A off the diagonal
+    np.fill_diagonal(affinity, 0)
+    inner = np.cumsum(np.bincount(np.maximum.outer(rank, rank).ravel(), weights=affinity.ravel(), minlength=n))
+    outgoing = np.cumsum(affinity.sum(axis=1)[order])  # (n,) Σ_{i ∈ first m} Σ_j A_ij at m - 1
+    volume = np.cumsum(degree[order].astype(np.float64))  # (n,) vol(first m) at m - 1
+    inside = volume[sizes - 1]
+    cut = outgoing[sizes - 1] - inner[sizes - 1]
+    with np.errstate(divide="ignore", invalid="ignore"):  # a side of no volume: not finite, scored the reference's way
+        return cut * (1 / inside + 1 / (volume[-1] - inside))
 
 
 def best_bipartition(
-    y: torch.Tensor, laplacian: torch.Tensor, degree_matrix: torch.Tensor
+    y: torch.Tensor, laplacian: torch.Tensor, degree: torch.Tensor, tau: float | None = None
 ) -> tuple[torch.Tensor, float]:
     """The lowest normalised-cut cost over the reference's 100 thresholds (reference `get_bipartition`).
 
     For a threshold, x = ±1 by side, k = vol(x > 0) / vol(all), b = k / (1 − k), z = (1 + x) − b (1 − x), cost
     = zᵀ (D − A) z / zᵀ D z. The thresholds' sides are nested (a higher threshold keeps fewer tokens), so the token
-    count names a partition: each distinct one is scored once, all in one float32 product. Only the few that decide
-    the outcome (within `TIE` of the lowest, trivial or NaN) are then scored with the reference's float32 arithmetic
+    count names a partition: each distinct one is scored once, exactly (`cut_costs`). Only the few that can decide
+    the outcome (within `tie` of the lowest, trivial or NaN) are then scored with the reference's float32 arithmetic
     (`reference_cost`). As the reference picks with Python's `min` and `np.argmin`, a NaN first cost is the minimum
     and any NaN is the arg-minimum.
+
+    With `tau`, the caller needs only whether the cost is below it: a lowest cut that no other comes within `tie` of
+    and that lies farther than `tie` from `tau` is then decided without the reference's arithmetic, and its exact
+    cost is returned.
+
+    Args:
+        y: (n,) the Fiedler vector. laplacian: (n, n) the region's D − A. degree: (n,) D's diagonal.
 
     Returns:
         (side, cost): (n,) bool, the tokens above the chosen threshold, and its cost (NaN when undefined).
     """
     n = len(y)
-    low, high = y.aminmax()
-    thresholds = torch.linspace(low * THRESHOLD_SPAN, high * THRESHOLD_SPAN, NUM_THRESHOLDS).to(y.device)
-    sides = (y[:, None] > thresholds[None, :]).cpu().numpy()  # (n, T) bool
-    counts = sides.sum(axis=0)  # (T,), non-increasing
-    new = np.concatenate(([True], counts[1:] != counts[:-1]))  # (T,) the first threshold of each partition
-    first, column = np.flatnonzero(new), np.cumsum(new) - 1  # (P,) and (T,): each threshold's partition
-    distinct, s = counts[first], sides[:, first]  # (P,) tokens above, (n, P) sides
-    # The shortlist: each distinct cut's cost in the form zᵀ(D − A)z / zᵀDz expands to, cut(S) · (1/vol(S) + 1/vol(S̄))
-    # with cut(S) the affinity from S to the rest: sums of terms of one sign, so float32 needs no cancellation (the
-    # expanded form's sums cancel to about b² times the result). One product for all of them, with torch's BLAS
-    # (numpy's would contend with torch's threads).
-    above = torch.from_numpy(s).to(y.device, laplacian.dtype)  # (n, P)
-    degree = torch.diagonal(degree_matrix)  # (n,)
-    volume = degree @ above  # (P,) vol(S)
-    cut = -((laplacian @ (1 - above)) * above).sum(dim=0)  # (P,): −L's entries from S to S̄ are A's
-    costs = (cut * (1 / volume + 1 / (degree.sum() - volume))).cpu().numpy()  # NaN where a side is empty
+    values = y.cpu().numpy()
+    order = np.argsort(values, kind="stable")  # ascending
+    # The reference's `y.min() * 0.99` and `y.max() * 0.99` in float32, then its `torch.linspace` (given the same
+    # float32 values as Python floats, so no tensor arithmetic per node).
+    span = np.float32(THRESHOLD_SPAN)
+    low, high = float(values[order[0]] * span), float(values[order[-1]] * span)
+    thresholds = torch.linspace(low, high, NUM_THRESHOLDS).numpy()  # (T,) float32
+    counts = n - np.searchsorted(values[order], thresholds, side="right")  # (T,) tokens above, non-increasing
+    new = np.empty(NUM_THRESHOLDS, dtype=bool)  # the first threshold of each partition
+    new[0], new[1:] = True, counts[1:] != counts[:-1]
+    first = np.flatnonzero(new)  # (P,)
+    distinct = counts[first]  # (P,) tokens above
     trivial = (distinct == 0) | (distinct == n)
-    plain = np.isfinite(costs) & ~trivial
-    lowest = costs[plain].min() if plain.any() else np.inf
-    decisive = trivial | ~np.isfinite(costs) | (costs <= lowest + TIE)
-    total = torch.sum(degree_matrix)  # the reference's `sum_D`
-    exact = costs.tolist()
-    for p in np.flatnonzero(decisive).tolist():
-        exact[p] = reference_cost(torch.from_numpy(s[:, p]).to(y.device), laplacian, degree_matrix, total)
-    costs = [exact[p] for p in column.tolist()]  # (T,) per threshold, in order
-    nan = [j for j, c in enumerate(costs) if c != c]
-    if nan and nan[0] == 0:  # Python's `min` keeps a NaN it starts with
-        return torch.from_numpy(sides[:, 0]).to(y.device), float("nan")
-    cost = min(costs)
-    best = nan[0] if nan else min(range(len(costs)), key=costs.__getitem__)  # first minimum, as np.argmin
-    return torch.from_numpy(sides[:, best]).to(y.device), cost
+    costs = np.full(len(first), np.nan)
+    costs[~trivial] = cut_costs(laplacian.cpu().numpy(), degree.cpu().numpy(), order[::-1], distinct[~trivial])
+    finite = np.isfinite(costs)  # not trivial (NaN there), nor a side of no volume
+    lowest = costs[finite].min() if finite.any() else np.inf
+    near = tie(n)
+    decisive = ~finite | (costs <= lowest + near)
+
+    def side(t: int) -> torch.Tensor:
+        return torch.from_numpy(values > thresholds[t]).to(y.device)
+
+    if tau is not None and finite.all() and decisive.sum() == 1 and abs(lowest - tau) > near:
+        return side(first[np.argmin(costs)]), float(lowest)
+    total = torch.sum(torch.diag(degree))  # the reference's `sum_D`, over its full n×n D
+    for p in np.flatnonzero(decisive):
+        costs[p] = reference_cost(side(first[p]), laplacian, degree, total)
+    per_threshold = costs[np.cumsum(new) - 1]  # (T,) in order
+    nan = np.flatnonzero(np.isnan(per_threshold))
+    if len(nan) and nan[0] == 0:  # Python's `min` keeps a NaN it starts with
+        return side(0), float("nan")
+    cost = float(np.nanmin(per_threshold))  # Python's `min` passes over a later NaN
+    best = nan[0] if len(nan) else int(np.argmin(per_threshold))  # np.argmin: the first NaN, else the first minimum
+    return side(best), cost
 
 
 def recursive_ncut(tokens: torch.Tensor, *, tau: float, alpha: float) -> list[torch.Tensor]:
@@ -152,27 +200,29 @@ def recursive_ncut(tokens: torch.Tensor, *, tau: float, alpha: float) -> list[to
     affinity = affinity_matrix(tokens, alpha)  # (N, N)
     if not torch.isfinite(affinity).all():  # constant tokens: no cut is defined
         return []
-    keep = ~natural_zeros(affinity)  # (N,) tokens that survive below the root
-    accepted: list[torch.Tensor] = []
-    stack = [torch.arange(n, device=affinity.device)]  # index sets still to split; the root keeps every token
+    device = affinity.device
+    keep = ~natural_zeros(affinity).cpu().numpy()  # (N,) tokens that survive below the root
+    accepted: list[np.ndarray] = []  # each accepted cut's tokens above its threshold
+    stack = [np.arange(n)]  # index sets still to split, ascending; the root keeps every token
     root = True
     while stack:
         checkpoint()  # a caller's Stop ends the cut between nodes (`cancel.cancellable`)
         region = stack.pop()  # (n,) token indices, ascending
         if len(region) < 2:
             continue
-        sub = affinity[region[:, None], region]  # (n, n), one gather
-        degree = sub.sum(dim=1)  # (n,)
+        index = torch.from_numpy(region).to(device)
+        sub = affinity.index_select(0, index).index_select(1, index)  # (n, n)
+        degree = sub.sum(dim=1)  # (n,) the diagonal of the reference's D
         if not bool((degree > 0).all()):  # the reference has no cut here (it errors)
             continue
-        degree_matrix = torch.diag(degree)  # (n, n), the reference's D
-        laplacian = degree_matrix - sub  # (n, n), its L = D − A
+        laplacian = torch.diag(degree) - sub  # (n, n), its L = D − A
         y = fiedler_vector(laplacian, degree)
         if y is None:  # LAPACK failure: no cut either
             continue
-        side, cost = best_bipartition(y, laplacian, degree_matrix)
+        side, cost = best_bipartition(y, laplacian, degree, tau)
         if not cost < tau:  # strict, as the reference; NaN stops
             continue
+        side = side.cpu().numpy()
         above, rest = region[side], region[~side]
         if len(rest) == 0:  # everything on one side: the reference loops here; we end the branch
             if root and not keep.all():  # except at the root, whose child drops the zero rows first
@@ -180,13 +230,14 @@ def recursive_ncut(tokens: torch.Tensor, *, tau: float, alpha: float) -> list[to
             root = False
             continue
         root = False
-        mask = torch.zeros(n, dtype=torch.bool, device=affinity.device)
-        mask[above] = True
-        accepted.append(mask)
+        accepted.append(above)
         # Pre-order, as the reference: the half above the threshold first (pushed last), then the rest.
         stack.append(rest[keep[rest]])
         stack.append(above[keep[above]])
-    return accepted
+    masks = np.zeros((len(accepted), n), dtype=bool)
+    for mask, above in zip(masks, accepted):
+        mask[above] = True
+    return list(torch.from_numpy(masks).to(device))
 
 
 def assemble_clusters(masks: list[torch.Tensor], n: int) -> torch.Tensor:
