@@ -8,15 +8,18 @@ imports) is loaded from the folder given, with its hard-coded "cuda" device repl
 Each case is a (side², C) token map (a smooth random field plus noise; C = 1280 is SSD-1B's layer), segmented
 at 128×128 by the reference's `DiffCut.generate_masks` and by
 `segment_features` with the same τ and α. The table gives the share of pixels with the same id (the reference's ids
-made contiguous), the matched agreement (ids paired one-to-one), both times and the speed-up. Cases where the
-reference recurses without end are reported, not scored; cases where the reference's float32 cluster sums are no
-longer exact (many accepted cuts) are marked: there the two differ on purpose.
+made contiguous), the matched agreement (ids paired one-to-one), both times and the speed-up, and the time our run
+spends in LAPACK's eigensolves (`eigh_s`): the reference's own solver on the same matrices, which the same cuts need,
+so `ceiling` = reference_s / eigh_s bounds the speed-up any exact implementation can reach on this machine. Cases
+where the reference recurses without end are reported, not scored; cases where the reference's float32 cluster sums
+are no longer exact (many accepted cuts) are marked: there the two differ on purpose.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -71,6 +74,24 @@ def exact_in_float32(masks: list[torch.Tensor]) -> bool:
     return all(float(a) == e for a, e in zip(approx.tolist(), exact))
 
 
+def eigensolve_seconds(fn) -> float:
+    """Seconds that one call of `fn` spends in `torch.linalg.eigh`."""
+    spent, solve = [], torch.linalg.eigh
+
+    def timed(matrix):
+        start = time.perf_counter()
+        result = solve(matrix)
+        spent.append(time.perf_counter() - start)
+        return result
+
+    torch.linalg.eigh = timed
+    try:
+        fn()
+    finally:
+        torch.linalg.eigh = solve
+    return sum(spent)
+
+
 def main() -> None:
     parser = arguments(__doc__, repeat=3)
     parser.add_argument("--reference", required=True, help="a checkout of PaulCouairon/DiffCut")
@@ -109,6 +130,7 @@ def main() -> None:
             rows.append({**row, "agreement": "reference recursion"})
             continue
         mine = ours()
+        eigh_s = eigensolve_seconds(ours)
         contiguous = np.unique(theirs, return_inverse=True)[1].reshape(theirs.shape)
         n = int(max(mine.max(), contiguous.max())) + 1
         matched = float(hungarian_scores(contiguous, mine, n).tp.sum() / mine.size)
@@ -123,6 +145,8 @@ def main() -> None:
                 "reference_s": t_ref,
                 "ours_s": t_ours,
                 "speed-up": t_ref / t_ours,
+                "eigh_s": eigh_s,
+                "ceiling": t_ref / eigh_s,
             }
         )
     columns = [
@@ -136,6 +160,8 @@ def main() -> None:
         "reference_s",
         "ours_s",
         "speed-up",
+        "eigh_s",
+        "ceiling",
     ]
     report("diffcut_reference", rows, columns, {"settings": vars(args)})
 

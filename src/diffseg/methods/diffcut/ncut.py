@@ -11,7 +11,9 @@ Normalized Cut", NeurIPS 2024; reference `diffcut/recursive_normalized_cut.py` (
 - Below the root, the reference drops every token whose affinity row holds an exact 0 (`get_affinity_matrix`
   keeps only rows without zeros; a painted token's row is all zeros, but so is any entry that `** alpha` underflowed
   or the min-max normalisation mapped to 0). We drop the same tokens: `natural_zeros` below.
-- The 100 candidate thresholds are scored in one batched product instead of 100 matrix-vector products.
+- The 100 candidate thresholds' cuts are nested, so each distinct cut is scored once, all from one histogram
+  (`cut_costs`), instead of 100 matrix-vector products; only the candidates that can decide are scored again with
+  the reference's float32 arithmetic (`best_bipartition`).
 - A cut that puts every token on one side cannot split its branch: the reference accepts it when its cost rounds
   to about 0 and then recurses on the same tokens until Python's recursion limit. We end such a branch.
 """
@@ -79,7 +81,8 @@ def rounding_bound(n: int) -> float:
 
 def tie(n: int) -> float:
     """Candidates whose exact cost lies this close to the lowest (or to τ) are scored with the reference's own
-    float32 arithmetic before a decision: three times `rounding_bound`, so the two orders cannot swap or tie, and at least 1e-4."""
+    float32 arithmetic before a decision: three times `rounding_bound`, so the two orders cannot swap or tie, and at
+    least 1e-4."""
     return max(1e-4, 3 * rounding_bound(n))
 
 
