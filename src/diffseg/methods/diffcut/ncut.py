@@ -55,7 +55,8 @@ def fiedler_vector(laplacian: torch.Tensor, degree: torch.Tensor) -> torch.Tenso
     `second_smallest_eigenvector` and `deterministic_vector_sign_flip`).
 
     D^-½ (D − A) D^-½ is formed elementwise (the reference's products with diagonal matrices, value for value), its
-    eigenvector v taken with LAPACK, y = D^-½ v, then multiplied by the sign of its largest-magnitude entry.
+    eigenvector v taken with LAPACK, y = D^-½ v, then multiplied by the sign of its largest-magnitude entry. These
+    steps stay in torch: numpy's float32 square root is not torch's to the bit on every CPU.
 
     Returns:
         (n,) float32, or None where LAPACK fails (the reference then has no cut either).
@@ -67,7 +68,8 @@ def fiedler_vector(laplacian: torch.Tensor, degree: torch.Tensor) -> torch.Tenso
     except torch.linalg.LinAlgError:
         return None
     y = inv_sqrt * vectors[:, 1]
-    sign = float(y[torch.argmax(torch.abs(y))])  # the first largest magnitude, as torch.argmax
+    values = y.cpu().numpy()
+    sign = values[np.argmax(np.abs(values))]  # the first largest magnitude, as torch.argmax
     return y if sign > 0 else -y if sign < 0 else y * 0
 
 
@@ -124,13 +126,12 @@ def cut_costs(laplacian: np.ndarray, degree: np.ndarray, order: np.ndarray, size
     volume = np.cumsum(degree[order].astype(np.float64))  # (n,) vol(first m) at m - 1
     inside = volume[sizes - 1]
     cut = outgoing[sizes - 1] - inner[sizes - 1]
-    with np.errstate(divide="ignore", invalid="ignore"):  # a side of no volume: not finite, scored the reference's way
-        return cut * (1 / inside + 1 / (volume[-1] - inside))
+    return cut * (1 / inside + 1 / (volume[-1] - inside))  # each side holds a token of degree > 0
 
 
 def best_bipartition(
     y: torch.Tensor, laplacian: torch.Tensor, degree: torch.Tensor, tau: float | None = None
-) -> tuple[torch.Tensor, float]:
+) -> tuple[np.ndarray, float]:
     """The lowest normalised-cut cost over the reference's 100 thresholds (reference `get_bipartition`).
 
     For a threshold, x = ±1 by side, k = vol(x > 0) / vol(all), b = k / (1 − k), z = (1 + x) − b (1 − x), cost
@@ -145,10 +146,10 @@ def best_bipartition(
     cost is returned.
 
     Args:
-        y: (n,) the Fiedler vector. laplacian: (n, n) the region's D − A. degree: (n,) D's diagonal.
+        y: (n,) the Fiedler vector. laplacian: (n, n) the region's D − A. degree: (n,) D's diagonal, all > 0.
 
     Returns:
-        (side, cost): (n,) bool, the tokens above the chosen threshold, and its cost (NaN when undefined).
+        (side, cost): (n,) bool array, the tokens above the chosen threshold, and its cost (NaN when undefined).
     """
     n = len(y)
     values = y.cpu().numpy()
@@ -171,21 +172,19 @@ def best_bipartition(
     near = tie(n)
     decisive = ~finite | (costs <= lowest + near)
 
-    def side(t: int) -> torch.Tensor:
-        return torch.from_numpy(values > thresholds[t]).to(y.device)
-
     if tau is not None and finite.all() and decisive.sum() == 1 and abs(lowest - tau) > near:
-        return side(first[np.argmin(costs)]), float(lowest)
+        return values > thresholds[first[np.argmin(costs)]], float(lowest)
     total = torch.sum(torch.diag(degree))  # the reference's `sum_D`, over its full n×n D
     for p in np.flatnonzero(decisive):
-        costs[p] = reference_cost(side(first[p]), laplacian, degree, total)
+        side = torch.from_numpy(values > thresholds[first[p]]).to(y.device)
+        costs[p] = reference_cost(side, laplacian, degree, total)
     per_threshold = costs[np.cumsum(new) - 1]  # (T,) in order
     nan = np.flatnonzero(np.isnan(per_threshold))
     if len(nan) and nan[0] == 0:  # Python's `min` keeps a NaN it starts with
-        return side(0), float("nan")
+        return values > thresholds[0], float("nan")
     cost = float(np.nanmin(per_threshold))  # Python's `min` passes over a later NaN
     best = nan[0] if len(nan) else int(np.argmin(per_threshold))  # np.argmin: the first NaN, else the first minimum
-    return side(best), cost
+    return values > thresholds[best], cost
 
 
 def recursive_ncut(tokens: torch.Tensor, *, tau: float, alpha: float) -> list[torch.Tensor]:
@@ -216,7 +215,7 @@ def recursive_ncut(tokens: torch.Tensor, *, tau: float, alpha: float) -> list[to
         index = torch.from_numpy(region).to(device)
         sub = affinity.index_select(0, index).index_select(1, index)  # (n, n)
         degree = sub.sum(dim=1)  # (n,) the diagonal of the reference's D
-        if not bool((degree > 0).all()):  # the reference has no cut here (it errors)
+        if not (degree.cpu().numpy() > 0).all():  # the reference has no cut here (it errors)
             continue
         laplacian = torch.diag(degree) - sub  # (n, n), its L = D − A
         y = fiedler_vector(laplacian, degree)
@@ -225,7 +224,6 @@ def recursive_ncut(tokens: torch.Tensor, *, tau: float, alpha: float) -> list[to
         side, cost = best_bipartition(y, laplacian, degree, tau)
         if not cost < tau:  # strict, as the reference; NaN stops
             continue
-        side = side.cpu().numpy()
         above, rest = region[side], region[~side]
         if len(rest) == 0:  # everything on one side: the reference loops here; we end the branch
             if root and not keep.all():  # except at the root, whose child drops the zero rows first

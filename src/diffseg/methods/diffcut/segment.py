@@ -66,26 +66,29 @@ def _assign(feats: torch.Tensor, clusters: torch.Tensor, size: tuple[int, int]) 
     """
     _, c, h, w = feats.shape
     tokens = feats.reshape(c, h * w)  # (C, N)
-    onehot = F.one_hot(clusters).T  # (K, N) bool, each cluster's mask
-    # The reference divides each bool mask by (its count + 1e-8) in float32: the same division, for all at once.
-    weights = onehot / (onehot.sum(dim=1, keepdim=True) + 1e-8)  # (K, N)
-    pooled = weights @ tokens.T  # (K, C)
-    k = len(pooled)
+    counts = torch.bincount(clusters)  # (K,)
+    k = len(counts)
+    # Each cluster's mean token, one pass over the tokens (a (K, N) mask product costs K times more); the reference's
+    # own pooling is taken below wherever a pixel's decision could turn on its rounding.
+    pooled = torch.zeros(k, c, dtype=tokens.dtype, device=tokens.device).index_add_(0, clusters, tokens.T)
+    pooled /= counts[:, None] + 1e-8  # (K, C)
     maps = (pooled @ tokens).reshape(k, h, w)  # (K, h, w) each cluster's similarity on the token grid
     if k == 1 or c * size[0] * size[1] > REFERENCE_ORDER_FLOATS:
         return label_map(maps, size)  # (H, W) int32, memory bounded by chunks
-    scores = F.interpolate(maps[None], size=size, mode="bilinear").reshape(k, size[0] * size[1])  # (K, H·W)
-    top = scores.topk(2, dim=0)  # values, indices: (2, H·W)
-    ids = top.indices[0]  # first maximum
-    gap = top.values[0] - top.values[1]
-    close = torch.nonzero(gap <= CLOSE * top.values[0].abs().clamp_min(1)).reshape(-1)  # (M,) pixels
+    # Upsampled channels-last, so each pixel's K scores are contiguous for `topk` (a reduction across K rows of
+    # H·W costs twice as much with hundreds of clusters); the kernel rounds differently, far inside `CLOSE`.
+    scores = F.interpolate(maps[None].contiguous(memory_format=torch.channels_last), size=size, mode="bilinear")
+    top = scores.permute(0, 2, 3, 1).reshape(size[0] * size[1], k).topk(2, dim=1)  # values, indices: (H·W, 2)
+    ids = top.indices[:, 0]  # the maximum; an exact tie is close, and scored again below
+    gap = top.values[:, 0] - top.values[:, 1]
+    close = torch.nonzero(gap <= CLOSE * top.values[:, 0].abs().clamp_min(1)).reshape(-1)  # (M,) pixels
     if len(close):
-        ids[close] = _reference_scores(feats, weights, pooled, close, size).argmax(dim=1)
+        ids[close] = _reference_scores(feats, clusters, pooled, close, size).argmax(dim=1)
     ids = ids.reshape(size)
     return np.unique(ids.cpu().numpy(), return_inverse=True)[1].reshape(size).astype(np.int32)
 
 
-def _reference_scores(feats, weights, pooled, pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _reference_scores(feats, clusters, pooled, pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(M, K) scores of the given pixels in the reference's order of operations: each cluster's pooling as its own
     `einsum("bchw,bqhw->bqc")`, the (1, C, h, w) features upsampled by `nn.Upsample(mode="bilinear")`, then
     `torch.t(upsampled) @ torch.t(pooled)`, on the rows of these pixels.
@@ -103,7 +106,9 @@ def _reference_scores(feats, weights, pooled, pixels: torch.Tensor, size: tuple[
     candidates = torch.nonzero((fast >= best - 2 * CLOSE * best.abs().clamp_min(1)).any(dim=0)).reshape(-1)
     exact = pooled.clone()
     for j in candidates.tolist():
-        exact[j] = torch.einsum("bchw,bqhw->bqc", feats, weights[j].reshape(1, 1, h, w))[0, 0]
+        mask = (clusters == j).reshape(1, 1, h, w)
+        weights = mask / (mask.sum(dim=(-1, -2), keepdim=True) + 1e-8)  # the bool mask over its count + 1e-8, float32
+        exact[j] = torch.einsum("bchw,bqhw->bqc", feats, weights)[0, 0]
     return rows @ torch.t(exact)
 
 
