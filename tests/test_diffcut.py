@@ -277,7 +277,8 @@ def _regions(count: int):
         affinity = affinity_matrix(tokens, alpha)
         degree = affinity.sum(dim=1)
         if bool((degree > 0).all()):
-            yield fiedler_vector(torch.diag(degree) - affinity, degree), torch.diag(degree) - affinity, degree, affinity
+            laplacian = torch.diag(degree) - affinity
+            yield fiedler_vector(laplacian, degree), laplacian, degree, affinity
 
 
 def test_the_shortlisted_bipartition_is_the_one_every_threshold_scored_the_references_way_picks():
