@@ -131,6 +131,23 @@ def test_a_corrupted_config_is_named(tiny_checkpoint, tmp_path, capsys):
     assert "unet/config.json" in error and "not valid JSON" in error
 
 
+@pytest.mark.parametrize("device", ["cuda:99", "mps"])
+def test_a_device_this_machine_lacks_is_named_before_the_model_loads(
+    tiny_checkpoint, tmp_path, capsys, no_model_load, device
+):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has Apple's MPS")
+    image = _save(tmp_path, quadrants_image(64, 64))
+    for command in ("segment", "segment-dataset"):  # before: torch's bare AssertionError, or one per Ray worker
+        assert run_cli(command, image, "-o", tmp_path / command, "--model", tiny_checkpoint, "--device", device) == 2
+        error = capsys.readouterr().err
+        assert f"`device` is '{device}'" in error and "Traceback" not in error
+    from diffseg.jobs.dataset import segment_dataset
+
+    with pytest.raises(ValueError, match=f"`device` is '{device}'"):  # the library's job: before Ray starts
+        segment_dataset(tmp_path, tmp_path / "job", model=str(tiny_checkpoint), device=device)
+
+
 def test_every_bundle_field_is_validated_at_load(tiny_pipeline, tmp_path):
     from safetensors.torch import save_file
 

@@ -11,14 +11,36 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """ "auto" picks CUDA, then Apple's MPS, then the CPU."""
     if str(device) != "auto":
         try:
-            return torch.device(device)
+            chosen = torch.device(device)
         except RuntimeError as error:
             raise ValueError(f"`device` must be auto, cpu, cuda, cuda:N or mps but is {device!r}.") from error
+        _check_available(chosen)
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _check_available(device: torch.device) -> None:
+    """Refuse a device this PyTorch cannot use, before any model loads (torch's own error comes at the first tensor
+    moved there, as an AssertionError)."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"`device` is {str(device)!r} but this PyTorch sees no CUDA GPU (a CPU-only build, or no driver); "
+                "use `--device auto` or `--device cpu`."
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"`device` is {str(device)!r} but this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}."
+            )
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(
+            f"`device` is {str(device)!r} but Apple's MPS is not available here; use `--device auto` or `--device cpu`."
+        )
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -41,12 +41,14 @@ def check_batch_size(value: int) -> int:
 
 
 def check_model(args: argparse.Namespace, encode=None):
-    """The checkpoint's family from its configs (no weights loaded yet), with the encode settings checked against it:
-    a bad resolution fails here, before the model loads."""
+    """The device, and the checkpoint's family from its configs (no weights loaded yet) with the encode settings
+    checked against it: a missing GPU or a bad resolution fails here, before the model loads."""
+    from ..backbones.devices import resolve_device
     from ..backbones.families import read_backbone, target_size
-
     from ..methods.registry import METHODS
 
+    if getattr(args, "ray_address", "local") == "local":  # the model runs here (a cluster's workers check their own)
+        resolve_device(args.device)  # a device this machine lacks, named
     backbone = read_backbone(args.model)
     method = METHODS[getattr(args, "method", "diffseg")]
     if not method.runs_on(backbone.family):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backbones.devices import resolve_device
 from ..backbones.families import Backbone, read_backbone, target_size
 from ..config import DEFAULT_MODEL, EncodeConfig
 from ..io.images import crop as crop_image
@@ -312,6 +313,8 @@ def segment_dataset(
     config = config or JobConfig()
     if batch_size < 1 or concurrency < 1:
         raise ValueError(f"`batch_size` and `concurrency` must be at least 1 but are {batch_size} and {concurrency}.")
+    if ray_address == "local":  # the workers run here: a device this machine lacks fails now, not in each worker
+        resolve_device(device)
     backbone = read_backbone(str(model))  # the family's sizes, read from its configs before any worker starts
     target_size((1, 1), backbone, config.encode.resolution, config.encode.resize)  # fails here, not in every task
     output = Path(output)
