@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 from .checks import check_batch_size, check_model, check_writable, load_pipeline
-from .options import add_encode_arguments, add_model_arguments, add_segment_arguments, encode_config, method_config
+from .options import (
+    add_encode_arguments,
+    add_model_arguments,
+    add_segment_arguments,
+    encode_config,
+    method_config,
+    warn_unread_options,
+)
 
 
 # The open-vocabulary names of the benchmarks with a background class, counted with it (the literature's VOC-21 and
@@ -57,6 +64,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("Pass `--predictions DIR` (one benchmark) or `--predictions-root DIR` (DIR/NAME for each).")
     if args.predictions and several:
         raise ValueError("`--predictions DIR` scores one benchmark; for several use `--predictions-root DIR`.")
+    warn_unread_options(args)
     configs = {name: _config(args, BENCHMARKS[name]) for name in names}  # checked before anything runs
     output = Path(args.output or ("eval-all" if several else f"eval-{names[0]}"))
     check_writable(output)

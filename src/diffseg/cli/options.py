@@ -4,6 +4,7 @@ naming and outputs. Defaults are read from `diffseg.config`, never restated."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..config import (
     NUM_POINTS,
@@ -302,6 +303,42 @@ def naming_config(args: argparse.Namespace) -> NamingConfig:
     return _checked(NamingConfig, fields)
 
 
+# Options only some methods read, with their command-line defaults: given with another method they change nothing.
+_READ_BY = {
+    "kl_threshold": (("diffseg", "seg4diff"), None),
+    "iterations": (("diffseg",), _SEGMENT.iterations),
+    "num_points": (("diffseg",), None),
+    "refine": (("diffseg",), False),
+    "float32_merge": (("diffseg",), False),
+    "resolution_weights": (("diffseg",), None),
+    "resolution_preset": (("diffseg",), None),
+    "tau": (("diffcut",), _DIFFCUT.tau),
+    "alpha": (("diffcut",), _DIFFCUT.alpha),
+    "pamr": (("diffcut",), False),
+    "power": (("seg4diff",), _SEG4DIFF.power),
+}
+
+
+def warn_unread_options(args: argparse.Namespace) -> list[str]:
+    """Say which method-specific options were given (set off their defaults) with a method that does not read them,
+    e.g. `--pamr` without `--method diffcut`: the run goes on, and the user learns why the option had no effect.
+    Returns the options named."""
+    unread = [
+        f"--{name.replace('_', '-')}"
+        for name, (methods, default) in _READ_BY.items()
+        if args.method not in methods and getattr(args, name, default) != default
+    ]
+    if unread:
+        readers = sorted({m for name, (methods, _) in _READ_BY.items() if f"--{name.replace('_', '-')}" in unread
+                          for m in methods})  # fmt: skip
+        print(
+            f"diffseg: note: --method {args.method} does not read {', '.join(unread)} (--method {' / '.join(readers)} "
+            "does); ignored.",
+            file=sys.stderr,
+        )
+    return unread
+
+
 def method_config(args: argparse.Namespace) -> SegmentConfig | DiffCutConfig:
     """The method's settings given on the command line (`SegmentConfig` for DiffSeg, `DiffCutConfig` for DiffCut),
     checked before any model loads by the config itself."""
@@ -347,6 +384,7 @@ def job_config(args: argparse.Namespace, output_size: tuple[int, int] | None = N
         raise ValueError("Pass either --words or --caption, not both.")
     if METHODS[args.method].concepts and (words is None or getattr(args, "caption", False)):
         raise ValueError("--method concepts maps words: pass them with --concepts 'cat, dog, sky' (not --caption).")
+    warn_unread_options(args)
     return JobConfig(
         method=args.method,
         encode=encode_config(args),
