@@ -100,6 +100,9 @@ def test_bad_encode_arguments_are_named(tiny_pipeline):
 def test_missing_weights_give_an_actionable_error(tmp_path, tiny_checkpoint):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         DiffSegPipeline.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):  # a file is not a missing folder
+        DiffSegPipeline.from_pretrained(tmp_path / "weights.safetensors")
     partial = tmp_path / "partial"
     (partial / "unet").mkdir(parents=True)
     with pytest.raises(

@@ -226,9 +226,11 @@ def public_name(model: str | os.PathLike) -> str:
 
 def check_model_path(model: str) -> None:
     """Fail early, naming the fix, when `model` is neither an existing folder nor shaped like a hub id."""
-    if not Path(model).expanduser().is_dir() and not _HUB_ID.match(model):
+    path = Path(model).expanduser()
+    if not path.is_dir() and not _HUB_ID.match(model):
+        what = "is a file, not a folder" if path.exists() else "does not exist"
         raise FileNotFoundError(
-            f"Model folder `{model}` does not exist. Pass a diffusers-format Stable Diffusion folder (with unet/, "
+            f"Model folder `{model}` {what}. Pass a diffusers-format Stable Diffusion folder (with unet/, "
             f"vae/, text_encoder/, tokenizer/ ...) or a hub id such as {DEFAULT_MODEL!r}."
         )
 
