@@ -229,6 +229,11 @@ def check_model_path(model: str) -> None:
     path = Path(model).expanduser()
     if not path.is_dir() and not _HUB_ID.match(model):
         what = "is a file, not a folder" if path.exists() else "does not exist"
+        if path.suffix in (".safetensors", ".ckpt") and path.exists():  # a single-file checkpoint
+            what += (
+                " (a single-file checkpoint: convert it once with diffusers, e.g. "
+                f"`StableDiffusionPipeline.from_single_file('{model}').save_pretrained('folder')`)"
+            )
         raise FileNotFoundError(
             f"Model folder `{model}` {what}. Pass a diffusers-format Stable Diffusion folder (with unet/, "
             f"vae/, text_encoder/, tokenizer/ ...) or a hub id such as {DEFAULT_MODEL!r}."
