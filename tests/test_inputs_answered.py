@@ -148,6 +148,31 @@ def test_a_device_this_machine_lacks_is_named_before_the_model_loads(
         segment_dataset(tmp_path, tmp_path / "job", model=str(tiny_checkpoint), device=device)
 
 
+def test_the_attention_memory_model_is_the_captured_attentions_size(tiny_pipeline, tiny_sdxl_pipeline):
+    from diffseg.backbones.capture import attention_bytes
+    from diffseg.io.images import to_model_input
+
+    for pipe, size in ((tiny_pipeline, (128, 192)), (tiny_pipeline, (64, 64)), (tiny_sdxl_pipeline, (96, 160))):
+        pixels = to_model_input([quadrants_image(*size)] * 2, size)  # (2, 3, H, W)
+        maps, _, _ = pipe.attend(pixels)
+        assert attention_bytes(pipe.backbone, size, 2) == sum(4 * m.numel() for m in maps.values()), size
+
+
+def test_a_diffseg_input_whose_attention_cannot_fit_is_refused_before_any_work(
+    tiny_checkpoint, tiny_pipeline, tmp_path, capsys, monkeypatch
+):
+    """A 64 MiB machine: the tiny SD 1.x at 512² records 68 MiB of attention. Before: minutes of UNet, then torch's
+    bare allocation error per image (271 GB for `--resolution 4096` on SD 1.x)."""
+    monkeypatch.setattr("diffseg.backbones.devices.device_memory", lambda device: 64 << 20)
+    image = _save(tmp_path, quadrants_image(64, 64))
+    assert run_cli("segment", image, "-o", tmp_path / "out", *tiny_model(tiny_checkpoint), "--resolution", "512") == 2
+    error = capsys.readouterr().err
+    assert "64×64 tokens: about 0.2 GiB" in error and "--resolution 320` or lower" in error
+    with pytest.raises(ValueError, match="more than the 0.062 GiB of CPU memory"):  # the library, before the VAE runs
+        tiny_pipeline.encode(quadrants_image(64, 64), resolution=512)
+    assert run_cli("segment", image, "-o", tmp_path / "small", *tiny_model(tiny_checkpoint), "--resolution", "256") == 0
+
+
 def test_every_bundle_field_is_validated_at_load(tiny_pipeline, tmp_path):
     from safetensors.torch import save_file
 

@@ -24,6 +24,7 @@ from .backbones import dit
 from .backbones import families as backbones
 from .backbones.concepts import ConceptTokens, concept_attention, default_blocks, encode_concepts, parse_concepts
 from .backbones.capture import (
+    check_attention_memory,
     capture_attention,
     capture_joint_attention,
     capture_output,
@@ -420,6 +421,7 @@ class DiffSegPipeline:
         if segment_from not in SEGMENT_FROM:
             raise ValueError(f"`segment_from` must be one of {SEGMENT_FROM} but is {segment_from!r}.")
         batch, size = len(pixels), tuple(pixels.shape[-2:])
+        check_attention_memory(self.backbone, size, batch * (2 if vocabulary is not None else 1), self.device)
         # One step conditioned on the empty prompt; with a vocabulary, the conditional copies in the same batch.
         inputs, grid = self._step_inputs(pixels, timestep, noise_seed)
         if self.transformer is not None:

@@ -23,6 +23,51 @@ _SCORES_PER_BLOCK = 1 << 21
 _SCORES_PER_BLOCK_GPU = 1 << 26  # 256 MiB: on a GPU, fewer and larger kernels win
 
 
+# A DiffSeg encode and its segmentation hold the store's sums, each grid's mean and the aggregate over the finest grid:
+# about three float32 copies of the self-attention at the peak (peak RSS of `diffseg segment --resolution 1024` and
+# `1280` on the tiny SD 1.x: 3.4 and 3.0 times `attention_bytes`, the model included).
+WORKING_COPIES = 3
+
+
+def attention_bytes(backbone, size: tuple[int, int], batch: int = 1) -> int:
+    """Bytes of the float32 self-attention a DiffSeg encode records for `batch` inputs of (H, W) pixels: each grid's
+    (N, N) probabilities, N = h·w tokens (SD 1.x at 512²: 64², 32², 16², 8² grids, 72 MB; at 2048², 18 GB)."""
+    total = 0
+    for side in backbone.grid_sides:
+        pixels = backbone.native_size // side  # per token, along each axis
+        total += (-(-size[0] // pixels) * -(-size[1] // pixels)) ** 2
+    return 4 * batch * total
+
+
+def check_attention_memory(backbone, size: tuple[int, int], batch: int, device: torch.device) -> None:
+    """Refuse, before the step runs, a DiffSeg input whose self-attention cannot fit the device's memory at all (torch
+    would fail on one allocation after minutes of work), naming the largest resolution that can."""
+    from .devices import device_memory
+
+    available = device_memory(device)
+    need = WORKING_COPIES * attention_bytes(backbone, size, batch)
+    if available is None or need <= available:
+        return
+    fits = backbone.size_multiple
+    area = size[0] * size[1]
+    for side in range(int(area**0.5) // fits * fits, fits - 1, -fits):  # suggested with a quarter left for the rest
+        if WORKING_COPIES * attention_bytes(backbone, (side, side), batch) <= 0.75 * available:
+            fits = side
+            break
+    pixels = backbone.native_size // backbone.grid_sides[0]  # per token of the finest grid
+    tokens = f"{-(-size[0] // pixels)}×{-(-size[1] // pixels)}"
+    raise ValueError(
+        f"DiffSeg on a {size[0]}×{size[1]} input (batch {batch}) records self-attention over {tokens} tokens: about "
+        f"{_gib(need)} with its working copies, more than the {_gib(available)} of "
+        f"{device.type.upper()} memory here. Use `--resolution {fits}` or lower (about that many pixels squared)"
+        + (", or a smaller batch." if batch > 1 else ".")
+    )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:,.0f} GiB" if size >= 10 * 2**30 else f"{size / 2**30:.2g} GiB"
+
+
 def token_grid(tokens: int, latent: tuple[int, int]) -> Grid:
     """The (h, w) grid with `tokens` cells among a UNet's levels for a latent of (H, W): (H, W), then each stride-2
     downsampling's (ceil(H/2), ceil(W/2)), and so on."""

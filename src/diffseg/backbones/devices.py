@@ -1,6 +1,9 @@
-"""Where the model runs and in what precision."""
+"""Where the model runs and in what precision, and how much memory it has."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -59,3 +62,20 @@ def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     if next(module.parameters()).dtype != dtype:
         module = module.to(dtype)
     return module.to(device).eval().requires_grad_(False)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory `device` has in all: a CUDA GPU's own; on the CPU (and MPS, which shares it) the machine's RAM,
+    or a container's cgroup limit where lower. None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            total = min(total, int(Path(limit).read_text().strip()))
+        except (OSError, ValueError):  # absent, or "max": no limit
+            continue
+    return total

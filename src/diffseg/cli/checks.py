@@ -43,12 +43,13 @@ def check_batch_size(value: int) -> int:
 def check_model(args: argparse.Namespace, encode=None):
     """The device, and the checkpoint's family from its configs (no weights loaded yet) with the encode settings
     checked against it: a missing GPU or a bad resolution fails here, before the model loads."""
+    from ..backbones.capture import check_attention_memory
     from ..backbones.devices import resolve_device
     from ..backbones.families import read_backbone, target_size
     from ..methods.registry import METHODS
 
-    if getattr(args, "ray_address", "local") == "local":  # the model runs here (a cluster's workers check their own)
-        resolve_device(args.device)  # a device this machine lacks, named
+    local = getattr(args, "ray_address", "local") == "local"  # the model runs here (a cluster's workers check theirs)
+    device = resolve_device(args.device) if local else None  # a device this machine lacks, named
     backbone = read_backbone(args.model)
     method = METHODS[getattr(args, "method", "diffseg")]
     if not method.runs_on(backbone.family):
@@ -58,6 +59,9 @@ def check_model(args: argparse.Namespace, encode=None):
         )
     if encode is not None:  # an `EncodeConfig`
         target_size((1, 1), backbone, encode.resolution, encode.resize)
+        if method.name == "diffseg" and device is not None:  # an input of about resolution² pixels, alone
+            side = encode.resolution or backbone.native_size
+            check_attention_memory(backbone, (side, side), 1, device)
         if encode.blocks is not None and encode.blocks[1] >= backbone.depth:
             where = f"has blocks 0 to {backbone.depth - 1}" if backbone.depth else "is a UNet (it has no blocks)"
             raise ValueError(f"`--blocks {encode.blocks[0]}:{encode.blocks[1]}` does not fit: {backbone.name} {where}.")
