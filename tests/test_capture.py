@@ -131,9 +131,12 @@ def test_only_self_attention_layers_are_replaced(unet_inputs):
 
 def test_store_keys_each_layer_by_its_grid_of_the_latent():
     store = AttentionStore((48, 88))  # a 16:9 image at SD 1.x's native size
-    for n, grid in ((48 * 88, (48, 88)), (24 * 44, (24, 44)), (12 * 22, (12, 22)), (6 * 11, (6, 11))):
-        store.add(torch.ones(1, n, 5), "cross")
-        assert grid in store.maps("cross")
+    grids = [(48, 88), (24, 44), (12, 22), (6, 11)]
+    for h, w in grids[::-1]:
+        store.add(torch.ones(1, h * w, 5), "cross")
+    assert list(store.maps("cross")) == grids  # finest first
+    with pytest.raises(RuntimeError, match="already taken"):  # the means are the sums, divided in place
+        store.add(torch.ones(1, 6 * 11, 5), "cross")
     store = AttentionStore((25, 33))  # odd sides: a stride-2 convolution gives ceil(n / 2)
     store.add(torch.ones(1, 13 * 17, 13 * 17))
     assert list(store.maps()) == [(13, 17)] and store.layers == {(13, 17): 1}

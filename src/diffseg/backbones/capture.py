@@ -23,9 +23,10 @@ _SCORES_PER_BLOCK = 1 << 21
 _SCORES_PER_BLOCK_GPU = 1 << 26  # 256 MiB: on a GPU, fewer and larger kernels win
 
 
-# A DiffSeg encode and its segmentation hold the store's sums, each grid's mean and the aggregate over the finest grid:
-# about three float32 copies of the self-attention at the peak (peak RSS of `diffseg segment --resolution 1024` and
-# `1280` on the tiny SD 1.x: 3.4 and 3.0 times `attention_bytes`, the model included).
+# A DiffSeg segmentation holds the captured means (the store's sums, divided in place), their aggregate over the finest
+# grid and the merge's logarithm of it: about three float32 copies of the self-attention at the peak (peak RSS of
+# `diffseg segment --resolution 1024` and `1280` on the tiny SD 1.x: 3.4 and 3.0 times `attention_bytes`, the model
+# included).
 WORKING_COPIES = 3
 
 
@@ -90,6 +91,7 @@ class AttentionStore:
         self.latent = (int(latent[0]), int(latent[1]))
         self._sums: dict[str, dict[Grid, torch.Tensor]] = {"self": {}, "cross": {}}  # (h, w) -> (B, h·w, keys)
         self._layers: dict[str, dict[Grid, int]] = {"self": {}, "cross": {}}
+        self._means: dict[str, GridDict] = {}  # kind -> `maps(kind)`, once taken
 
     @property
     def layers(self) -> dict[Grid, int]:
@@ -113,6 +115,8 @@ class AttentionStore:
         """The (B, queries, keys) float32 sum a layer adds its head mean into, a block of query rows at a time while
         the block is in cache (no full pass per layer), and whether the layer is its grid's first (whose blocks are
         written, not added). Count the layer with `added` once it is complete."""
+        if kind in self._means:
+            raise RuntimeError(f"The store's {kind}-attention maps were already taken; record into a new store.")
         grid = token_grid(queries, self.latent)
         sums = self._sums[kind]
         if grid in sums:
@@ -126,9 +130,15 @@ class AttentionStore:
         self._layers[kind][grid] = self._layers[kind].get(grid, 0) + 1
 
     def maps(self, kind: str = "self") -> dict[Grid, torch.Tensor]:
-        """(h, w) -> (B, h·w, keys) float32: mean over heads and over the layers of that grid, finest first."""
-        sums, layers = self._sums[kind], self._layers[kind]
-        return GridDict((g, sums[g] / layers[g]) for g in by_size(sums))
+        """(h, w) -> (B, h·w, keys) float32: mean over heads and over the layers of that grid, finest first.
+
+        The sums become the means in place (no second copy of what can be gigabytes); recording ends there, and later
+        calls return the same maps."""
+        if kind not in self._means:
+            sums, layers = self._sums[kind], self._layers[kind]
+            with torch.inference_mode():  # the sums were made in it (an encode's forward)
+                self._means[kind] = GridDict((g, sums[g].div_(layers[g])) for g in by_size(sums))
+        return self._means[kind]
 
 
 def attend_and_record(
