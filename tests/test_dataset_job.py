@@ -236,6 +236,19 @@ def test_segment_dataset_writes_concept_maps_as_segment_does(local_ray, tiny_flu
     np.testing.assert_allclose(maps, np.load(tmp_path / "cli" / "concept-maps" / "wide.npy"), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [("--ray-address", "bogus"), ("--num-gpus-per-worker", "-1"), ("--num-gpus-per-worker", "nan"),
+     ("--num-gpus-per-worker", "1.5")],
+)  # fmt: skip
+def test_cluster_settings_are_refused_by_name_before_ray_starts(tiny_checkpoint, tmp_path, capsys, option, value):
+    """Before: Ray's own "Invalid address format: bogus" or "cannot convert float NaN to integer", once Ray ran."""
+    Image.fromarray(quadrants_image(32, 32)).save(tmp_path / "a.png")
+    argv = ("segment-dataset", tmp_path / "a.png", "-o", tmp_path / "out", *tiny_model(tiny_checkpoint), option, value)
+    assert run_cli(*argv) == 2
+    assert f"`{option}` must be" in capsys.readouterr().err
+
+
 def test_ray_address_local_starts_a_local_instance_whatever_ray_address_says():
     import subprocess
     import sys

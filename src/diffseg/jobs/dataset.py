@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import posixpath
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -265,6 +267,21 @@ class SegmentWorker:
 # ------------------------------------------------------------------------------------------------ driver
 
 
+def _check_cluster_settings(address: str, num_gpus: float | None) -> None:
+    """The Ray address and GPU share checked before Ray starts (Ray's own errors name neither)."""
+    if address not in ("local", "auto") and not re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", address):
+        raise ValueError(
+            f"`--ray-address` must be local, auto, ray://HOST:PORT or HOST:PORT (a cluster's head) but is {address!r}."
+        )
+    if num_gpus is not None and not (
+        math.isfinite(num_gpus) and 0 <= num_gpus and (num_gpus <= 1 or num_gpus == int(num_gpus))
+    ):
+        raise ValueError(
+            "`--num-gpus-per-worker` must be a fraction of one GPU (0 to 1) or a whole number of GPUs but is "
+            f"{num_gpus}."
+        )
+
+
 def _connect(address: str):
     import ray
 
@@ -313,6 +330,7 @@ def segment_dataset(
     config = config or JobConfig()
     if batch_size < 1 or concurrency < 1:
         raise ValueError(f"`batch_size` and `concurrency` must be at least 1 but are {batch_size} and {concurrency}.")
+    _check_cluster_settings(ray_address, num_gpus_per_worker)
     if ray_address == "local":  # the workers run here: a device this machine lacks fails now, not in each worker
         resolve_device(device)
     backbone = read_backbone(str(model))  # the family's sizes, read from its configs before any worker starts
