@@ -4,7 +4,9 @@
 
 Rows: label upsampling (`labelling.label_map`, K proposals at 64² to the output size), the colour overlay
 (`visualisation.overlay`), COCO RLE masks (`outputs.coco_record`), and PAMR (`pamr.refine_labels`, the DiffCut
-refinement, within its `MEMORY_BUDGET`) against output size and segment count. Each row runs in its own Python
+refinement, within its `MEMORY_BUDGET`) against output size and segment count; and DiffSeg's aggregation and merge
+(`segment_attention`) on the four grids of SD 1.x whose finest is SIZE (the maps are made before the baseline: the
+row shows what the step adds to them, about one aggregate, N² floats). Each row runs in its own Python
 process, so "peak RSS" is that step's own high-water mark (interpreter, torch and the inputs included); "baseline"
 is the same process's RSS before the step. `--quick` leaves out the 12-megapixel PAMR rows (minutes each).
 """
@@ -39,6 +41,18 @@ elif step == "overlay":
 elif step == "coco rle":
     from diffseg.io.outputs import coco_record
     coco_record("x.jpg", labels)
+elif step == "diffseg segment":  # grids height×width and its halvings, as SD 1.x
+    from diffseg import segment_attention
+    del labels, image
+    g = torch.Generator().manual_seed(0)
+    attn = {}
+    for k in range(4):
+        n = (height >> k) * (width >> k)
+        attn[(height >> k, width >> k)] = torch.rand(n, n, generator=g)  # (N, N): one image, heads averaged
+        attn[(height >> k, width >> k)] /= attn[(height >> k, width >> k)].sum(-1, keepdim=True)  # rows sum to 1
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    start = time.perf_counter()
+    segment_attention(attn, output_size=(height * 8, width * 8))
 elif step == "pamr":
     from diffseg.methods.diffcut.pamr import refine_labels
     refine_labels(torch.from_numpy(labels), torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
@@ -56,6 +70,8 @@ CASES = [
     ("pamr", 1024, 1024, 30),
     ("pamr", 1500, 2000, 2),
     ("pamr", 3000, 4000, 2),
+    ("diffseg segment", 64, 64, 1),
+    ("diffseg segment", 128, 128, 1),
 ]
 SLOW = {("pamr", 3000, 4000, 2)}
 

@@ -167,7 +167,7 @@ def test_a_diffseg_input_whose_attention_cannot_fit_is_refused_before_any_work(
     image = _save(tmp_path, quadrants_image(64, 64))
     assert run_cli("segment", image, "-o", tmp_path / "out", *tiny_model(tiny_checkpoint), "--resolution", "512") == 2
     error = capsys.readouterr().err
-    assert "64×64 tokens: about 0.2 GiB" in error and "--resolution 320` or lower" in error
+    assert "64×64 tokens: about 0.17 GiB" in error and "--resolution 320` or lower" in error
     with pytest.raises(ValueError, match="more than the 0.062 GiB of CPU memory"):  # the library, before the VAE runs
         tiny_pipeline.encode(quadrants_image(64, 64), resolution=512)
     assert run_cli("segment", image, "-o", tmp_path / "small", *tiny_model(tiny_checkpoint), "--resolution", "256") == 0

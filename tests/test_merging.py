@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffseg.methods.diffseg import merging
 from diffseg.methods.diffseg.merging import anchor_grid, merge_from_anchors, merge_proposals, symmetric_kl
 
 from naive import kl as naive_kl
@@ -37,6 +38,22 @@ def test_symmetric_kl_guards_log_zero():
     assert torch.isfinite(d).all()
     assert d[0, 0] == 0 and d[0, 1] == 0  # 0 · log 0 counts as 0
     assert d[0, 2] > 1  # mass where the other has none is heavily penalised
+
+
+def test_the_anchor_kl_takes_logarithms_a_block_at_a_time_and_is_the_whole_products(monkeypatch):
+    """The merge never holds a second (N, D) tensor (1 GiB at 128² tokens): its logarithms are blocks of rows, and the
+    blocks' divergences are those of one whole product."""
+    g = torch.Generator().manual_seed(2)
+    maps = torch.rand(300, 64, generator=g).pow(4).softmax(1)  # (N, D)
+    anchors = torch.tensor([0, 17, 150, 299])
+    whole = symmetric_kl(maps[anchors], maps)  # (A, N)
+    logged = []
+    safe_log = merging._safe_log
+    monkeypatch.setattr(merging, "_safe_log", lambda p: logged.append(p.numel()) or safe_log(p))
+    monkeypatch.setattr(merging, "_LOG_BLOCK", 64 * 70)  # 70 rows: five blocks, the last one short
+    blocked = merging.anchor_kl(maps, anchors)
+    assert max(logged) <= 64 * 70 and sum(logged) == maps.numel() + len(anchors) * 64  # every row once, anchors once
+    assert torch.linalg.norm(blocked - whole) <= 1e-6 * torch.linalg.norm(whole)
 
 
 def test_first_iteration_averages_every_map_within_threshold_of_each_anchor():

@@ -23,11 +23,11 @@ _SCORES_PER_BLOCK = 1 << 21
 _SCORES_PER_BLOCK_GPU = 1 << 26  # 256 MiB: on a GPU, fewer and larger kernels win
 
 
-# A DiffSeg segmentation holds the captured means (the store's sums, divided in place), their aggregate over the finest
-# grid and the merge's logarithm of it: about three float32 copies of the self-attention at the peak (peak RSS of
-# `diffseg segment --resolution 1024` and `1280` on the tiny SD 1.x: 3.4 and 3.0 times `attention_bytes`, the model
-# included).
-WORKING_COPIES = 3
+# A DiffSeg segmentation holds the captured means (the store's sums, divided in place) and their aggregate over the
+# finest grid, plus the aggregation's and the merge's blocks: about 2.5 float32 copies of the self-attention at the peak
+# (peak RSS of `diffseg segment --resolution 1024` and `1280` on the tiny SD 1.x: 2.6 and 2.4 times `attention_bytes`,
+# the model included).
+WORKING_COPIES = 2.5
 
 
 def attention_bytes(backbone, size: tuple[int, int], batch: int = 1) -> int:
@@ -46,7 +46,7 @@ def check_attention_memory(backbone, size: tuple[int, int], batch: int, device: 
     from .devices import device_memory
 
     available = device_memory(device)
-    need = WORKING_COPIES * attention_bytes(backbone, size, batch)
+    need = int(WORKING_COPIES * attention_bytes(backbone, size, batch))
     if available is None or need <= available:
         return
     fits = backbone.size_multiple

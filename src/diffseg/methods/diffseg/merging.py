@@ -85,6 +85,27 @@ def float16_underflow(maps: torch.Tensor) -> torch.Tensor:
     return maps.amin(dim=1) <= 2.0**-25  # one reduction, no (N, D) temporary
 
 
+# Maps whose logarithms are taken at once in `anchor_kl` (elements): 2**23 float32 = 32 MiB, a block of rows.
+_LOG_BLOCK = 1 << 23
+
+
+def anchor_kl(maps: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """(A, N) symmetric KL of the anchors' maps to every map (`symmetric_kl`), the maps' logarithms taken a block of
+    rows at a time: no second (N, D) tensor beside the maps (1 GiB at 128² tokens), whatever the grid.
+
+    Args:
+        maps: (N, D); anchors: (A,) row indices into `maps`.
+    """
+    p = maps[anchors]  # (A, D)
+    log_p = _safe_log(p)
+    kl = torch.empty(len(anchors), len(maps), dtype=maps.dtype, device=maps.device)  # (A, N)
+    rows = max(1, _LOG_BLOCK // maps.shape[1])
+    for start in range(0, len(maps), rows):
+        q = maps[start : start + rows]
+        kl[:, start : start + rows] = symmetric_kl(p, q, log_p, _safe_log(q))
+    return kl
+
+
 def merge_from_anchors(
     maps: torch.Tensor, anchors: torch.Tensor, threshold: float, reference_float16: bool = True
 ) -> torch.Tensor:
@@ -101,9 +122,7 @@ def merge_from_anchors(
     Returns:
         (A', D) proposals, in anchor order; A' = A unless anchors were dropped.
     """
-    log_maps = _safe_log(maps)  # (N, D)
-    kl = symmetric_kl(maps[anchors], maps, log_maps[anchors], log_maps)  # (A, N) anchors × maps
-    members = kl < threshold  # (A, N)
+    members = anchor_kl(maps, anchors) < threshold  # (A, N)
     if reference_float16:
         valid = ~float16_underflow(maps)  # (N,)
         if valid[anchors].any():
