@@ -56,6 +56,7 @@ def test_a_bundle_takes_only_its_own_method_settings_named(tiny_pipeline):
         (lambda: EncodeConfig(noise_seed=1.5), "`noise_seed`"),
         (lambda: NamingConfig(voting="loudest"), "`voting`"),
         (lambda: NamingConfig(min_confidence=float("nan")), "`min_confidence`"),
+        (lambda: NamingConfig(min_confidence=2), r"`min_confidence` must lie in \[0, 1\]"),  # before: after encoding
         (lambda: NamingConfig(segment_from="both"), "`segment_from`"),
         (lambda: JobConfig("concepts"), "Concept maps need words"),
         (lambda: JobConfig("diffcut", segment=SegmentConfig()), "DiffCutConfig"),
@@ -171,8 +172,8 @@ def test_every_config_field_has_one_default_that_the_cli_reads(capsys):
 
 
 def test_a_method_option_given_to_a_method_that_does_not_read_it_is_named(capsys):
-    """Each method-specific option is named by the note exactly when the method's config ignores it: the note's table
-    checked against what each config really takes."""
+    """Each method-specific option is named by the note exactly when the method's config ignores it (the note's table
+    checked against what each config really takes); a naming option, exactly when nothing is named."""
     from diffseg.cli import build_parser
     from diffseg.cli.options import method_config, warn_unread_options
 
@@ -197,3 +198,8 @@ def test_a_method_option_given_to_a_method_that_does_not_read_it_is_named(capsys
             read = method_config(args) != plain
             assert (warn_unread_options(args) == [option]) is not read, (method, option)
             assert (option in capsys.readouterr().err) is not read
+    for option, value in (("--voting", "mean"), ("--min-confidence", "0.5"), ("--segment-from", "conditional")):
+        alone = parser.parse_args(["segment", "x.png", "-o", "out", option, value])
+        assert warn_unread_options(alone) == [option] and "nothing is named" in capsys.readouterr().err
+        named = parser.parse_args(["segment", "x.png", "-o", "out", option, value, "--words", "sky, grass"])
+        assert warn_unread_options(named) == [] and capsys.readouterr().err == ""

@@ -192,8 +192,8 @@ class NamingConfig:
         if self.voting not in VOTING:
             raise ValueError(f"`voting` must be one of {VOTING} but is {self.voting!r}.")
         value = self.min_confidence
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
-            raise ValueError(f"`min_confidence` must be a finite number but is {value!r}.")
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
+            raise ValueError(f"`min_confidence` must lie in [0, 1] (a share of votes or of scores) but is {value!r}.")
         if self.segment_from not in SEGMENT_FROM:
             raise ValueError(f"`segment_from` must be one of {SEGMENT_FROM} but is {self.segment_from!r}.")
 

@@ -319,10 +319,13 @@ _READ_BY = {
 }
 
 
+_NAMING_DEFAULTS = {name: getattr(_NAMING, name) for name in ("voting", "min_confidence", "segment_from")}
+
+
 def warn_unread_options(args: argparse.Namespace) -> list[str]:
     """Say which method-specific options were given (set off their defaults) with a method that does not read them,
-    e.g. `--pamr` without `--method diffcut`: the run goes on, and the user learns why the option had no effect.
-    Returns the options named."""
+    e.g. `--pamr` without `--method diffcut`, and which naming options came without words to name with: the run goes
+    on, and the user learns why the option had no effect. Returns the options named."""
     unread = [
         f"--{name.replace('_', '-')}"
         for name, (methods, default) in _READ_BY.items()
@@ -336,6 +339,15 @@ def warn_unread_options(args: argparse.Namespace) -> list[str]:
             "does); ignored.",
             file=sys.stderr,
         )
+    naming = [
+        f"--{name.replace('_', '-')}"
+        for name, default in _NAMING_DEFAULTS.items()
+        if hasattr(args, name) and getattr(args, name) != default
+    ]
+    if naming and getattr(args, "words", None) is None and not getattr(args, "caption", False):
+        note = f"diffseg: note: nothing is named without --words or --caption; {', '.join(naming)} ignored."
+        print(note, file=sys.stderr)
+        unread += naming
     return unread
 
 
