@@ -32,6 +32,13 @@ def test_bad_files_name_themselves(tmp_path, content, message):
         load_image(tmp_path / "nope.png")
 
 
+def test_an_image_past_pillows_pixel_guard_is_named_with_what_to_do(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels: past twice the guard, as 400 MP is
+    with pytest.raises(ValueError, match=r"huge.png` has more than the 2,000 pixels Pillow decodes .*downscale it"):
+        load_image(tmp_path / "huge.png")
+
+
 def test_center_crop_uses_the_reference_offsets():
     image = np.arange(5 * 8).reshape(5, 8)
     np.testing.assert_array_equal(center_crop(image), image[:, 1:6])  # (8 - 5) // 2 = 1

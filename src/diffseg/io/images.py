@@ -56,7 +56,12 @@ def decode_image(data: bytes | BinaryIO, name: str, *, exif_transpose: bool = Tr
             return to_rgb(image)
     except UnidentifiedImageError as error:
         raise ValueError(f"Image `{name}` is not in an image format Pillow can read; check the file.") from error
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # a real photo this large, or a crafted file: either way, refused
+        raise ValueError(
+            f"Image `{name}` has more than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels Pillow decodes (its guard against "
+            f"decompression bombs: {error}); downscale it first."
+        ) from error
+    except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(
             f"Image `{name}` could not be decoded ({error}); check that it is a valid image file."
         ) from error
