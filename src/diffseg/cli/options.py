@@ -322,33 +322,32 @@ _READ_BY = {
 _NAMING_DEFAULTS = {name: getattr(_NAMING, name) for name in ("voting", "min_confidence", "segment_from")}
 
 
+def _option(name: str) -> str:
+    """The command-line option of a config field: `num_points` -> `--num-points`."""
+    return "--" + name.replace("_", "-")
+
+
 def warn_unread_options(args: argparse.Namespace) -> list[str]:
     """Say which method-specific options were given (set off their defaults) with a method that does not read them,
     e.g. `--pamr` without `--method diffcut`, and which naming options came without words to name with: the run goes
     on, and the user learns why the option had no effect. Returns the options named."""
     unread = [
-        f"--{name.replace('_', '-')}"
+        name
         for name, (methods, default) in _READ_BY.items()
         if args.method not in methods and getattr(args, name, default) != default
     ]
     if unread:
-        readers = sorted({m for name, (methods, _) in _READ_BY.items() if f"--{name.replace('_', '-')}" in unread
-                          for m in methods})  # fmt: skip
-        print(
-            f"diffseg: note: --method {args.method} does not read {', '.join(unread)} (--method {' / '.join(readers)} "
-            "does); ignored.",
-            file=sys.stderr,
-        )
-    naming = [
-        f"--{name.replace('_', '-')}"
-        for name, default in _NAMING_DEFAULTS.items()
-        if hasattr(args, name) and getattr(args, name) != default
-    ]
-    if naming and getattr(args, "words", None) is None and not getattr(args, "caption", False):
-        note = f"diffseg: note: nothing is named without --words or --caption; {', '.join(naming)} ignored."
-        print(note, file=sys.stderr)
-        unread += naming
-    return unread
+        readers = " / ".join(sorted({method for name in unread for method in _READ_BY[name][0]}))
+        options = ", ".join(map(_option, unread))
+        print(f"diffseg: note: --method {args.method} does not read {options} (--method {readers} does); ignored.",
+              file=sys.stderr)  # fmt: skip
+    if getattr(args, "words", None) is None and not getattr(args, "caption", False):
+        naming = [name for name, default in _NAMING_DEFAULTS.items() if getattr(args, name, default) != default]
+        if naming:
+            options = ", ".join(map(_option, naming))
+            print(f"diffseg: note: nothing is named without --words or --caption; {options} ignored.", file=sys.stderr)
+            unread += naming
+    return [_option(name) for name in unread]
 
 
 def method_config(args: argparse.Namespace) -> SegmentConfig | DiffCutConfig:
@@ -415,7 +414,7 @@ def _checked(make, fields: dict):
     except ValueError as error:
         message = str(error)
         for name in fields:
-            message = message.replace(f"`{name}`", f"`--{name.replace('_', '-')}`")
+            message = message.replace(f"`{name}`", f"`{_option(name)}`")
         raise ValueError(message) from None
 
 
