@@ -39,7 +39,7 @@ def timed(fn) -> float:
 
 
 def one(architecture: str, size: int, dtype: str, flux_blocks: int, repeat: int = 1) -> dict:
-    from diffseg.backbones.capture import capture_joint_attention, stop_after
+    from diffseg.backbones.capture import stop_after
     from diffseg.backbones.concepts import ConceptTokens, concept_attention, default_blocks
     from diffseg.io.images import to_model_input
     from diffseg.testing.models import random_pipeline
@@ -47,14 +47,14 @@ def one(architecture: str, size: int, dtype: str, flux_blocks: int, repeat: int 
     blocks = flux_blocks if architecture == "flux-dev" else None
     pipe = random_pipeline(architecture, device="cpu", dtype=dtype, blocks=blocks)
     image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    inputs, grid = pipe._step_inputs(to_model_input([image], (size, size)), 300, None)
+    inputs, grid = pipe.kind.step_inputs(to_model_input([image], (size, size)), 300, None)
 
     def plain():
         with torch.inference_mode():
             pipe.transformer(**inputs)
 
     def captured():
-        with torch.inference_mode(), capture_joint_attention(pipe.transformer, grid, pipe.backbone.family):
+        with torch.inference_mode(), pipe.kind.capture(grid):
             pipe.transformer(**inputs)
 
     plain()  # warm-up

@@ -27,7 +27,7 @@ def main() -> None:
     image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
     latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(pipe.device, pipe.dtype)
     t = torch.tensor([300], device=pipe.device)
-    text = pipe.prompt_embedding().hidden
+    text = pipe.kind.prompt_embedding().hidden
 
     @torch.inference_mode()
     def plain():

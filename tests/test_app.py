@@ -292,7 +292,7 @@ def _demo_showing(pipeline, folder, size: tuple[int, int], **settings):
     from diffseg.app.demo import Demo
     from diffseg.app.layout import build_page
 
-    page = build_page("tiny", pipeline.backbone.grid_sides)
+    page = build_page(pipeline.backbone)
     demo = Demo(pipeline, page, BundleCache(pipeline, folder=folder / "bundles"), folder)
     photo = folder / "photo.png"
     Image.fromarray(quadrants_image(*size)).save(photo)

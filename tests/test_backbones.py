@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffseg import DiffSegPipeline
-from diffseg.backbones.families import detect, target_size, unet_inputs
+from diffseg.backbones.families import detect
 
 from conftest import error_percentile, matched_agreement, quadrants_image, relative_error
 
@@ -111,10 +111,10 @@ def test_sdxl_conditioning_is_what_the_diffusers_sdxl_pipeline_computes(tiny_sdx
         scheduler=pipe.scheduler,
     )
     embeds, _, pooled, _ = reference.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
-    ours = pipe.prompt_embedding()
+    ours = pipe.kind.prompt_embedding()
     torch.testing.assert_close(ours.hidden, embeds, rtol=0, atol=0)
     torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=0)
-    inputs = unet_inputs(pipe.backbone, ours, batch=2, size=(384, 704))
+    inputs = pipe.kind.text_inputs(ours, batch=2, size=(384, 704))
     time_ids = reference._get_add_time_ids(
         (384, 704), (0, 0), (384, 704), dtype=embeds.dtype, text_encoder_projection_dim=32
     )
@@ -140,13 +140,13 @@ def test_each_family_encodes_its_grids_and_exposes_its_components(tiny_sd2_check
 
 def test_native_size_keeps_the_aspect_ratio_and_square_images_are_unchanged(tiny_pipeline):
     sd = tiny_pipeline.backbone
-    assert target_size((200, 400), sd) == (384, 704)  # ≈512² pixels, sides multiples of 64
-    assert target_size((400, 200), sd) == (704, 384)
-    assert target_size((3000, 4000), sd) == (448, 576)
-    assert target_size((300, 300), sd) == target_size((300, 300), sd, resize="square") == (512, 512)
-    assert target_size((200, 400), sd, 512, "square") == (512, 512)
+    assert sd.geometry.target_size((200, 400)) == (384, 704)  # ≈512² pixels, sides multiples of 64
+    assert sd.geometry.target_size((400, 200)) == (704, 384)
+    assert sd.geometry.target_size((3000, 4000)) == (448, 576)
+    assert sd.geometry.target_size((300, 300)) == sd.geometry.target_size((300, 300), resize="square") == (512, 512)
+    assert sd.geometry.target_size((200, 400), 512, "square") == (512, 512)
     with pytest.raises(ValueError, match="multiple of 64"):
-        target_size((200, 400), sd, 100)
+        sd.geometry.target_size((200, 400), 100)
     bundle = tiny_pipeline.encode(quadrants_image(200, 400))
     assert next(iter(bundle.attention)) == (48, 88)  # the 384×704 input's 1:1.83 latent
     square = quadrants_image(300, 300)
@@ -178,13 +178,13 @@ def test_half_precision_label_maps_agree_with_float32(tiny_checkpoint, tiny_pipe
 
 
 def test_the_hub_is_probed_once_per_environment(monkeypatch):
-    from diffseg.backbones import families
+    from diffseg import hub
 
     probes = []
-    monkeypatch.setattr(families, "_PROBES", {})
-    monkeypatch.setattr(families, "_probe_hub", lambda timeout: probes.append(timeout) or False)
+    monkeypatch.setattr(hub, "_PROBES", {})
+    monkeypatch.setattr(hub, "_probe_hub", lambda timeout: probes.append(timeout) or False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert [families._hub_reachable() for _ in range(3)] == [False] * 3 and len(probes) == 1  # checks, then loading
+    assert [hub.hub_reachable() for _ in range(3)] == [False] * 3 and len(probes) == 1  # checks, then loading
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # another environment: asked again
-    families._hub_reachable()
+    hub.hub_reachable()
     assert len(probes) == 2

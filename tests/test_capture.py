@@ -17,7 +17,7 @@ from conftest import error_percentile, quadrants_image, relative_error
 def unet_inputs(tiny_pipeline):
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 64, 64, generator=g)
-    text = tiny_pipeline.prompt_embedding().hidden.expand(2, -1, -1)
+    text = tiny_pipeline.kind.prompt_embedding().hidden.expand(2, -1, -1)
     return tiny_pipeline.unet, latents, torch.tensor([300, 300]), text
 
 

@@ -24,6 +24,9 @@ from reference_concept_attention import (
     sd3_concept_maps,
     sd3_encode_concepts,
 )
+from diffseg.config import ENCODE_DEFAULTS
+
+CONCEPTS = ENCODE_DEFAULTS["concepts"].step  # where the concept maps' step puts its noise
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,10 +61,10 @@ WORDS = ("cat", "dog", "grass", "sky")
 def reference_inputs(pipe, pixels):
     """The transformer's inputs as the reference's `encode_image` makes them: σ at step 2 of 4, Flux's pooled vector
     and guidance zero."""
-    conditioning = pipe.prompt_embedding()
+    conditioning = pipe.kind.prompt_embedding()
     if pipe.backbone.family == "flux":
         conditioning = type(conditioning)(conditioning.hidden, torch.zeros_like(conditioning.pooled))
-    inputs, grid = pipe._step_inputs(pixels, 300, 0, schedule=(4, 2), conditioning=conditioning)
+    inputs, grid = pipe.kind.step_inputs(pixels, 300, 0, schedule=(4, 2), conditioning=conditioning)
     if "guidance" in inputs:
         inputs["guidance"] = torch.zeros_like(inputs["guidance"])
     return inputs, grid
@@ -69,7 +72,7 @@ def reference_inputs(pipe, pixels):
 
 def test_flux_maps_equal_the_reference_transcription(flux):
     pixels = to_model_input([photo()], (96, 128))
-    ours = flux.concept_maps(pixels, WORDS)  # (1, K, h, w)
+    ours = flux.kind.concept_maps(pixels, WORDS, **CONCEPTS)  # (1, K, h, w)
     inputs, grid = reference_inputs(flux, pixels)
     t5, tokenizer = flux.text_encoder_2, flux.tokenizer_2
     with torch.inference_mode():
@@ -79,26 +82,26 @@ def test_flux_maps_equal_the_reference_transcription(flux):
     assert ours.shape == (1, len(WORDS), *grid)
     assert relative_error(ours.reshape(expected.shape), expected) < 1e-5
     # The tokens are the reference's: each word's first T5 token, each word alone.
-    torch.testing.assert_close(flux.concept_tokens(WORDS).hidden, embeddings)
+    torch.testing.assert_close(flux.kind.concept_tokens(WORDS).hidden, embeddings)
 
 
 def test_flux_single_blocks_chosen_by_index_as_the_reference_layer_indices(flux):
     pixels = to_model_input([photo()], (96, 128))
-    ours = flux.concept_maps(pixels, WORDS, blocks=(1, 1))
+    ours = flux.kind.concept_maps(pixels, WORDS, **CONCEPTS, blocks=(1, 1))
     inputs, _ = reference_inputs(flux, pixels)
     with torch.inference_mode():
         embeddings = flux_embed_concepts(flux.text_encoder_2, flux.tokenizer_2, WORDS, flux.backbone.text_tokens)
         expected = flux_concept_maps(flux.transformer, inputs, embeddings, [1])
     assert relative_error(ours.reshape(expected.shape), expected) < 1e-5
     with pytest.raises(ValueError, match="joint"):
-        flux.concept_maps(pixels, WORDS, blocks=(1, 2))  # a single-stream block has no text stream
+        flux.kind.concept_maps(pixels, WORDS, **CONCEPTS, blocks=(1, 2))  # a single-stream block has no text stream
 
 
 def test_sd3_maps_equal_the_reference_transcription(sd3):
     pixels = to_model_input([photo()], (96, 128))
-    ours = sd3.concept_maps(pixels, WORDS)
+    ours = sd3.kind.concept_maps(pixels, WORDS, **CONCEPTS)
     inputs, grid = reference_inputs(sd3, pixels)
-    tokens = sd3.concept_tokens(WORDS)
+    tokens = sd3.kind.concept_tokens(WORDS)
     with torch.inference_mode():
         expected = sd3_concept_maps(sd3.transformer, inputs, tokens.hidden)
     assert ours.shape == (1, len(WORDS), *grid)
@@ -111,10 +114,10 @@ def test_sd3_tokens_are_the_references_for_one_concept(sd3):
     width = sd3.transformer.config.joint_attention_dim
     with torch.inference_mode():
         expected = sd3_encode_concepts(sd3.text_encoder, sd3.text_encoder_2, sd3.tokenizer, ["grass"], width)
-    torch.testing.assert_close(sd3.concept_tokens(["grass"]).hidden, expected)
+    torch.testing.assert_close(sd3.kind.concept_tokens(["grass"]).hidden, expected)
     # With several, each concept's token does not depend on the others (CLIP reads left to right): not the reference's
     # joint prompt, whose later tokens would be the first word's.
-    many = sd3.concept_tokens(["sky", "grass"]).hidden
+    many = sd3.kind.concept_tokens(["sky", "grass"]).hidden
     torch.testing.assert_close(many[:, 2:], expected[:, 1:])
 
 
@@ -126,7 +129,7 @@ def test_the_image_stream_is_identical_with_and_without_concepts(family, request
     pipe = request.getfixturevalue(family)
     pixels = to_model_input([photo()], (96, 128))
     inputs, _ = reference_inputs(pipe, pixels)
-    tokens = pipe.concept_tokens(WORDS)
+    tokens = pipe.kind.concept_tokens(WORDS)
     joint = len(pipe.transformer.transformer_blocks)
     with torch.inference_mode():
         plain = pipe.transformer(**inputs)[0]
@@ -140,9 +143,9 @@ def test_the_image_stream_is_identical_with_and_without_concepts(family, request
 def test_permuting_the_concepts_permutes_the_maps_and_nothing_else(family, request):
     pipe = request.getfixturevalue(family if family != "unet" else "tiny_pipeline")
     pixels = to_model_input([photo()], (96, 128) if family != "unet" else (64, 64))
-    ours = pipe.concept_maps(pixels, WORDS)[0]
+    ours = pipe.kind.concept_maps(pixels, WORDS, **CONCEPTS)[0]
     order = [2, 0, 3, 1]
-    permuted = pipe.concept_maps(pixels, [WORDS[i] for i in order])[0]
+    permuted = pipe.kind.concept_maps(pixels, [WORDS[i] for i in order], **CONCEPTS)[0]
     assert relative_error(permuted, ours[order]) < 1e-5
     # A distribution over the concepts at every token.
     assert torch.allclose(ours.sum(0), torch.ones(ours.shape[1:]), atol=1e-5)
@@ -154,8 +157,8 @@ def test_a_multi_word_concept_is_its_words_first_tokens_and_a_word_is_unchanged(
     assert word_starts(tokenizer, "sky", 0) == [0]
     starts = word_starts(tokenizer, "green grass", 0)
     assert starts == [0, len(tokenizer("green", add_special_tokens=False).input_ids)]
-    alone = flux.concept_tokens(["sky"]).hidden
-    together = flux.concept_tokens(["sky", "green grass"]).hidden
+    alone = flux.kind.concept_tokens(["sky"]).hidden
+    together = flux.kind.concept_tokens(["sky", "green grass"]).hidden
     torch.testing.assert_close(together[:, :1], alone)
     with torch.inference_mode():
         phrase = flux_embed_concepts(flux.text_encoder_2, tokenizer, ["green grass"], flux.backbone.text_tokens)
@@ -281,10 +284,10 @@ def test_half_precision_concept_maps_stay_close_to_float32(flux, tiny_flux_check
     """A relative norm, not a largest error: what half precision can promise on any CPU."""
     half = DiffSegPipeline.from_pretrained(tiny_flux_checkpoint, device="cpu", dtype=dtype)
     pixels = to_model_input([photo()], (96, 128))
-    ours, full = half.concept_maps(pixels, WORDS), flux.concept_maps(pixels, WORDS)
+    ours, full = half.kind.concept_maps(pixels, WORDS, **CONCEPTS), flux.kind.concept_maps(pixels, WORDS, **CONCEPTS)
     assert ours.dtype == torch.float32 and relative_error(ours, full) < bound
 
 
 def test_a_concept_the_text_encoder_cannot_hold_is_refused_by_name(sd3):
     with pytest.raises(ValueError, match="'a very long concept.*takes .* tokens; the text encoder holds 77"):
-        sd3.concept_tokens(["sky", "a very long concept " + "word " * 20])  # 77 CLIP tokens (one per letter here)
+        sd3.kind.concept_tokens(["sky", "a very long concept " + "word " * 20])  # 77 CLIP tokens (one per letter here)

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from diffseg import AttentionBundle
-from diffseg.backbones.families import target_size
 from diffseg.methods.diffseg.merging import anchor_grid
 from diffseg.io.outputs import read_labels
+from diffseg.config import ENCODE_DEFAULTS
 
 from conftest import quadrants_image, run_cli, tiny_model
 
@@ -61,7 +61,7 @@ def test_an_explicit_anchor_grid_that_cannot_fit_is_refused_before_encoding(
 def test_the_pixel_budget_holds_for_every_shape(tiny_pipeline, shape):
     sd1 = tiny_pipeline.backbone
     assert (sd1.native_size, sd1.size_multiple) == (512, 64)  # SD 1.x's sizes
-    height, width = target_size(shape, sd1)
+    height, width = sd1.geometry.target_size(shape)
     assert height % 64 == 0 and width % 64 == 0
     assert height * width <= 2 * 512 * 512  # within rounding of the 512² budget
     assert (height >= width) == (shape[0] >= shape[1])  # a strip stays a strip
@@ -154,7 +154,7 @@ def test_the_attention_memory_model_is_the_captured_attentions_size(tiny_pipelin
 
     for pipe, size in ((tiny_pipeline, (128, 192)), (tiny_pipeline, (64, 64)), (tiny_sdxl_pipeline, (96, 160))):
         pixels = to_model_input([quadrants_image(*size)] * 2, size)  # (2, 3, H, W)
-        maps, _, _ = pipe.attend(pixels)
+        maps, _, _ = pipe.kind.attend(pixels, **ENCODE_DEFAULTS["diffseg"].step)
         assert attention_bytes(pipe.backbone, size, 2) == sum(4 * m.numel() for m in maps.values()), size
 
 

@@ -17,6 +17,7 @@ from diffseg.bundle import TextAttentionBundle
 from diffseg.io.images import to_model_input
 from diffseg.io.outputs import read_labels
 from diffseg.methods.seg4diff import merge_maps, normalise_maps, segment_text_attention
+from diffseg.config import ENCODE_DEFAULTS
 
 from conftest import quadrants_image, relative_error, run_cli, tiny_model
 
@@ -178,11 +179,11 @@ class ReferenceProcessor:
 def test_the_captured_maps_are_the_reference_processors_and_the_image_stream_is_untouched(pipe):
     image = quadrants_image(96, 128)
     pixels = to_model_input([image], (128, 176))
-    ours = pipe.text_attention(pixels)  # (1, 8, 11, 77)
+    ours = pipe.kind.text_attention(pixels, **ENCODE_DEFAULTS["seg4diff"].step)  # (1, 8, 11, 77)
     assert ours.shape == (1, 8, 11, 77)
     block = dit.blocks(pipe.transformer)[dit.seg4diff_block(pipe.backbone)]
-    conditioning = dit.seg4diff_conditioning(pipe.prompt_embedding())
-    inputs, grid = pipe._step_inputs(pixels, 261, 0, schedule=(28, 8), conditioning=conditioning)
+    conditioning = dit.seg4diff_conditioning(pipe.kind.prompt_embedding())
+    inputs, grid = pipe.kind.step_inputs(pixels, 261, 0, schedule=(28, 8), conditioning=conditioning)
     with torch.inference_mode():
         plain = pipe.transformer(**inputs)[0]
         original, block.attn.processor = block.attn.processor, ReferenceProcessor(grid[0] * grid[1])
@@ -194,7 +195,7 @@ def test_the_captured_maps_are_the_reference_processors_and_the_image_stream_is_
     assert relative_error(ours.reshape(1, -1, 77), expected) < 1e-4
     assert relative_error(patched, plain) < 1e-5  # the transcription computes what the model computes
     assert conditioning.hidden.shape[1] == 154 and not conditioning.hidden[:, 77:].any()  # T5 zeros, as the reference
-    torch.testing.assert_close(conditioning.hidden[:, :77], pipe.prompt_embedding().hidden[:, :77])
+    torch.testing.assert_close(conditioning.hidden[:, :77], pipe.kind.prompt_embedding().hidden[:, :77])
 
 
 def test_seg4diff_through_python_and_a_saved_bundle(pipe, tmp_path):
@@ -225,7 +226,7 @@ def test_seg4diff_elsewhere_is_refused_before_the_model_loads(checkpoint, reques
     path = request.getfixturevalue(checkpoint)
     argv = ("segment", tmp_path / "photo.png", "-o", tmp_path / "out", *tiny_model(path), "--method", "seg4diff")
     assert run_cli(*argv) == 2
-    assert "`--method seg4diff` runs on sd3 checkpoints" in capsys.readouterr().err
+    assert "`--method seg4diff` reads image-to-CLIP-text attention" in capsys.readouterr().err
 
 
 def test_the_demo_offers_seg4diff_on_sd3_only_and_its_threshold_re_segments_from_the_cache(
@@ -237,9 +238,9 @@ def test_the_demo_offers_seg4diff_on_sd3_only_and_its_threshold_re_segments_from
     from diffseg.app.demo import Demo
     from diffseg.app.layout import build_page
 
-    unet_page = build_page("tiny", tiny_pipeline.backbone.grid_sides, family=tiny_pipeline.backbone.family)
+    unet_page = build_page(tiny_pipeline.backbone)
     assert "seg4diff" not in [choice[1] for choice in unet_page.controls.method.choices]
-    page = build_page("tiny SD3", pipe.backbone.grid_sides, pipe.backbone.depth, pipe.backbone.family)
+    page = build_page(pipe.backbone)
     assert "seg4diff" in [choice[1] for choice in page.controls.method.choices]
     cache = BundleCache(pipe, folder=tmp_path / "bundles")
     demo = Demo(pipe, page, cache, tmp_path)
@@ -252,3 +253,23 @@ def test_the_demo_offers_seg4diff_on_sd3_only_and_its_threshold_re_segments_from
     assert cache.encodes == 1 and demo.session(None).values[c.method] == "seg4diff"
     demo.segment({**values, c.seg4diff_kl: 0.5}, None, lambda *_, **__: None)
     assert cache.encodes == 1 and demo.session(None).values[c.seg4diff_kl] == 0.5
+
+
+def test_the_square_path_pads_to_a_multiple_of_32_first_as_the_reference(pipe):
+    """Reference `Seg4DiffUnsup.forward`: `ImageList.from_tensors(images / 255, 32)` (black at the bottom and right),
+    then a bilinear 1024² resize; its labels cover that padded frame (`sem_seg_postprocess` keeps the whole 64² maps).
+    Before: a 100×90 image went to the square unpadded (a 1000² image agreed 70 % with the reference)."""
+    image = quadrants_image(100, 90)  # neither side a multiple of 32
+    bundle = pipe.encode(image, method="seg4diff", resize="square", resolution=256)
+    padded = np.zeros((128, 96, 3), np.uint8)
+    padded[:100, :90] = image
+    x = torch.tensor(padded).permute(2, 0, 1)[None].float() / 255
+    x = F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False) * 2 - 1
+    expected = pipe.kind.text_attention(x, **ENCODE_DEFAULTS["seg4diff"].step)[0]
+    assert relative_error(bundle.text_attention, expected) < 1e-5
+    labels = pipe.segment(bundle).labels
+    assert labels.shape == (100, 90)
+    native = pipe.encode(image, method="seg4diff", resolution=256)  # native sizing keeps the image unpadded
+    assert native.text_attention.shape[:2] != bundle.text_attention.shape[:2] or not torch.allclose(
+        native.text_attention, bundle.text_attention
+    )

@@ -35,7 +35,7 @@ def test_cross_attention_capture_leaves_the_unet_output_unchanged(tiny_pipeline)
     unet = tiny_pipeline.unet
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 64, 64, generator=g)
-    text = tiny_pipeline.prompt_embedding(tiny_pipeline.vocabulary("sky, road")).hidden.expand(2, -1, -1)
+    text = tiny_pipeline.kind.prompt_embedding(tiny_pipeline.vocabulary("sky, road")).hidden.expand(2, -1, -1)
     t = torch.tensor([300, 300])
     with torch.inference_mode():
         plain = unet(latents, t, encoder_hidden_states=text).sample

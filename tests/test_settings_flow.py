@@ -22,7 +22,7 @@ def test_every_method_row_encodes_its_bundle_type_that_round_trips_and_segments(
     image = quadrants_image(96, 128)
     sd3 = DiffSegPipeline.from_pretrained(tiny_sd3_checkpoint, device="cpu", dtype="float32")
     for name, method in METHODS.items():
-        pipe = tiny_pipeline if method.runs_on(tiny_pipeline.backbone.family) else sd3  # a UNet, else an SD3
+        pipe = tiny_pipeline if method.runs_on(tiny_pipeline.backbone) else sd3  # a UNet, else an SD3
         words = ["sky", "grass"] if method.concepts else None  # concept maps map words: they need some
         bundle = pipe.encode(image, method=name, resolution=256, labels=words)
         assert type(bundle) is method.bundle and bundle.method == name and method_of(bundle) is method
@@ -32,7 +32,7 @@ def test_every_method_row_encodes_its_bundle_type_that_round_trips_and_segments(
         segments = len(words) if method.concepts else len(np.unique(ours.labels))  # a concept may win no pixel
         assert ours.labels.shape == (96, 128) and ours.num_segments == segments
         np.testing.assert_array_equal(ours.labels, pipe.segment(bundle).labels)
-    with pytest.raises(ValueError, match="seg4diff runs on sd3 checkpoints; this is Stable Diffusion 1.x"):
+    with pytest.raises(ValueError, match="reads image-to-CLIP-text attention, which Stable Diffusion 1.x does not"):
         tiny_pipeline.encode(image, method="seg4diff")
 
 

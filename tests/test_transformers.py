@@ -10,7 +10,6 @@ import torch
 
 from diffseg import AttentionBundle, DiffSegPipeline, load_bundle
 from diffseg.backbones import dit
-from diffseg.backbones.capture import capture_joint_attention
 from diffseg.backbones.families import read_backbone
 from diffseg.io.outputs import read_labels
 
@@ -162,7 +161,7 @@ def test_sd3_without_t5_conditions_on_zeros_in_its_place(tiny_sd3_checkpoint, tm
 
 
 def _conditioning(pipe):
-    empty = pipe.prompt_embedding()
+    empty = pipe.kind.prompt_embedding()
     return empty.hidden, empty.pooled
 
 
@@ -212,10 +211,10 @@ def test_noise_follows_the_flow_matching_interpolation(pipelines):
 def test_capture_leaves_the_transformers_output_unchanged(checkpoint, pipelines):
     pipe = pipelines[checkpoint]
     pixels = torch.rand(1, 3, 96, 160) * 2 - 1
-    inputs, grid = pipe._step_inputs(pixels, 300, 42)
+    inputs, grid = pipe.kind.step_inputs(pixels, 300, 42)
     with torch.inference_mode():
         plain = pipe.transformer(**inputs).sample
-        with capture_joint_attention(pipe.transformer, grid, pipe.backbone.family) as store:
+        with pipe.kind.capture(grid) as store:
             captured = pipe.transformer(**inputs).sample
         again = pipe.transformer(**inputs).sample  # processors restored
     assert relative_error(captured, plain) < 1e-5 and torch.equal(again, plain)
@@ -245,7 +244,7 @@ def test_the_bundles_map_is_the_image_to_image_attention_recomputed_from_each_bl
     try:
         from diffseg.io.images import to_model_input
 
-        inputs, _ = pipe._step_inputs(to_model_input([image], (192, 336)), 300, None)
+        inputs, _ = pipe.kind.step_inputs(to_model_input([image], (192, 336)), 300, None)
         with torch.inference_mode():
             pipe.transformer(**inputs)
     finally:
@@ -357,7 +356,7 @@ def test_the_demo_segments_with_a_transformer_and_re_segments_from_its_cache(pip
     from diffseg.app.layout import build_page
 
     pipe = pipelines["tiny_sd3_checkpoint"]
-    page = build_page("tiny SD3", pipe.backbone.grid_sides, pipe.backbone.depth)
+    page = build_page(pipe.backbone)
     cache = BundleCache(pipe, folder=tmp_path / "bundles")
     demo = Demo(pipe, page, cache, tmp_path)
     photo = tmp_path / "photo.png"
@@ -391,7 +390,7 @@ def test_a_block_range_averages_those_blocks_and_chooses_diffcuts_block(pipeline
     assert relative_error(attention(blocks=(1, 2)), (each[1] + each[2]) / 2) < 1e-5
     first, last = (pipe.encode(image, method="diffcut", blocks=(0, k), **SMALL).features for k in (0, count - 1))
     assert not torch.equal(first, last)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="does not fit"):
         pipe.encode(image, blocks=(0, count), **SMALL)
 
 
@@ -430,10 +429,10 @@ def test_sd35_medium_reads_the_joint_attention_of_every_block_not_its_dual_image
 
     pipe = DiffSegPipeline.from_pretrained(save_random_checkpoint(tmp_path / "sd35", "tiny-sd35"), device="cpu")
     assert pipe.backbone.name == "SD3.5-medium"
-    inputs, grid = pipe._step_inputs(torch.rand(1, 3, 64, 96) * 2 - 1, 300, None)
+    inputs, grid = pipe.kind.step_inputs(torch.rand(1, 3, 64, 96) * 2 - 1, 300, None)
     with torch.inference_mode():
         plain = pipe.transformer(**inputs).sample
-        with capture_joint_attention(pipe.transformer, grid, "sd3") as store:
+        with pipe.kind.capture(grid) as store:
             captured = pipe.transformer(**inputs).sample
     assert store.layers[grid] == pipe.backbone.depth == 3 and relative_error(captured, plain) < 1e-5
     assert pipe.segment(pipe.encode(quadrants_image(64, 96)), kl_threshold=0.5).labels.shape == (64, 96)

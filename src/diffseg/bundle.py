@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .io.outputs import atomic_path
-from .methods.diffseg.aggregation import GridDict, by_size, grid_key
-from .naming.vocabulary import Vocabulary
+from .grids import GridDict, by_size, grid_key
+from .words import Vocabulary
 
 FORMAT = "diffseg-bundle/2"  # grids keyed "HxW"; DiffCut features
 _FORMAT_V1 = "diffseg-attention-bundle/1"  # square grids keyed by side r; still read

@@ -43,6 +43,21 @@ class EncodeConfig:
     # `set_timesteps(steps)` (Seg4Diff's `NUM_INFERENCE_STEPS`, `NOISE_STEPS`) instead of at `timestep`; the
     # `timestep` then only records where that point lies on the training axis, rounded.
     schedule: tuple[int, int] | None = None
+    # With resize "square" only: zero-pad the image's bottom and right to a multiple of this first (Seg4Diff:
+    # detectron2's `ImageList.from_tensors(images, SIZE_DIVISIBILITY=32)` before its 1024² resize); labels cover that
+    # padded frame squashed to the image's size, as the reference's (`sem_seg_postprocess` crops nothing of the 64²
+    # maps). None: no padding.
+    pad_multiple: int | None = None
+
+    @property
+    def padding(self) -> int | None:
+        """The multiple the image is padded to before resizing, where it applies (`pad_multiple`, square only)."""
+        return self.pad_multiple if self.resize == "square" else None
+
+    @property
+    def step(self) -> dict:
+        """Where one step puts its noise: the keywords every denoiser kind's captures take."""
+        return {"timestep": self.timestep, "noise_seed": self.noise_seed, "schedule": self.schedule}
 
     def __post_init__(self) -> None:  # validated once, where the settings are made
         if self.schedule is not None:
@@ -51,6 +66,8 @@ class EncodeConfig:
                 raise ValueError(
                     f"`schedule` must be a (steps, from_end) pair, 1 ≤ from_end ≤ steps, but is {self.schedule!r}."
                 )
+        if self.pad_multiple is not None and (not _is_int(self.pad_multiple) or self.pad_multiple < 1):
+            raise ValueError(f"`pad_multiple` must be a positive integer or None but is {self.pad_multiple!r}.")
         if not _is_int(self.timestep) or not 0 <= self.timestep <= 999:
             raise ValueError(f"`timestep` must be an integer in [0, 999] but is {self.timestep!r}.")
         resolution = self.resolution
@@ -80,6 +97,7 @@ class EncodeConfig:
 # schedule (`NUM_INFERENCE_STEPS: 28`, `NOISE_STEPS: 8`): σ = 0.5151 for SD3, t ≈ 261 on the training axis. Its noise
 # is unseeded (`randn_tensor`); ours is seeded, so that a run repeats.
 SEG4DIFF_SCHEDULE = (28, 8)
+SEG4DIFF_PAD = 32  # `MODEL.MASK_FORMER.SIZE_DIVISIBILITY`: its square path pads to a multiple of 32 first
 # ConceptAttention's references: Flux `encode_image(num_steps=4, noise_timestep=2, seed=0)`, σ = `get_schedule(4)[2]`
 # (0.5 on schnell); SD3 `encode_image(num_inference_steps=4, timestep_index=-2)`: both the point 2 from the end of a
 # 4-step schedule. UNets (cross-attention) take the timestep, DiffSeg's 300, with the same seeded noise.
@@ -87,7 +105,9 @@ CONCEPT_SCHEDULE = (4, 2)
 ENCODE_DEFAULTS = {
     "diffseg": EncodeConfig(),
     "diffcut": EncodeConfig(timestep=50, resolution=1024, noise_seed=42),
-    "seg4diff": EncodeConfig(timestep=261, resolution=1024, noise_seed=0, schedule=SEG4DIFF_SCHEDULE),
+    "seg4diff": EncodeConfig(
+        timestep=261, resolution=1024, noise_seed=0, schedule=SEG4DIFF_SCHEDULE, pad_multiple=SEG4DIFF_PAD
+    ),
     "concepts": EncodeConfig(timestep=300, noise_seed=0, schedule=CONCEPT_SCHEDULE),
 }
 

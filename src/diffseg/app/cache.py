@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backbones.families import public_name
+from ..hub import public_name
 from ..bundle import Bundle
 from ..config import AppConfig
 from .view import image_uri
@@ -49,8 +49,8 @@ def watch_encode(pipeline, report: Callable[[str, float], None], stop: Callable[
     `EncodeCancelled` once `stop()` is true. Fractions count the layers run so far, so they only grow. Other threads'
     forwards are left alone; the hooks are removed on exit."""
     owner = threading.get_ident()
-    denoiser = "UNet" if pipeline.unet is not None else "transformer"
-    stages = {"Encoding the image (VAE)": pipeline.vae.encoder, f"One denoising step ({denoiser})": pipeline.denoiser}
+    step = f"One denoising step ({pipeline.kind.label})"
+    stages = {"Encoding the image (VAE)": pipeline.vae.encoder, step: pipeline.denoiser}
     handles = []
     for stage, model in stages.items():
         steps = [m for m in model.modules() if type(m).__name__ in _STEPS]

@@ -35,7 +35,8 @@ from ..bundle import Bundle
 from ..cancel import Cancelled, cancellable
 from ..config import AppConfig, ConceptConfig, DiffCutConfig, Seg4DiffConfig, SegmentConfig, anchor_points
 from ..io.images import load_image
-from ..methods.diffseg.aggregation import by_size
+from ..grids import by_size
+from ..words import parse_words
 from ..methods.registry import method_named
 from .cache import BundleCache, EncodeCancelled
 from .layout import CUSTOM, MAX_GRIDS, PAMR_INFO, Page, asset, build_page, examples, preset_weights, presets_for
@@ -82,11 +83,6 @@ def pamr_info(labels: np.ndarray) -> str:
     seconds = estimated_seconds((height, width), segments)
     about = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
     return f"{PAMR_INFO}: on this result it takes about {about} here ({segments} segments at {width}×{height})"
-
-
-def parse_words(text: str | None) -> tuple[str, ...]:
-    """The demo's vocabulary box: comma-separated words, blanks and repeats dropped."""
-    return tuple(dict.fromkeys(w.strip() for w in (text or "").split(",") if w.strip()))
 
 
 def parse_blocks(text: str | None, depth: int) -> tuple[int, int] | None:
@@ -248,7 +244,7 @@ class Demo:
         try:
             self.check_ranges(values)
             array, digest = self.decoded(path)
-            words = parse_words(values[c.words])  # every method names its segments with them
+            words = parse_words(values[c.words] or "", empty=None)  # every method names its segments with them
             if not words and method_named(method).concepts:
                 raise ValueError("Concept maps find words: type them in “Words” (for example: sky, grass, dog).")
             entry, encoded = self.cache.get(
@@ -462,7 +458,7 @@ def build_app(pipeline, *, cache_size: int = _APP.cache_size):
     os.environ["GRADIO_TEMP_DIR"] = str(folder)  # read by each component as it is made, and by the upload route
     cache = BundleCache(pipeline, cache_size, folder=folder / "bundles")
     backbone = pipeline.backbone
-    page = build_page(backbone.name, backbone.grid_sides[:MAX_GRIDS], backbone.depth, backbone.family)
+    page = build_page(backbone)
     with page.blocks:  # events are wired inside the page
         Demo(pipeline, page, cache, folder).wire()
     return page.blocks, cache

@@ -11,6 +11,7 @@ from importlib import resources
 
 import gradio as gr
 
+from ..backbones.types import Backbone
 from ..config import RESOLUTION_PRESETS, DiffCutConfig, Seg4DiffConfig, SegmentConfig, anchor_points
 from ..config import preset_weights as preset_grid_weights
 from ..methods.registry import METHODS
@@ -128,34 +129,33 @@ def _slider(elem_id: str, label: str, span: tuple, value, info: str, **options) 
     return gr.Slider(low, high, value=value, step=step, label=label, elem_id=elem_id, info=info, **options)
 
 
-def build_page(model_name: str, sides: tuple[int, ...], depth: int = 0, family: str = "") -> Page:
-    """The demo's components for a model called `model_name` whose attention grids have `sides` (finest first); a
-    diffusion transformer's `depth` (its number of blocks) shows the block-range control; the methods offered are
-    those that run on its `family`."""
+def build_page(backbone: Backbone) -> Page:
+    """The demo's components for a checkpoint: a slider per attention grid of its geometry (finest first), its anchor
+    grid within the finest grid, the block-range control where it has blocks (a diffusion transformer), and the
+    methods that run on it."""
     with gr.Blocks(title="DiffSeg", analytics_enabled=False) as blocks:  # nothing leaves the server
         gr.Markdown(
-            f"## diffseg — unsupervised zero-shot segmentation with {model_name}\n"
+            f"## diffseg — unsupervised zero-shot segmentation with {backbone.name}\n"
             "Upload an image: one denoising step captures what the method needs (slow, once per image, method and "
             "timestep); every other control re-segments the cached result at once. Point at a segment for its name "
             "and area; click it (or its table row) to isolate it."
         )
         with gr.Row(elem_id="main"):
             with gr.Column(scale=1, elem_id="controls"):
-                controls, groups, reset = _control_column(sides, depth, family)
+                controls, groups, reset = _control_column(backbone)
             with gr.Column(scale=2, elem_id="result"):
                 results, cancel = _result_column()
         stops = gr.Number(0, precision=0, visible=False, elem_id="stops")
     return Page(blocks, controls, results, groups, reset, cancel, stops)
 
 
-def _control_column(
-    sides: tuple[int, ...], depth: int = 0, family: str = ""
-) -> tuple[Controls, dict[str, gr.Group], gr.Button]:
+def _control_column(backbone: Backbone) -> tuple[Controls, dict[str, gr.Group], gr.Button]:
+    sides, depth = backbone.grid_sides[:MAX_GRIDS], backbone.depth
     image = gr.Image(
         type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="input-image"
     )
     gr.Examples(examples=examples(), inputs=image, elem_id="examples", label="Examples")
-    offered = [name for name, m in METHODS.items() if m.runs_on(family)]
+    offered = [name for name, m in METHODS.items() if m.runs_on(backbone)]
     method = gr.Radio(
         offered,
         value="diffseg",
@@ -218,7 +218,8 @@ def _control_column(
             "Rounds of merging the proposals with each other",
         )  # fmt: skip
         points = _slider(
-            "num-points", "Anchor grid (M×M)", (2, 32, 1), anchor_points(len(sides)),
+            "num-points", "Anchor grid (M×M)", (2, min(32, backbone.geometry.finest_side()), 1),
+            anchor_points(len(sides)),
             "Starting points of the first merge: more can find smaller segments",
         )  # fmt: skip
         refine = gr.Checkbox(

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..words import parse_words
+
 # The references' blocks: Flux `encode_image(layer_indices=list(range(15, 19)))`, the last four of its 19 double-stream
 # blocks; SD3 `encode_image(layer_indices=None)`, every block.
 FLUX_CONCEPT_BLOCKS = 4
@@ -49,17 +51,10 @@ class ConceptTokens:
 
 
 def parse_concepts(words: Sequence[str] | str) -> tuple[str, ...]:
-    """The distinct concepts of a list or a comma-separated string, stripped, in the order given.
-
-    Raises:
-        ValueError: no concept.
-    """
-    if isinstance(words, str):
-        words = words.split(",")
-    unique = tuple(dict.fromkeys(w.strip() for w in words if w and w.strip()))
-    if not unique:
-        raise ValueError("No concepts given: pass at least one word, e.g. --concepts 'cat, dog, grass, sky'.")
-    return unique
+    """The distinct concepts of a list or a comma-separated string (`words.parse_words`)."""
+    return parse_words(
+        words, empty="No concepts given: pass at least one word, e.g. --concepts 'cat, dog, grass, sky'."
+    )
 
 
 def word_starts(tokenizer, concept: str, offset: int, limit: int | None = None) -> list[int]:

@@ -27,12 +27,14 @@ from pathlib import Path
 
 import torch
 
-from .families import Backbone, Conditioning
+from .joint_capture import FluxJointCaptureProcessor, SD3JointCaptureProcessor
+from .types import CLIP_TEXT_ATTENTION, CONCEPT_MAPS, FEATURES, SELF_ATTENTION, Backbone, Conditioning, Geometry
 
 # Per family: the transformer class, its pipeline (whose `encode_prompt` makes the conditioning), latent channels
 # the transformer takes (a variant with more is Fill / Depth / Canny), text encoders and tokenizers with their
-# transformers classes, and the text length (the pipelines' `max_sequence_length` defaults; Flux.1-schnell was
-# trained with 256).
+# transformers classes, the text length (the pipelines' `max_sequence_length` defaults; Flux.1-schnell was
+# trained with 256), what it gives beyond every transformer, its attention-capture processor, and the concept maps'
+# text encoders and pooled vector.
 DIT_FAMILIES: dict[str, dict] = {
     "sd3": {
         "transformer": "SD3Transformer2DModel",
@@ -43,6 +45,10 @@ DIT_FAMILIES: dict[str, dict] = {
         "encoder_classes": ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"),
         "tokenizer_classes": ("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"),
         "text_tokens": 256,
+        "capabilities": frozenset({CLIP_TEXT_ATTENTION}),  # its joint blocks attend over CLIP's 77 tokens (Seg4Diff)
+        "capture": SD3JointCaptureProcessor,
+        "concept_encoders": ("text_encoder", "text_encoder_2"),  # both CLIPs (ConceptAttention's SD3 `encode_concepts`)
+        "concept_pooled": True,  # the concept step keeps the empty prompt's pooled vector
     },
     "flux": {
         "transformer": "FluxTransformer2DModel",
@@ -53,8 +59,15 @@ DIT_FAMILIES: dict[str, dict] = {
         "encoder_classes": ("CLIPTextModel", "T5EncoderModel"),
         "tokenizer_classes": ("CLIPTokenizer", "T5TokenizerFast"),
         "text_tokens": 512,
+        "capabilities": frozenset(),
+        "capture": FluxJointCaptureProcessor,
+        "concept_encoders": ("text_encoder_2",),  # T5 (ConceptAttention's Flux `embed_concepts`)
+        "concept_pooled": False,  # reference `encode_image`: y = zeros (`embed_concepts`' vec), guidance 0
     },
 }
+# What every diffusion transformer gives the methods: its joint blocks' image-to-image attention (one grid), a
+# block's image tokens, and concept maps (ConceptAttention); a family's row may add more.
+TRANSFORMER_CAPABILITIES = frozenset({SELF_ATTENTION, FEATURES, CONCEPT_MAPS})
 # Flux.1-dev's guidance embedding: its pipeline's default guidance scale (FluxPipeline.__call__).
 FLUX_GUIDANCE = 3.5
 
@@ -103,19 +116,29 @@ def detect_transformer(config: Mapping, index: Mapping | None = None) -> Backbon
         block = config.get("num_layers", 19) - 1
         depth = config.get("num_layers", 19) + config.get("num_single_layers", 38)
     patch = config.get("patch_size", 2) if family == "sd3" else 2  # Flux packs 2×2 latent patches into a token
-    return Backbone(
-        family,
+    # SD3's learned positional embedding is cropped from a `pos_embed_max_size`² table: no side may pass it (diffusers
+    # `PatchEmbed.cropped_pos_embed`). Flux's RoPE and an SD3 without the table take any size.
+    reach = config.get("pos_embed_max_size") if family == "sd3" else None
+    geometry = Geometry(
         name,
         native_size=native,
         size_multiple=8 * patch,
+        grid_sides=(native // (8 * patch),),
+        max_side=None if reach is None else int(reach) * 8 * patch,
+    )
+    return Backbone(
+        family,
+        name,
+        geometry,
         text_encoders=facts["text_encoders"],
         tokenizers=facts["tokenizers"],
         diffcut_block=block,
         prediction_type="flow",
-        grid_sides=(native // (8 * patch),),
         denoiser="transformer",
         text_tokens=tokens,
         depth=depth,
+        joint_depth=config.get("num_layers", 24 if family == "sd3" else 19),
+        capabilities=TRANSFORMER_CAPABILITIES | facts["capabilities"],
     )
 
 

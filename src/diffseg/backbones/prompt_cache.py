@@ -18,7 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .families import Conditioning
+from .types import Conditioning
 
 
 def cache_folder() -> Path:

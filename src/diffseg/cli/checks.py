@@ -40,58 +40,37 @@ def check_batch_size(value: int) -> int:
     return value
 
 
-def check_model(args: argparse.Namespace, encode=None):
-    """The device, and the checkpoint's family from its configs (no weights loaded yet) with the encode settings
-    checked against it: a missing GPU or a bad resolution fails here, before the model loads."""
-    from ..backbones.capture import check_attention_memory
+def check_model(args: argparse.Namespace, encode=None, segment=None):
+    """The device, and the checkpoint's facts from its configs (no weights loaded yet) with the run's settings
+    checked against them (`diffseg.preflight`): a missing GPU or a size the model cannot take fails here, before the
+    model loads. Returns the `Backbone`, read once for the run."""
     from ..backbones.devices import resolve_device
-    from ..backbones.families import read_backbone, target_size
-    from ..methods.registry import METHODS
+    from ..backbones.families import read_backbone
+    from ..preflight import preflight
 
     local = getattr(args, "ray_address", "local") == "local"  # the model runs here (a cluster's workers check theirs)
     device = resolve_device(args.device) if local else None  # a device this machine lacks, named
     backbone = read_backbone(args.model)
-    method = METHODS[getattr(args, "method", "diffseg")]
-    if not method.runs_on(backbone.family):
-        raise ValueError(
-            f"`--method {method.name}` runs on {', '.join(method.families)} checkpoints; {args.model} is "
-            f"{backbone.name}. Use --method diffseg or diffcut with it."
-        )
-    if encode is not None:  # an `EncodeConfig`
-        target_size((1, 1), backbone, encode.resolution, encode.resize)
-        if method.name == "diffseg" and device is not None:  # an input of about resolution² pixels, alone
-            side = encode.resolution or backbone.native_size
-            check_attention_memory(backbone, (side, side), 1, device)
-        if encode.blocks is not None and encode.blocks[1] >= backbone.depth:
-            where = f"has blocks 0 to {backbone.depth - 1}" if backbone.depth else "is a UNet (it has no blocks)"
-            raise ValueError(f"`--blocks {encode.blocks[0]}:{encode.blocks[1]}` does not fit: {backbone.name} {where}.")
-    explicit = getattr(args, "num_points", None)
-    if explicit is not None and args.method == "diffseg" and backbone.grid_sides:
-        resolution = (encode.resolution if encode is not None else None) or backbone.native_size
-        finest = backbone.grid_sides[0] * resolution // backbone.native_size
-        if explicit > finest:
-            raise ValueError(
-                f"`--num-points {explicit}` does not fit: the finest attention grid of this {backbone.name} checkpoint "
-                f"at {resolution} px is {finest}×{finest}; pass at most {finest} (or leave it out)."
-            )
+    method = getattr(args, "method", "diffseg")
+    preflight(backbone, method, encode, segment, device=device, num_points=getattr(args, "num_points", None))
     return backbone
 
 
-def check_naming(args: argparse.Namespace) -> None:
+def check_naming(args: argparse.Namespace, backbone) -> None:
     """Naming words (or concepts) checked with the checkpoint's tokenizer alone, and a caption model that cannot be
-    had refused, before the model loads."""
+    had refused, before the model loads. `backbone`: as `check_model` read it."""
     if getattr(args, "words", None) is not None:
         from ..backbones.concepts import parse_concepts
-        from ..backbones.families import load_tokenizer, read_backbone
+        from ..backbones.families import load_tokenizer
+        from ..backbones.types import CROSS_ATTENTION_NAMING
         from ..methods.registry import METHODS
         from ..naming.vocabulary import build_vocabulary
 
-        backbone = read_backbone(args.model)
-        if backbone.denoiser == "transformer":  # concept maps: T5 or CLIP, loaded with the model
+        if CROSS_ATTENTION_NAMING not in backbone.capabilities:  # concept maps: their encoders load with the model
             parse_concepts(args.words)
-        elif METHODS[getattr(args, "method", "diffseg")].names_segments:  # its own pass: one prompt of all the words
+        elif METHODS[getattr(args, "method", "diffseg")].names_segments:  # its own pass: one prompt of them all
             build_vocabulary(args.words, load_tokenizer(args.model))
-        else:  # concept maps: each word its own prompt
+        else:  # concept maps: each word its own prompt, checked with the checkpoint's tokenizer
             tokenizer = load_tokenizer(args.model)
             for word in parse_concepts(args.words):
                 build_vocabulary([word], tokenizer)

@@ -30,8 +30,8 @@ def run_segment_dataset(args: argparse.Namespace) -> int:
 
     resolve_concepts(args)
     config = job_config(args)
-    check_model(args, config.encode)
-    check_naming(args)
+    backbone = check_model(args, config.encode, config.segment)
+    check_naming(args, backbone)
     if "://" not in str(args.output):
         check_writable(args.output)
     formats = [w.key for w in output_writers(args, naming=args.words is not None)]

@@ -76,7 +76,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     runs, missing = [], []
     for name in names:
         bench = BENCHMARKS[name]
-        root = bench.find(args.root) if several else Path(args.root)
+        root = bench.find(args.root) if several else bench.root(args.root)
         predictions = args.predictions or (Path(args.predictions_root) / name if args.predictions_root else None)
         if root is None:
             missing.append(f"{name}: no {' or '.join(bench.folders)} under {args.root}")

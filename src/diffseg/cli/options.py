@@ -44,7 +44,7 @@ def _weights(text: str) -> dict[str, float]:
     """`R:W,...` or `HxW:W,...`: grids as the library names them (`aggregation.grid_key`), finite weights ≥ 0."""
     import math
 
-    from ..methods.diffseg.aggregation import grid_key
+    from ..grids import grid_key
 
     weights = {}
     for item in text.split(","):

@@ -44,8 +44,8 @@ def run_segment(args: argparse.Namespace) -> int:
     batch_size = check_batch_size(args.batch_size)
     config = job_config(args, output_size=check_output_size(args.output_size))
     sink = OutputFolder(Path(args.output), tuple(output_writers(args, naming=args.words is not None or args.caption)))
-    check_model(args, config.encode)  # the checkpoint's configs only: a resolution it cannot take fails here
-    check_naming(args)
+    backbone = check_model(args, config.encode, config.segment)  # its configs only: what it cannot take fails
+    check_naming(args, backbone)
     found, missing = find_images(args.paths)
     for item, reason in missing:
         print(f"diffseg: skipped {item}: {reason}", file=sys.stderr)

@@ -73,11 +73,20 @@ class Benchmark:
         return list(_class_names()[self.name])
 
     def find(self, datasets: str | Path) -> Path | None:
-        """This benchmark's folder under a datasets root (`evaluate all`), or None."""
+        """This benchmark's folder under a datasets root, or None: each of `folders` under it, or its tail where the
+        root is a folder on the way (`VOCdevkit` holding `VOC2012`). Every command looks the same way (`root`)."""
         for folder in self.folders:
-            if (Path(datasets) / folder).is_dir():
-                return Path(datasets) / folder
+            parts = Path(folder).parts
+            for start in range(len(parts)):
+                candidate = Path(datasets, *parts[start:])
+                if candidate.is_dir():
+                    return candidate
         return None
+
+    def root(self, given: str | Path) -> Path:
+        """The folder to read this benchmark from: the benchmark's own folder as given, or the one `find` finds
+        under it (a datasets root; VOC as its archive unpacks, `DATASETS/VOCdevkit/VOC2012`)."""
+        return self.find(given) or Path(given)
 
 
 def _require_folder(root: Path, sub: str, layout: str, example: str) -> Path:

@@ -132,9 +132,12 @@ def crop(array: np.ndarray, mode: str | None) -> np.ndarray:
     return center_crop(array) if mode == "center" else array
 
 
-def to_model_input(arrays: list[np.ndarray], size: int | tuple[int, int]) -> torch.Tensor:
+def to_model_input(
+    arrays: list[np.ndarray], size: int | tuple[int, int], pad_multiple: int | None = None
+) -> torch.Tensor:
     """Stack (H, W, 3) uint8 images into a (B, 3, height, width) float32 batch in [-1, 1]; `size` is (height, width)
-    or one side for a square.
+    or one side for a square. With `pad_multiple`, each image is first padded with black at the bottom and right to
+    multiples of it (detectron2's `ImageList.from_tensors(images, size_divisibility)`, Seg4Diff's square path).
 
     Resizing is TensorFlow's `tf.image.resize` (bilinear, half-pixel centres, no antialiasing, float result), i.e.
     torch's `align_corners=False, antialias=False`, as in the reference's data loaders. One image at a time, so a
@@ -144,6 +147,9 @@ def to_model_input(arrays: list[np.ndarray], size: int | tuple[int, int]) -> tor
     batch = []
     for array in arrays:
         x = torch.tensor(array).permute(2, 0, 1)[None].float()  # (1, 3, H, W), a uint8 copy then one float copy
+        if pad_multiple:
+            h, w = x.shape[-2:]
+            x = F.pad(x, (0, -w % pad_multiple, 0, -h % pad_multiple))  # zeros: black, bottom and right
         batch.append(F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=False))
         del x
     return torch.cat(batch) / 127.5 - 1.0  # reference `Rescaling(scale=1 / 127.5, offset=-1)`

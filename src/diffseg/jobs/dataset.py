@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ..backbones.devices import resolve_device
-from ..backbones.families import Backbone, read_backbone, target_size
+from ..backbones.families import read_backbone
+from ..backbones.types import Backbone
+from ..preflight import preflight
 from ..config import DEFAULT_MODEL, EncodeConfig
 from ..io.images import crop as crop_image
 from ..io.images import decode_image, find_images, to_model_input
@@ -221,13 +223,13 @@ def _none_if_nan(value):
 
 def decode_row(row: dict, encode: EncodeConfig, backbone: Backbone) -> dict:
     """CPU stage (a Ray task per row): read, decode and crop one image, and resize it into the UNet's input, float32,
-    as `diffseg segment` prepares it (`backbones.target_size`, with the family the driver read from the checkpoint's
+    as `diffseg segment` prepares it (`Geometry.target_size`, with the family the driver read from the checkpoint's
     configs). The cropped image travels too: the label map covers it, the overlay is drawn on it. A failure is
     carried as the row's error, never raised."""
     try:
         image = crop_image(np.asarray(decode_image(read_bytes(row["path"]), row["path"])), encode.crop)
-        size = target_size(image.shape[:2], backbone, encode.resolution, encode.resize)
-        pixels = to_model_input([image], size)[0].numpy()
+        size = backbone.geometry.target_size(image.shape[:2], encode.resolution, encode.resize)
+        pixels = to_model_input([image], size, encode.padding)[0].numpy()
         return {**row, "pixels": pixels, "image": image, "error": ""}
     except (OSError, ValueError) as error:
         empty = np.zeros((3, backbone.size_multiple, backbone.size_multiple), np.float32)
@@ -334,7 +336,7 @@ def segment_dataset(
     if ray_address == "local":  # the workers run here: a device this machine lacks fails now, not in each worker
         resolve_device(device)
     backbone = read_backbone(str(model))  # the family's sizes, read from its configs before any worker starts
-    target_size((1, 1), backbone, config.encode.resolution, config.encode.resize)  # fails here, not in every task
+    preflight(backbone, config.method, config.encode, config.segment)  # fails here, not in every task
     output = Path(output)
     items = list_inputs(source)
     output.mkdir(parents=True, exist_ok=True)

@@ -7,13 +7,17 @@ one `Method` row here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..backbones.capture import check_attention_memory
+from ..backbones.types import CLIP_TEXT_ATTENTION, CONCEPT_MAPS, FEATURES, SELF_ATTENTION, Backbone
 from ..bundle import AttentionBundle, Bundle, ConceptBundle, FeatureBundle, TextAttentionBundle
+from ..grids import grid_key
 from ..config import ENCODE_DEFAULTS, ConceptConfig, DiffCutConfig, EncodeConfig, Seg4DiffConfig, SegmentConfig
 from .concepts.segment import segment_concepts
 from .diffcut.segment import segment_features
@@ -33,9 +37,12 @@ class Method:
         encode_defaults: its paper's or reference's encode settings (`config.ENCODE_DEFAULTS`).
         encode: (pipeline, pixels, images, settings, vocabulary, segment_from) -> one bundle per image.
         segment: (bundle, config, output_size, image at output_size) -> (H, W) int32 ids 0..K-1.
+        needs: what it asks of a backbone (`backbones.types` capabilities, which each backbone declares).
         names_segments: whether naming words can ride along its encode (cross-attention of the same UNet pass).
-        families: the backbone families it runs on (`Backbone.family`); None: every one.
         concepts: whether its words are what it maps (required), not names for its segments.
+        joint_blocks: whether `--blocks` counts a transformer's joint (double-stream) blocks alone.
+        preflight: (backbone, encode settings, segment settings, device=, num_points=) -> None, raising a
+            ValueError for what the checkpoint cannot take, before it loads (`diffseg.preflight`).
     """
 
     name: str
@@ -45,23 +52,32 @@ class Method:
     encode_defaults: EncodeConfig
     encode: Callable[..., list]
     segment: Callable[..., np.ndarray]
+    needs: frozenset[str] = frozenset()
     names_segments: bool = False
-    families: tuple[str, ...] | None = None
     concepts: bool = False
+    joint_blocks: bool = False
+    preflight: Callable[..., None] | None = None
 
-    def runs_on(self, family: str) -> bool:
-        return self.families is None or family in self.families
+    def runs_on(self, backbone: Backbone) -> bool:
+        return self.needs <= backbone.capabilities
+
+    def check_runs_on(self, backbone: Backbone) -> None:
+        """A ValueError naming the methods that do run on `backbone`, where this one does not."""
+        if not self.runs_on(backbone):
+            others = ", ".join(f"--method {m.name}" for m in METHODS.values() if m.runs_on(backbone))
+            lacking = ", ".join(sorted(self.needs - backbone.capabilities))
+            raise ValueError(
+                f"`--method {self.name}` reads {lacking}, which {backbone.name} does not have. Use {others} with it, "
+                "or another checkpoint."
+            )
 
 
 def _encode_attention(pipe, pixels, images, settings: EncodeConfig, vocabulary, segment_from) -> list[AttentionBundle]:
     """DiffSeg's encode: self-attention at every grid (and the words' cross-attention, with a vocabulary)."""
-    maps, layers, cross = pipe.attend(
-        pixels,
-        timestep=settings.timestep,
-        noise_seed=settings.noise_seed,
-        vocabulary=vocabulary,
-        segment_from=segment_from,
-        blocks=settings.blocks,
+    doubled = 2 if vocabulary is not None else 1  # the words' copies run in the same batch
+    check_attention_memory(pipe.backbone, tuple(pixels.shape[-2:]), len(pixels) * doubled, pipe.device)
+    maps, layers, cross = pipe.kind.attend(
+        pixels, **settings.step, vocabulary=vocabulary, segment_from=segment_from, blocks=settings.blocks
     )
     return [
         AttentionBundle(
@@ -78,6 +94,32 @@ def _encode_attention(pipe, pixels, images, settings: EncodeConfig, vocabulary, 
     ]
 
 
+def _preflight_attention(backbone: Backbone, encode: EncodeConfig, segment, *, device=None, num_points=None) -> None:
+    """DiffSeg's own checks before the model loads: its attention fits the device's memory (an input of about
+    resolution² pixels, alone), the anchor grid fits the finest grid, the resolution weights name grids it has."""
+    geometry = backbone.geometry
+    side = geometry.check_resolution(encode.resolution)
+    if device is not None:
+        check_attention_memory(backbone, (side, side), 1, device)
+    finest = geometry.finest_side(side)
+    if num_points is not None and num_points > finest:
+        raise ValueError(
+            f"`--num-points {num_points}` does not fit: the finest attention grid of this {backbone.name} checkpoint "
+            f"at {side} px is {finest}×{finest}; pass at most {finest} (or leave it out)."
+        )
+    weights = getattr(segment, "resolution_weights", None)
+    if isinstance(weights, Mapping):
+        grids = geometry.grids((side, side))
+        for key in weights:  # a grid no image has on this model: no area near any of its grids' (`side_grid`)
+            h, w = grid_key(key)
+            if all(abs(math.log(h * w / (g[0] * g[1]))) >= math.log(2) for g in grids):
+                names = ", ".join(f"{g[0]}" for g in grids)
+                raise ValueError(
+                    f"`--resolution-weights` names grid {key}, which {backbone.name} does not have at {side} px: its "
+                    f"grids are {names} (a side r names the grid of about r×r cells). Name those, or use a preset."
+                )
+
+
 def _per_image(bundle: type, tensors, images, settings: EncodeConfig, pipe, **fields) -> list:
     """One bundle of a one-tensor type per image: its slice of the batch's tensor, in float32 on the CPU."""
     family = pipe.backbone.family
@@ -89,7 +131,7 @@ def _per_image(bundle: type, tensors, images, settings: EncodeConfig, pipe, **fi
 
 def _encode_features(pipe, pixels, images, settings: EncodeConfig, vocabulary, segment_from) -> list[FeatureBundle]:
     """DiffCut's encode: one layer's tokens."""
-    tokens = pipe.features(pixels, timestep=settings.timestep, noise_seed=settings.noise_seed, blocks=settings.blocks)
+    tokens = pipe.kind.features(pixels, **settings.step, blocks=settings.blocks)
     return _per_image(FeatureBundle, tokens, images, settings, pipe)
 
 
@@ -97,26 +139,13 @@ def _encode_text_attention(
     pipe, pixels, images, settings: EncodeConfig, vocabulary, segment_from
 ) -> list[TextAttentionBundle]:
     """Seg4Diff's encode: one SD3 block's image-to-text attention."""
-    maps = pipe.text_attention(
-        pixels,
-        timestep=settings.timestep,
-        noise_seed=settings.noise_seed,
-        blocks=settings.blocks,
-        schedule=settings.schedule,
-    )
+    maps = pipe.kind.text_attention(pixels, **settings.step, blocks=settings.blocks)
     return _per_image(TextAttentionBundle, maps, images, settings, pipe)
 
 
 def _encode_concepts(pipe, pixels, images, settings: EncodeConfig, words, segment_from) -> list[ConceptBundle]:
     """Concept maps' encode: each word's map over the image (`pipeline.concept_maps`)."""
-    maps = pipe.concept_maps(
-        pixels,
-        words,
-        timestep=settings.timestep,
-        noise_seed=settings.noise_seed,
-        blocks=settings.blocks,
-        schedule=settings.schedule,
-    )
+    maps = pipe.kind.concept_maps(pixels, words, **settings.step, blocks=settings.blocks)
     return _per_image(ConceptBundle, maps, images, settings, pipe, words=tuple(words))
 
 
@@ -161,7 +190,9 @@ METHODS: dict[str, Method] = {
             ENCODE_DEFAULTS["diffseg"],
             _encode_attention,
             _segment_attention,
+            needs=frozenset({SELF_ATTENTION}),
             names_segments=True,
+            preflight=_preflight_attention,
         ),
         Method(
             "diffcut",
@@ -171,6 +202,7 @@ METHODS: dict[str, Method] = {
             ENCODE_DEFAULTS["diffcut"],
             _encode_features,
             _segment_features,
+            needs=frozenset({FEATURES}),
         ),
         Method(
             "seg4diff",
@@ -180,7 +212,7 @@ METHODS: dict[str, Method] = {
             ENCODE_DEFAULTS["seg4diff"],
             _encode_text_attention,
             _segment_text_attention,
-            families=("sd3",),
+            needs=frozenset({CLIP_TEXT_ATTENTION}),
         ),
         Method(
             "concepts",
@@ -190,7 +222,9 @@ METHODS: dict[str, Method] = {
             ENCODE_DEFAULTS["concepts"],
             _encode_concepts,
             _segment_concepts,
+            needs=frozenset({CONCEPT_MAPS}),
             concepts=True,
+            joint_blocks=True,
         ),
     )
 }
@@ -201,6 +235,11 @@ def method_named(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"`method` must be one of {tuple(METHODS)} but is {name!r}.")
     return METHODS[name]
+
+
+def concept_method() -> Method:
+    """The method whose words are what it maps: it also names other methods' segments (`bundle.named_by`)."""
+    return next(method for method in METHODS.values() if method.concepts)
 
 
 def method_of(thing: Bundle | SegmentConfig | DiffCutConfig | Sequence) -> Method:

@@ -63,16 +63,16 @@ def check_caption_model(model: str) -> bool:
     """
     from pathlib import Path
 
-    from ..backbones.families import _HUB_ID, UNREACHABLE, _hub_reachable
+    from ..hub import HUB_ID, UNREACHABLE, hub_reachable
 
     if Path(model).expanduser().is_dir():
         return False
-    if not _HUB_ID.match(model):
+    if not HUB_ID.match(model):
         raise FileNotFoundError(
             f"Caption model folder `{model}` does not exist; pass a BLIP captioning folder with --caption-model "
             f"(or a hub id such as {DEFAULT_CAPTION_MODEL!r}), or the words yourself with --labels."
         )
-    if _hub_reachable():
+    if hub_reachable():
         return False
     from huggingface_hub import try_to_load_from_cache
 
@@ -97,7 +97,7 @@ class Captioner:
             self.model = BlipForConditionalGeneration.from_pretrained(model, local_files_only=offline)
             self.model = self.model.to(device).eval()
         except (OSError, ValueError) as error:
-            from ..backbones.families import UNREACHABLE
+            from ..hub import UNREACHABLE
 
             raise FileNotFoundError(_fetch_it_elsewhere(model, UNREACHABLE if offline else error)) from None
         self.device = device

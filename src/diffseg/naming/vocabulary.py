@@ -22,28 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import VOTING, NamingConfig
+from ..grids import grid_key
+from ..words import Vocabulary, parse_words
 
 SCORE_SIZE = (512, 512)  # reference: cross-attention aggregated at 512 × 512
 _NAMING = NamingConfig()
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """Words, the prompt built from them, and where each word's tokens sit in it.
-
-    Attributes:
-        words: the distinct words, in the order given.
-        input_ids: the prompt's token ids, padded to the text encoder's length (start and end tokens included).
-        token_indices: per word, its token positions in `input_ids` (a word the tokenizer splits has several).
-    """
-
-    words: tuple[str, ...]
-    input_ids: tuple[int, ...]
-    token_indices: tuple[tuple[int, ...], ...]
-
-    @property
-    def prompt(self) -> str:
-        return ", ".join(self.words)
 
 
 def build_vocabulary(words: Sequence[str] | str, tokenizer) -> Vocabulary:
@@ -52,11 +35,9 @@ def build_vocabulary(words: Sequence[str] | str, tokenizer) -> Vocabulary:
     Raises:
         ValueError: no words, a word with no tokens, or more tokens than the text encoder's context holds.
     """
-    if isinstance(words, str):
-        words = words.split(",")
-    unique = list(dict.fromkeys(w.strip() for w in words if w and w.strip()))  # duplicates count once
-    if not unique:
-        raise ValueError("The vocabulary is empty: pass at least one word, e.g. --labels 'road,car,person,sky'.")
+    unique = parse_words(
+        words, empty="The vocabulary is empty: pass at least one word, e.g. --labels 'road,car,person,sky'."
+    )
     limit = tokenizer.model_max_length
     separator = tokenizer(",", add_special_tokens=False).input_ids
     ids = [tokenizer.bos_token_id]
@@ -102,8 +83,6 @@ def word_scores(
     Returns:
         (W, H·W) float32: row w is word w's normalised map, pixels row-major.
     """
-    from ..methods.diffseg.aggregation import grid_key
-
     cross = {grid_key(g): m for g, m in cross.items()}
     grids = list(cross)
     weights = {g: 1.0 for g in grids} if weights is None else {g: float(weights.get(g, 0.0)) for g in grids}

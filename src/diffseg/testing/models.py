@@ -232,7 +232,8 @@ _DIT_ARCHITECTURES = {
             "joint_attention_dim": 32,
             "caption_projection_dim": 32,
             "pooled_projection_dim": 64,
-            "pos_embed_max_size": 96,
+            # A reach of 1,024 px (SD3-medium's is 3,072): the methods' 1024² defaults fit, wide images meet the limit
+            "pos_embed_max_size": 64,
         },
         "vae": _TINY_DIT_VAE,
         "text": [{**_TINY_TEXT, "projection_dim": 32}, {**_TINY_TEXT, "projection_dim": 32}],
@@ -299,6 +300,12 @@ _TINY_SD3 = _DIT_ARCHITECTURES["tiny-sd3"]
 _DIT_ARCHITECTURES["tiny-sd35"] = {
     **_TINY_SD3,
     "transformer": {**_TINY_SD3["transformer"], "dual_attention_layers": (0, 1), "qk_norm": "rms_norm"},
+}
+# SD3-medium's native grid (1024², 64 patches a side) with a positional embedding of 64 patches: a checkpoint whose
+# limit is its native size, so that every wide image meets it with default settings.
+_DIT_ARCHITECTURES["tiny-sd3-1024"] = {
+    **_TINY_SD3,
+    "transformer": {**_TINY_SD3["transformer"], "sample_size": 128, "pos_embed_max_size": 64},
 }
 ARCHITECTURES = tuple(_ARCHITECTURES) + tuple(_DIT_ARCHITECTURES)
 
