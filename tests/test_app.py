@@ -276,6 +276,7 @@ def test_a_diffcut_result_tells_what_pamr_would_cost_on_it_and_stop_ends_pamr(ti
     from diffseg.methods.diffcut.pamr import estimated_seconds, refine_labels
 
     assert 0 < estimated_seconds((128, 128), 3) < estimated_seconds((512, 512), 3) < estimated_seconds((512, 512), 30)
+    assert estimated_seconds((512, 512), 30, reached=30 * 100**2) < estimated_seconds((512, 512), 30)  # local labels
     demo, page, _, shown = _demo_showing(tiny_pipeline, tmp_path, (96, 128), method="diffcut", timestep=50, tau=0.9)
     c = page.controls
     segments = int(re.search(r"\*\*(\d+) segment", demo.session(None).status).group(1))

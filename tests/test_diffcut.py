@@ -314,3 +314,36 @@ def test_a_cut_decided_against_tau_alone_is_the_references_decision():
             assert (cost < tau) == (expected < tau), (case, tau, cost, expected)
             decided += cost != expected  # decided on the exact cost
     assert decided > 50  # the shortcut is taken, not only the reference's path
+
+
+def test_pamr_propagates_each_label_only_where_it_can_reach_and_gives_the_same_ids(monkeypatch):
+    """Each label's mask is computed on its box grown by PAMR's reach alone, the ids bit-identical to PAMR on every
+    one-hot mask over the whole map (the reference's), whole or in tiles of rows, at a fraction of the work (before:
+    every label over every pixel; 1,024 segments at 1500×2000 ran past 25 minutes). Some labels are split in two
+    pieces far apart, so a box spans both."""
+    from scipy.ndimage import median_filter
+
+    from diffseg.methods.diffcut import pamr as module
+
+    generator = torch.Generator().manual_seed(1)
+    small = (torch.arange(8)[:, None] // 2) * 4 + torch.arange(8)[None] // 2  # 16 blocks of 2×2 cells
+    moved = torch.randint(0, 8, (2, 6), generator=generator)
+    small[moved[0], moved[1]] = torch.randint(0, 16, (6,), generator=generator)  # cells given a far label
+    labels = torch.nn.functional.interpolate(small[None, None].float(), size=(400, 400))[0, 0].long()
+    image = torch.rand(1, 3, 400, 400, generator=generator)
+    present = torch.unique(labels)
+    at_once = pamr(image, (labels[None] == present[:, None, None]).float()[None]).argmax(dim=1)[0]
+    expected = median_filter(at_once.float().numpy(), size=3).astype("int64")
+    areas = []
+    propagate = module._propagate
+
+    def counted(masks, *rest):
+        areas.append(masks[0, 0].numel())
+        return propagate(masks, *rest)
+
+    monkeypatch.setattr(module, "_propagate", counted)
+    for budget in (1 << 40, 1 << 25):  # one tile; tiles of rows with their halo
+        np.testing.assert_array_equal(module.refine_labels(labels, image, budget=budget).numpy(), expected)
+        if budget == 1 << 40:
+            assert sum(areas) == module.reach(labels)
+    assert module.reach(labels) < 0.5 * len(present) * labels.numel()  # the work follows the labels' reach

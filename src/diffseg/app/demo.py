@@ -76,13 +76,16 @@ def named_copy(file: Path, target: Path) -> Path:
 
 def pamr_info(labels: np.ndarray) -> str:
     """The PAMR box's note for a DiffCut result: about how long refining it takes on this server."""
-    from ..methods.diffcut.pamr import estimated_seconds
+    import torch
+
+    from ..methods.diffcut.pamr import estimated_seconds, reach
 
     height, width = labels.shape
     segments = int(labels.max()) + 1
-    seconds = estimated_seconds((height, width), segments)
+    seconds = estimated_seconds((height, width), segments, reach(torch.from_numpy(np.asarray(labels, np.int64))))
     about = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
-    return f"{PAMR_INFO}: on this result it takes about {about} here ({segments} segments at {width}×{height})"
+    counted = f"{segments} segment{'s' if segments != 1 else ''}"
+    return f"{PAMR_INFO}: on this result it takes about {about} here ({counted} at {width}×{height})"
 
 
 def parse_blocks(text: str | None, depth: int) -> tuple[int, int] | None:

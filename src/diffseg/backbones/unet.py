@@ -24,7 +24,6 @@ from .kind import DenoiserKind, concat_inputs
 from .types import Conditioning
 
 
-
 def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     """(1, T) token ids of `prompt`, padded to the encoder's context, as Stable Diffusion pipelines tokenise."""
     return tokenizer(

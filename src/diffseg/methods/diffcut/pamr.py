@@ -109,9 +109,11 @@ def refine_labels(labels: torch.Tensor, image: torch.Tensor, budget: int = MEMOR
     """DiffCut's optional refinement of a label map (reference `Benchmark_Segmentation.pamr`): PAMR on the one-hot
     masks of the labels present, argmax, then a 3×3 median filter.
 
-    The result is the reference's whatever `budget` (bytes of working memory): tiles of rows and chunks of labels
-    (`refinement_plan`) give every pixel the same arithmetic, and the argmax runs across chunks keeping the first
-    maximum.
+    The result is the reference's whatever `budget` (bytes of working memory): tiles of rows (`refinement_plan`)
+    give every pixel the same arithmetic, and each label is propagated only over the pixels it can reach
+    (`label_boxes`): no step couples the labels, and outside that box its mask is exactly zero. The argmax runs
+    over the labels in order keeping the first maximum (a pixel no label reaches with a positive value takes the
+    first label, as the reference's argmax over zeros does), so the cost follows the local label count.
 
     Args:
         labels: (H, W) integer ids.
@@ -125,38 +127,83 @@ def refine_labels(labels: torch.Tensor, image: torch.Tensor, budget: int = MEMOR
     present = torch.unique(labels)  # ascending, as the reference's `torch.unique(labels)`
     height, width = labels.shape
     image = image.float().to(labels.device)
-    rows, chunk = refinement_plan((height, width), len(present), budget)
+    rows, _ = refinement_plan((height, width), 1, budget)
     refined = torch.empty(height, width, dtype=torch.int64, device=labels.device)
     for top in range(0, height, rows):
         bottom = min(height, top + rows)
         first, last = max(0, top - HALO), min(height, bottom + HALO)  # the tile with its halo
-        window = labels[first:last]
         context = max(0, first - REACH)  # the colour weights of the tile's edge rows read REACH rows further
         weights = _affinity_in_blocks(image[:, :, context : min(height, last + REACH)], budget)
         weights = weights[..., first - context : first - context + (last - first), :]  # (1, 1, 32, h, W)
-        best = torch.full((bottom - top, width), -torch.inf, device=labels.device)
-        for k in range(0, len(present), chunk):
-            checkpoint()  # a caller's Stop ends the refinement between chunks (`cancel.cancellable`)
-            onehot = (window[None] == present[k : k + chunk, None, None]).float()[None]  # (1, Kc, h, W)
-            masks = _propagate(onehot, weights)[0, :, top - first : bottom - first]  # (Kc, rows, W)
-            value, index = masks.max(dim=0)  # first maximum within the chunk
-            better = value > best  # strict: an earlier chunk keeps a tie
-            best = torch.where(better, value, best)
-            refined[top:bottom] = torch.where(better, index + k, refined[top:bottom])
+        refined[top:bottom] = _argmax_in_boxes(labels[first:last], present, weights, top - first, bottom - first)
     # scipy's median filter, 3×3 with its default reflecting border, on the float ids as the reference.
     filtered = median_filter(refined.float().cpu().numpy(), size=3)
     return torch.from_numpy(filtered.astype("int64"))
 
 
-def estimated_seconds(size: tuple[int, int], labels: int) -> float:
-    """About how long `refine_labels` takes here on a label map of `size` (H, W) with `labels` labels.
+def _argmax_in_boxes(window, present, weights, start: int, stop: int) -> torch.Tensor:
+    """The index among `present` of each pixel's largest propagated mask, rows `start:stop` of the tile `window`
+    (h, W), each label propagated over its `label_boxes` box alone. Masks are non-negative: a label's zero outside
+    its box never beats an earlier label, so the best starts at zero with the first label."""
+    best = torch.zeros(stop - start, window.shape[1], device=window.device)
+    index = torch.zeros(stop - start, window.shape[1], dtype=torch.int64, device=window.device)
+    for k, box in enumerate(label_boxes(window, present)):
+        checkpoint()  # a caller's Stop ends the refinement between labels (`cancel.cancellable`)
+        if box is None or box[0].stop <= start or box[0].start >= stop:
+            continue
+        rows, cols = box
+        onehot = (window[rows, cols] == present[k]).float()[None, None]  # (1, 1, h, w)
+        masks = _propagate(onehot, weights[..., rows, cols])[0, 0]  # (h, w)
+        kept = slice(max(rows.start, start) - rows.start, min(rows.stop, stop) - rows.start)
+        value = masks[kept]
+        out = (slice(max(rows.start, start) - start, min(rows.stop, stop) - start), cols)
+        better = value > best[out]  # strict: an earlier label keeps a tie
+        best[out] = torch.where(better, value, best[out])
+        index[out] = torch.where(better, k, index[out])
+    return index
 
-    Its work is the colour weights (per pixel) and the propagation (per pixel and label): the two rates are measured
-    once per process on a small map (under a second), so the estimate is this machine's.
+
+def label_boxes(window: torch.Tensor, present: torch.Tensor) -> list:
+    """Per label of `present` (ascending ids), the rows and columns of `window` (h, W) it can reach in PAMR's
+    iterations: its pixels' bounding box grown by `HALO` (clipped), or None where it has no pixel there. Outside that
+    box its propagated mask is exactly zero (each iteration spreads a mask by at most `REACH` pixels, and weights are
+    non-negative), so it is computed there alone."""
+    from scipy.ndimage import find_objects
+
+    index = torch.searchsorted(present, window).numpy() + 1  # 1..K: `find_objects`' labels
+    height, width = window.shape
+    boxes = []
+    for found in find_objects(index, max_label=len(present)):
+        if found is None:
+            boxes.append(None)
+            continue
+        rows, cols = found
+        boxes.append(
+            (
+                slice(max(0, rows.start - HALO), min(height, rows.stop + HALO)),
+                slice(max(0, cols.start - HALO), min(width, cols.stop + HALO)),
+            )
+        )
+    return boxes
+
+
+def reach(labels: torch.Tensor) -> int:
+    """Pixels PAMR propagates a mask over on the label map `labels` (H, W), summed over its labels: each label's
+    `label_boxes` box (on one whole-map tile; tiles add their halos)."""
+    boxes = label_boxes(labels, torch.unique(labels))
+    return sum((b[0].stop - b[0].start) * (b[1].stop - b[1].start) for b in boxes if b is not None)
+
+
+def estimated_seconds(size: tuple[int, int], labels: int, reached: int | None = None) -> float:
+    """About how long `refine_labels` takes here on a label map of `size` (H, W) with `labels` labels, whose masks
+    are propagated over `reached` pixels in all (`reach`; default: every label over the whole map, the most).
+
+    Its work is the colour weights (per pixel) and the propagation (per pixel a label reaches): the two rates are
+    measured once per process on a small map (under a second), so the estimate is this machine's.
     """
     per_pixel, per_label_pixel = _rates()
     pixels = size[0] * size[1]
-    return pixels * (per_pixel + labels * per_label_pixel)
+    return pixels * per_pixel + (labels * pixels if reached is None else reached) * per_label_pixel
 
 
 @functools.cache
