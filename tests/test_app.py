@@ -105,7 +105,7 @@ def test_upload_errors_are_readable(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="could not be read as an image"):
         read_upload(str(tmp_path / "bad.png"))
     Image.fromarray(quadrants_image(100, 100)).save(tmp_path / "big.png")
-    monkeypatch.setattr("diffseg.app.demo.MAX_PIXELS", 5000)
+    monkeypatch.setattr("diffseg.app.inputs.MAX_PIXELS", 5000)
     with pytest.raises(ValueError, match="“big.png” is 100×100 pixels .0 megapixels.; the limit"):
         read_upload(str(tmp_path / "big.png"))
     # A PNG too large for Pillow to open at all (30000×30000: a header is enough) is called too large, with its
@@ -218,9 +218,12 @@ def test_a_failure_beyond_the_server_gets_the_apps_message_and_keeps_the_result(
 
     monkeypatch.setattr(tiny_pipeline, "segment", out_of_memory)
     monkeypatch.setattr(gr, "Warning", lambda message: None)
-    kept = demo.segment({**values, page.controls.kl: 0.5}, None, no_progress)
+    kept = demo.segment({**values, page.controls["kl-threshold"]: 0.5}, None, no_progress)
     assert kept == demo.keep() and demo.session(None).warned[0] == FAILED
-    assert "alloc" not in FAILED and demo.session(None).values[page.controls.kl] == values[page.controls.kl]
+    assert (
+        "alloc" not in FAILED
+        and demo.session(None).values[page.controls["kl-threshold"]] == values[page.controls["kl-threshold"]]
+    )
 
 
 def test_stop_ends_a_long_cut_at_its_next_node_and_the_page_keeps_its_result(tiny_pipeline, tmp_path, monkeypatch):
@@ -239,7 +242,7 @@ def test_stop_ends_a_long_cut_at_its_next_node_and_the_page_keeps_its_result(tin
         return real(*args)
 
     monkeypatch.setattr(ncut, "best_bipartition", counted)
-    demo.segment({**values, c.tau: 0.95}, None, lambda *_, **__: None)  # the whole cut, for its node count
+    demo.segment({**values, c["tau"]: 0.95}, None, lambda *_, **__: None)  # the whole cut, for its node count
     full, nodes[:] = len(nodes), []
     assert full > 3
 
@@ -250,9 +253,9 @@ def test_stop_ends_a_long_cut_at_its_next_node_and_the_page_keeps_its_result(tin
 
     monkeypatch.setattr(ncut, "best_bipartition", stopped_at_the_second)
     monkeypatch.setattr(gr, "Info", lambda message: None)
-    kept = demo.segment({**values, c.tau: 0.9}, None, lambda *_, **__: None)
+    kept = demo.segment({**values, c["tau"]: 0.9}, None, lambda *_, **__: None)
     assert kept == demo.keep() and len(nodes) == 2 < full  # ended at the node after Stop
-    assert demo.session(None).values[c.tau] == 0.95  # the page's result is the one before
+    assert demo.session(None).values[c["tau"]] == 0.95  # the page's result is the one before
 
 
 def test_a_run_the_page_sent_before_stop_is_dropped_and_one_sent_after_runs(tiny_pipeline, tmp_path):
@@ -260,13 +263,17 @@ def test_a_run_the_page_sent_before_stop_is_dropped_and_one_sent_after_runs(tiny
     such as the second change event of a replaced image) does nothing, one sent after it runs, whenever each starts."""
     demo, page, values, _ = _demo_showing(tiny_pipeline, tmp_path, (64, 64))
     c = page.controls
-    assert values[c.kl] != 0.5
+    assert values[c["kl-threshold"]] != 0.5
     stopped = demo.on_cancel(None)
-    assert stopped[page.stops] == 1 and stopped[c.kl] == values[c.kl]  # the page learns the count, controls go back
-    before = demo.segment({**values, c.kl: 0.5}, None, lambda *_, **__: None)  # sent with the count before Stop
-    assert before == demo.keep() and demo.session(None).values[c.kl] == values[c.kl]
-    after = demo.segment({**values, c.kl: 0.5, page.stops: 1}, None, lambda *_, **__: None)
-    assert page.results.status in after and demo.session(None).values[c.kl] == 0.5
+    assert (
+        stopped[page.stops] == 1 and stopped[c["kl-threshold"]] == values[c["kl-threshold"]]
+    )  # the page learns the count, controls go back
+    before = demo.segment(
+        {**values, c["kl-threshold"]: 0.5}, None, lambda *_, **__: None
+    )  # sent with the count before Stop
+    assert before == demo.keep() and demo.session(None).values[c["kl-threshold"]] == values[c["kl-threshold"]]
+    after = demo.segment({**values, c["kl-threshold"]: 0.5, page.stops: 1}, None, lambda *_, **__: None)
+    assert page.results.status in after and demo.session(None).values[c["kl-threshold"]] == 0.5
 
 
 def test_a_diffcut_result_tells_what_pamr_would_cost_on_it_and_stop_ends_pamr(tiny_pipeline, tmp_path):
@@ -280,7 +287,7 @@ def test_a_diffcut_result_tells_what_pamr_would_cost_on_it_and_stop_ends_pamr(ti
     demo, page, _, shown = _demo_showing(tiny_pipeline, tmp_path, (96, 128), method="diffcut", timestep=50, tau=0.9)
     c = page.controls
     segments = int(re.search(r"\*\*(\d+) segment", demo.session(None).status).group(1))
-    info = shown[c.pamr]["info"]
+    info = shown[c["pamr"]]["info"]
     assert f"{segments} segments at 128×96" in info and "about" in info
     labels = torch.randint(0, 4, (64, 64))
     with pytest.raises(Cancelled), cancellable(lambda: True):
@@ -299,7 +306,7 @@ def _demo_showing(pipeline, folder, size: tuple[int, int], **settings):
     Image.fromarray(quadrants_image(*size)).save(photo)
     c = page.controls
     values = {control: control.value for control in page.inputs()}
-    values.update({c.image: str(photo), **{getattr(c, name): value for name, value in settings.items()}})
+    values.update({c.image: str(photo), **{c[name]: value for name, value in settings.items()}})
     shown = demo.segment(values, None, lambda *_, **__: None)
     assert page.results.status in shown  # a result
     return demo, page, values, shown

@@ -248,11 +248,11 @@ def test_the_demo_offers_seg4diff_on_sd3_only_and_its_threshold_re_segments_from
     Image.fromarray(quadrants_image(72, 128)).save(photo)
     c = page.controls
     values = {control: control.value for control in page.inputs()}
-    values.update({c.image: str(photo), c.method: "seg4diff", c.timestep: 261, c.seg4diff_kl: 0.01})
+    values.update({c.image: str(photo), c.method: "seg4diff", c.timestep: 261, c["seg4diff-kl"]: 0.01})
     demo.segment(values, None, lambda *_, **__: None)
     assert cache.encodes == 1 and demo.session(None).values[c.method] == "seg4diff"
-    demo.segment({**values, c.seg4diff_kl: 0.5}, None, lambda *_, **__: None)
-    assert cache.encodes == 1 and demo.session(None).values[c.seg4diff_kl] == 0.5
+    demo.segment({**values, c["seg4diff-kl"]: 0.5}, None, lambda *_, **__: None)
+    assert cache.encodes == 1 and demo.session(None).values[c["seg4diff-kl"]] == 0.5
 
 
 def test_the_square_path_pads_to_a_multiple_of_32_first_as_the_reference(pipe):

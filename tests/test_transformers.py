@@ -365,8 +365,8 @@ def test_the_demo_segments_with_a_transformer_and_re_segments_from_its_cache(pip
     values[page.controls.image] = str(photo)
     first = demo.segment(values, None, lambda *_, **__: None)
     assert page.results.status in first and cache.encodes == 1
-    demo.segment({**values, page.controls.kl: 0.7}, None, lambda *_, **__: None)
-    assert cache.encodes == 1 and demo.session(None).values[page.controls.kl] == 0.7
+    demo.segment({**values, page.controls["kl-threshold"]: 0.7}, None, lambda *_, **__: None)
+    assert cache.encodes == 1 and demo.session(None).values[page.controls["kl-threshold"]] == 0.7
     # The advanced block range re-encodes; a range the model does not have is answered in the control's words.
     demo.segment({**values, page.controls.blocks: "0:1"}, None, lambda *_, **__: None)
     assert cache.encodes == 2 and demo.session(None).values[page.controls.blocks] == "0:1"

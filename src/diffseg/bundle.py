@@ -27,13 +27,33 @@ FORMAT = "diffseg-bundle/2"  # grids keyed "HxW"; DiffCut features
 _FORMAT_V1 = "diffseg-attention-bundle/1"  # square grids keyed by side r; still read
 
 
-class _Saved:
-    """What both bundle types share: the encoded image, where it came from, and the file format."""
+BUNDLE_TYPES: dict[str, type] = {}  # method name -> its bundle type: what `load_bundle` makes of a file
 
+
+class Saved:
+    """What every bundle type shares: the encoded image, where it came from, and the file format. A subclass names
+    its method (`method`), which the file records and `load_bundle` reads back through `BUNDLE_TYPES`."""
+
+    method: ClassVar[str]
     image: np.ndarray
     timestep: int
     model: str
     family: str
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "method" in cls.__dict__:
+            BUNDLE_TYPES[cls.method] = cls
+
+    @classmethod
+    def holds(cls, tensors: dict) -> bool:
+        """Whether a file without a recorded method (written before methods were recorded) holds this type."""
+        return False
+
+    @classmethod
+    def from_file(cls, path: Path, tensors: dict, metadata: dict, common: dict, field_of) -> Saved:
+        """The bundle of a file's tensors and metadata (`common`: image, timestep, model, family, named_by)."""
+        raise NotImplementedError
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -54,7 +74,8 @@ class _Saved:
         if named_by is not None:  # the concept maps that name its segments
             tensors["named_by.concept_maps"] = named_by.concept_maps.detach().float().cpu().contiguous()
             metadata["named_by.words"] = json.dumps(list(named_by.words))
-        metadata = {"format": FORMAT, "timestep": str(self.timestep), "model": self.model, **metadata}
+        metadata = {"format": FORMAT, "method": self.method, "timestep": str(self.timestep), "model": self.model,
+                    **metadata}  # fmt: skip
         if self.family:
             metadata["family"] = self.family
         path = Path(path)
@@ -69,7 +90,7 @@ class _Saved:
 
 
 @dataclass
-class AttentionBundle(_Saved):
+class AttentionBundle(Saved):
     """What DiffSeg segments: the UNet's self-attention at every grid of one image, with the image it came from.
 
     Attributes:
@@ -111,6 +132,24 @@ class AttentionBundle(_Saved):
         """A copy whose attention maps are on `device` (where segmenting then runs)."""
         return dataclasses.replace(self, attention={g: t.to(device) for g, t in self.attention.items()})
 
+    @classmethod
+    def holds(cls, tensors: dict) -> bool:
+        return any(key.startswith("attention.") for key in tensors)
+
+    @classmethod
+    def from_file(cls, path: Path, tensors: dict, metadata: dict, common: dict, field_of) -> AttentionBundle:
+        attention, cross = _checked_grids(path, tensors, field_of)
+        if not attention:
+            raise ValueError(f"Bundle `{path}` holds no attention maps; re-encode the image.")
+        layers = metadata.get("layers", "{}")
+        return cls(
+            attention=attention,
+            layers=field_of("layers", lambda: {grid_key(r): int(n) for r, n in json.loads(layers).items()}),
+            cross_attention=cross or None,
+            vocabulary=field_of("vocabulary", lambda: _vocabulary(metadata.get("vocabulary"))),
+            **common,
+        )
+
     def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = {f"attention.{h}x{w}": t.detach().float().cpu().contiguous() for (h, w), t in self.attention.items()}
         for (h, w), t in (self.cross_attention or {}).items():
@@ -121,7 +160,7 @@ class AttentionBundle(_Saved):
         return tensors, metadata
 
 
-class _OneTensor(_Saved):
+class OneTensorBundle(Saved):
     """A bundle whose method reads one tensor, the field named `tensor`, saved under that name."""
 
     tensor: ClassVar[str]
@@ -130,12 +169,22 @@ class _OneTensor(_Saved):
         """A copy whose tensor is on `device` (where segmenting then runs)."""
         return dataclasses.replace(self, **{self.tensor: getattr(self, self.tensor).to(device)})
 
+    @classmethod
+    def holds(cls, tensors: dict) -> bool:
+        return cls.tensor in tensors
+
+    @classmethod
+    def from_file(cls, path: Path, tensors: dict, metadata: dict, common: dict, field_of) -> OneTensorBundle:
+        if cls.tensor not in tensors:
+            raise ValueError(f"Bundle `{path}` of method {cls.method} holds no `{cls.tensor}`; re-encode the image.")
+        return cls(_checked_features(path, tensors[cls.tensor], cls.tensor), **common)
+
     def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {self.tensor: getattr(self, self.tensor).detach().float().cpu().contiguous()}, {}
 
 
 @dataclass
-class FeatureBundle(_OneTensor):
+class FeatureBundle(OneTensorBundle):
     """What DiffCut segments: one UNet layer's tokens of one image, with the image it came from.
 
     Attributes:
@@ -159,7 +208,7 @@ class FeatureBundle(_OneTensor):
 
 
 @dataclass
-class TextAttentionBundle(_OneTensor):
+class TextAttentionBundle(OneTensorBundle):
     """What Seg4Diff segments: one SD3 block's image-to-text attention of one image, with the image it came from.
 
     Attributes:
@@ -180,7 +229,7 @@ class TextAttentionBundle(_OneTensor):
 
 
 @dataclass
-class ConceptBundle(_OneTensor):
+class ConceptBundle(OneTensorBundle):
     """Where each concept word is in one image (`pipeline.concept_maps`), with the image it came from.
 
     Attributes:
@@ -206,6 +255,12 @@ class ConceptBundle(_OneTensor):
                 f"{list(self.words)}."
             )
 
+    @classmethod
+    def from_file(cls, path: Path, tensors: dict, metadata: dict, common: dict, field_of) -> ConceptBundle:
+        maps = _checked_features(path, tensors.get("concept_maps", torch.empty(0)), "concept_maps")
+        words = field_of("words", lambda: tuple(str(w) for w in json.loads(metadata["words"])))
+        return field_of("concept_maps", lambda: cls(maps, words=words, **common))
+
     def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors, _ = super()._tensors()
         return tensors, {"words": json.dumps(list(self.words))}
@@ -215,8 +270,8 @@ Bundle = AttentionBundle | FeatureBundle | TextAttentionBundle | ConceptBundle
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Read a bundle written by `save` (this format or the first, square-only one): a `FeatureBundle` if it holds
-    features, else an `AttentionBundle`.
+    """Read a bundle written by `save` (this format or the first, square-only one) as the bundle type of the method
+    it records (`BUNDLE_TYPES`; a file from before methods were recorded: the type whose tensors it holds).
 
     Raises:
         FileNotFoundError: no such file.
@@ -254,30 +309,28 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         "model": metadata.get("model", ""),
         "family": metadata.get("family", ""),
     }
-    if "concept_maps" in tensors:
-        maps = _checked_features(path, tensors["concept_maps"], "concept_maps")
-        words = field_of("words", lambda: tuple(str(w) for w in json.loads(metadata["words"])))
-        return field_of("concept_maps", lambda: ConceptBundle(maps, words=words, **common))
-    if "named_by.concept_maps" in tensors:  # the concept maps that name the segments
+    kind = _bundle_type(path, metadata.get("method"), tensors)
+    if "named_by.concept_maps" in tensors and kind is not ConceptBundle:  # the concept maps that name the segments
         maps = _checked_features(path, tensors["named_by.concept_maps"], "named_by")
         words = field_of("named_by", lambda: tuple(str(w) for w in json.loads(metadata["named_by.words"])))
         common["named_by"] = field_of("named_by", lambda: ConceptBundle(maps, image, common["timestep"], words=words))
-    if "features" in tensors:
-        return FeatureBundle(_checked_features(path, tensors["features"]), **common)
-    if "text_attention" in tensors:
-        return TextAttentionBundle(_checked_features(path, tensors["text_attention"], "text_attention"), **common)
-    attention, cross = _checked_grids(path, tensors, field_of)
-    if not attention:
-        raise ValueError(f"Bundle `{path}` holds neither attention maps nor features; re-encode the image.")
-    return AttentionBundle(
-        attention=attention,
-        layers=field_of(
-            "layers", lambda: {grid_key(r): int(n) for r, n in json.loads(metadata.get("layers", "{}")).items()}
-        ),
-        cross_attention=cross or None,
-        vocabulary=field_of("vocabulary", lambda: _vocabulary(metadata.get("vocabulary"))),
-        **common,
-    )
+    return kind.from_file(path, tensors, metadata, common, field_of)
+
+
+def _bundle_type(path: Path, method: str | None, tensors: dict) -> type:
+    """The bundle type of a file: its recorded method's (`BUNDLE_TYPES`), or for a file that records none (written
+    before methods were recorded), the first type whose tensors it holds."""
+    if method is None:
+        found = next((kind for kind in BUNDLE_TYPES.values() if kind.holds(tensors)), None)
+        if found is None:
+            raise ValueError(f"Bundle `{path}` holds neither attention maps nor features; re-encode the image.")
+        return found
+    if method not in BUNDLE_TYPES:
+        raise ValueError(
+            f"Bundle `{path}` was made by method {method!r}, which this installation does not have (it has "
+            f"{', '.join(BUNDLE_TYPES)}): install or register that method, or re-encode the image."
+        )
+    return BUNDLE_TYPES[method]
 
 
 def _checked_features(path: Path, features: torch.Tensor, name: str = "features") -> torch.Tensor:

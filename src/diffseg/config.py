@@ -122,13 +122,10 @@ class _MethodDefault:
 METHOD_DEFAULT = _MethodDefault()
 
 
-def encode_settings(method: str, **given) -> EncodeConfig:
-    """The method's `EncodeConfig` with the arguments given (those not `METHOD_DEFAULT`) replacing its defaults,
-    validated."""
-    if method not in ENCODE_DEFAULTS:
-        raise ValueError(f"`method` must be one of {tuple(ENCODE_DEFAULTS)} but is {method!r}.")
+def encode_settings(defaults: EncodeConfig, **given) -> EncodeConfig:
+    """A method's `EncodeConfig` (`defaults`, its `Method.encode_defaults`) with the arguments given (those not
+    `METHOD_DEFAULT`) replacing its defaults, validated."""
     given = {k: v for k, v in given.items() if v is not METHOD_DEFAULT}
-    defaults = ENCODE_DEFAULTS[method]
     # Another timestep than the method's places the noise itself; the method's own keeps its schedule point (Seg4Diff's
     # t = 261 stands for its step, σ = 0.5151).
     if given.get("timestep", defaults.timestep) != defaults.timestep and "schedule" not in given:

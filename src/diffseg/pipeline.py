@@ -38,7 +38,7 @@ from .config import (
 )
 from .io.images import as_array, to_model_input
 from .io.images import crop as crop_image
-from .methods.registry import concept_method, method_named
+from .methods.registry import check_runs_on, concept_method, method_named
 from .segmentation import Segmentation, segment_bundle
 from .words import Vocabulary
 
@@ -226,7 +226,7 @@ class DiffSegPipeline:
         spec = method_named(method)
         if config is None:
             given = {"timestep": timestep, "crop": crop, "resolution": resolution, "resize": resize}
-            config = encode_settings(method, **given, noise_seed=noise_seed, blocks=blocks)
+            config = encode_settings(spec.encode_defaults, **given, noise_seed=noise_seed, blocks=blocks)
         single = isinstance(images, (Image.Image, np.ndarray, str, os.PathLike))
         batch = [images] if single else list(images)
         if not batch:
@@ -270,7 +270,7 @@ class DiffSegPipeline:
         (default: the method's). What `encode` does once images are decoded and resized, and what the job runner
         calls on batches decoded elsewhere (the Ray job's decode tasks)."""
         spec = method_named(method)
-        spec.check_runs_on(self.backbone)
+        check_runs_on(spec, self.backbone)
         config = config or spec.encode_defaults
         if spec.concepts or not isinstance(vocabulary, tuple):
             return spec.encode(self, pixels, images, config, vocabulary, segment_from)

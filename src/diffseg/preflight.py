@@ -12,7 +12,7 @@ import torch
 
 from .backbones.types import Backbone
 from .config import EncodeConfig
-from .methods.registry import method_named
+from .methods.registry import check_runs_on, method_named
 
 
 def preflight(
@@ -40,7 +40,7 @@ def preflight(
             setting and what fits.
     """
     spec = method_named(method)
-    spec.check_runs_on(backbone)
+    check_runs_on(spec, backbone)
     encode = encode or spec.encode_defaults
     backbone.geometry.target_size((1, 1), encode.resolution, encode.resize)  # a size it cannot take, named
     backbone.check_blocks(encode.blocks, joint=spec.joint_blocks)

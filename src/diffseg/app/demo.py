@@ -6,9 +6,10 @@ DiffSeg's aggregation, merging and labelling, or DiffCut's normalised cut. The v
 overlay in the browser, so opacity, boundaries, hovering and isolating a segment need no server at all (`view` makes its
 data). The page fetches nothing from outside this server (system fonts, no analytics), so it works offline.
 
-Where things are: `layout.build_page` (the components), `cache.BundleCache` (encodes and their files) and
-`cache.watch_encode` (progress and cancelling of an encode), `Demo` (per-session state and one handler per kind of
-event), `build_app` (the page wired to a `Demo`), `launch`.
+Where things are: `layout.build_page` (the components, each method's made from its controls), `cache.BundleCache`
+(encodes and their files) and `cache.watch_encode` (progress and cancelling of an encode), `inputs` (what the page
+sends, checked), `Demo` (per-session state and one handler per kind of event), `build_app` (the page wired to a
+`Demo`), `launch`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import atexit
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -29,119 +29,25 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
-from PIL import Image
 
 from ..bundle import Bundle
 from ..cancel import Cancelled, cancellable
-from ..config import AppConfig, ConceptConfig, DiffCutConfig, Seg4DiffConfig, SegmentConfig, anchor_points
-from ..io.images import load_image
-from ..grids import by_size
+from ..config import AppConfig
 from ..words import parse_words
 from ..methods.registry import method_named
 from .cache import BundleCache, EncodeCancelled
-from .layout import CUSTOM, MAX_GRIDS, PAMR_INFO, Page, asset, build_page, examples, preset_weights, presets_for
+from ..methods.spec import GRID_WEIGHTS
+from .layout import CUSTOM, MAX_GRIDS, Page, asset, build_page, examples, preset_weights, presets_for
+from .inputs import OutOfRange, named_copy, parse_blocks, read_upload, slider_weights, upload_path
 from .view import render
 
 __all__ = ["build_app", "launch", "preset_weights", "presets_for", "read_upload", "slider_weights"]
 
 _APP = AppConfig()
-MAX_PIXELS = _APP.max_pixels  # module-level so tests can lower it
 FAILED = (
     "This segmentation needs more memory or time than the server has: lower τ or untick PAMR (DiffCut), or use a "
     "smaller image. The page keeps its result."
 )
-
-
-def slider_weights(bundle: Bundle, values: list[float]) -> dict[tuple[int, int], float]:
-    """Map slider values (finest first) onto the bundle's grids by rank, normalised to sum 1 so that the KL
-    threshold keeps its meaning whatever the mix."""
-    grids = by_size(bundle.attention)
-    weights = {g: float(v) for g, v in zip(grids, values)}
-    total = sum(weights.values())
-    if total <= 0:
-        raise ValueError("All resolution weights are 0: give at least one resolution a positive weight.")
-    return {r: w / total for r, w in weights.items()}
-
-
-def named_copy(file: Path, target: Path) -> Path:
-    """`file` under the name `target` for a download (a hard link where the file system allows, else a copy)."""
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(file, target)
-        except OSError:
-            shutil.copyfile(file, target)
-    return target
-
-
-def pamr_info(labels: np.ndarray) -> str:
-    """The PAMR box's note for a DiffCut result: about how long refining it takes on this server."""
-    import torch
-
-    from ..methods.diffcut.pamr import estimated_seconds, reach
-
-    height, width = labels.shape
-    segments = int(labels.max()) + 1
-    seconds = estimated_seconds((height, width), segments, reach(torch.from_numpy(np.asarray(labels, np.int64))))
-    about = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
-    counted = f"{segments} segment{'s' if segments != 1 else ''}"
-    return f"{PAMR_INFO}: on this result it takes about {about} here ({counted} at {width}×{height})"
-
-
-def parse_blocks(text: str | None, depth: int) -> tuple[int, int] | None:
-    """The demo's block-range box: "FIRST:LAST" or one block "K"; empty for the defaults."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    first, _, last = text.partition(":")
-    try:
-        blocks = int(first), int(last or first)
-    except ValueError:
-        raise ValueError(f"Transformer blocks must be FIRST:LAST or one block number, not “{text}”.") from None
-    if not 0 <= blocks[0] <= blocks[1] < depth:
-        raise ValueError(f"Transformer blocks must lie from 0 to {depth - 1}, first ≤ last; “{text}” does not.")
-    return blocks
-
-
-def read_upload(path: str | None) -> np.ndarray:
-    """The uploaded image as (H, W, 3) uint8, or a readable error for the page."""
-    if not path:
-        raise ValueError("No image: upload one or pick an example.")
-    name = Path(path).name
-    limit = f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels. Resize it first."
-    try:
-        with Image.open(path) as probe:
-            width, height = probe.size
-    except Image.DecompressionBombError as error:  # Pillow refuses to open it at all: only its pixel count is known
-        pixels = re.search(r"\((\d+) pixels\)", str(error))
-        size = f"{int(pixels.group(1)) / 1e6:.0f} megapixels" if pixels else "too large to open"
-        raise ValueError(f"“{name}” is {size}; {limit}") from error
-    except Exception as error:  # noqa: BLE001 - any decoding failure is the upload's fault
-        raise ValueError(
-            f"“{name}” could not be read as an image: upload a PNG, JPEG, WebP, TIFF, BMP or GIF file."
-        ) from error
-    if width * height > MAX_PIXELS:
-        raise ValueError(f"“{name}” is {width}×{height} pixels ({width * height / 1e6:.0f} megapixels); {limit}")
-    return np.asarray(load_image(path))
-
-
-def upload_path(value) -> str | None:
-    """The file path in the image input's raw value. The page's events skip Gradio's preprocessing
-    (`preprocess=False`), which fails on an undecodable upload with an internal error naming server paths; the file
-    is then read once, by `read_upload`, which says what is wrong in the app's words."""
-    if value is None or isinstance(value, str):
-        return value
-    return value.get("path") if isinstance(value, dict) else getattr(value, "path", None)
-
-
-class OutOfRange(ValueError):
-    """A typed number outside its control's range (Gradio's number boxes accept any number)."""
-
-    def __init__(self, control, value) -> None:
-        super().__init__(
-            f"{control.label} goes from {control.minimum:g} to {control.maximum:g}: {value} is outside that range."
-        )
-        self.control = control
 
 
 @dataclass
@@ -206,30 +112,33 @@ class Demo:
             if not inside:
                 raise OutOfRange(control, value)
 
-    @staticmethod
-    def anchor_limit(bundle: Bundle) -> int | None:
-        """The most anchors per axis this bundle's finest grid holds (its longer side; `merging.anchor_grid`), or
-        None for a method without anchors."""
-        attention = getattr(bundle, "attention", None)
-        return max(by_size(attention)[0]) if attention else None
-
     def method_settings(self, values: dict, bundle: Bundle):
-        """The bundle's method's settings object, from the controls (the anchor grid already within the image's
-        limit, see `segment`)."""
-        c = self.controls
-        if bundle.method == "diffcut":
-            return DiffCutConfig(tau=values[c.tau], alpha=values[c.alpha], pamr=values[c.pamr])
-        if bundle.method == "seg4diff":
-            return Seg4DiffConfig(kl_threshold=float(values[c.seg4diff_kl]), power=float(values[c.power]))
-        if bundle.method == "concepts":
-            return ConceptConfig()
-        return SegmentConfig(
-            kl_threshold=float(values[c.kl]),
-            iterations=int(values[c.iterations]),
-            num_points=int(values[c.points]),
-            refine=bool(values[c.refine]),
-            resolution_weights=slider_weights(bundle, [values[w] for w in c.weights]),
-        )
+        """The bundle's method's settings object, from its controls (each within the image's limit, see `fit`)."""
+        method, fields = method_named(bundle.method), {}
+        for control, component in self.controls.declared.get(bundle.method, []):
+            value = values[component]
+            if control.widget == GRID_WEIGHTS:
+                value = slider_weights(bundle, [values[w] for w in self.controls.weights])
+            elif control.span is None:
+                value = bool(value)
+            else:
+                value = int(value) if control.integer else float(value)
+            fields[control.field] = value
+        return method.config(**fields)
+
+    def fit(self, values: dict, bundle: Bundle, notes: list[str], adjusted: dict) -> dict:
+        """The values with each control a bundle bounds (DiffSeg's anchor grid: the image's finest grid) lowered to
+        its bound, said in `notes`; the controls' ranges follow the image in `adjusted`. The defaults give a result on
+        any image."""
+        for control, component in self.controls.declared.get(bundle.method, []):
+            limit = None if control.bound is None else control.bound(bundle)
+            if limit is None:
+                continue
+            if values[component] > limit:
+                notes.append(f"{control.label.lower()} {limit}: at most {limit} on this image")
+                values = {**values, component: limit}
+            adjusted[component] = gr.update(maximum=min(limit, component.maximum), value=values[component])
+        return values
 
     def segment(self, values: dict, request: gr.Request | None, progress) -> dict:
         """Read the image, get its bundle (an encode, with progress and a stop button, only when not cached),
@@ -261,17 +170,13 @@ class Demo:
                 blocks=parse_blocks(values[c.blocks], self.pipeline.backbone.depth),
             )
             encode_seconds, start = time.perf_counter() - start, time.perf_counter()
-            limit = self.anchor_limit(entry.bundle)
-            if limit is not None:  # the anchor grid's slider follows the image; the defaults give a result on any
-                if values[c.points] > limit:
-                    notes.append(f"anchor grid {limit}: this image's finest attention grid allows at most {limit}")
-                    values = {**values, c.points: limit}
-                adjusted[c.points] = gr.update(maximum=min(limit, c.points.maximum), value=values[c.points])
+            values = self.fit(values, entry.bundle, notes, adjusted)
             # Where the model runs: on a GPU server, the GPU. Stop ends a long cut at its next node.
             with cancellable(lambda: session.stops != stops):
                 result = self.pipeline.segment(entry.bundle, self.method_settings(values, entry.bundle))
-            if method == "diffcut":  # PAMR's cost on this result, shown before it is ticked
-                adjusted[c.pamr] = gr.update(info=pamr_info(result.labels))
+            for control, component in c.declared.get(method, []):  # e.g. PAMR's cost on this result, before it runs
+                if control.note is not None:
+                    adjusted[component] = gr.update(info=control.note(result.labels))
             name = Path(path).stem  # Gradio keeps the upload's own file name
             # Downloads live beside their bundle (one folder each: two sessions' "photo.jpg" never collide) and
             # go with it when it is evicted.
@@ -372,23 +277,15 @@ class Demo:
 
     def on_reset(self, values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
         """Every segmentation control back to its paper's default, then a re-run (the timestep's may re-encode)."""
-        c = self.controls
-        diffseg, diffcut, seg4diff = SegmentConfig(), DiffCutConfig(), Seg4DiffConfig()
-        defaults = {
-            c.timestep: method_named(values[c.method]).encode_defaults.timestep,
-            c.blocks: "",
-            c.kl: diffseg.kl_threshold,
-            c.iterations: diffseg.iterations,
-            c.points: anchor_points(len(self.sides)),
-            c.refine: diffseg.refine,
-            c.preset: "proportional",
-            c.tau: diffcut.tau,
-            c.alpha: diffcut.alpha,
-            c.pamr: diffcut.pamr,
-            c.seg4diff_kl: seg4diff.kl_threshold,
-            c.power: seg4diff.power,
-            **dict(zip(c.weights, preset_weights("proportional", self.sides))),
-        }
+        c, backbone = self.controls, self.pipeline.backbone
+        defaults = {c.timestep: method_named(values[c.method]).encode_defaults.timestep, c.blocks: ""}
+        for name, pairs in c.declared.items():
+            for control, component in pairs:
+                defaults[component] = method_named(name).default(control, backbone)
+        if c.preset is not None:
+            defaults.update(
+                {c.preset: "proportional", **dict(zip(c.weights, preset_weights("proportional", self.sides)))}
+            )
         return self.setting(defaults, values, request, progress)
 
     def on_method(self, values: dict, request: gr.Request, progress=gr.Progress()) -> dict:
@@ -421,8 +318,10 @@ class Demo:
 
         # Every segmenting event may set the numbers (a refused value goes back; the anchor grid follows the image)
         # besides the results; each event names what else it sets.
+        noted = [component for pairs in c.declared.values() for control, component in pairs if control.note]
+
         def outputs(*more):
-            return list(dict.fromkeys([*more, *self.results.all(), *c.numbers(), c.pamr]))
+            return list(dict.fromkeys([*more, *self.results.all(), *c.numbers(), *noted]))
 
         # "always_last": while one segmentation runs, further moves collapse into one run with the latest values.
         # No preprocessing: handlers read the image's path with `upload_path`, so a bad upload gets our message.
@@ -436,12 +335,14 @@ class Demo:
         c.words.submit(self.on_change, inputs, outputs(), **latest)
         c.blocks.submit(self.on_change, inputs, outputs(), **latest)
         c.method.input(self.on_method, inputs, outputs(*groups), **latest)
-        page.reset.click(self.on_reset, inputs, outputs(c.preset, c.refine, c.pamr, c.blocks), **latest)
-        for control in (c.kl, c.iterations, c.points, c.tau, c.alpha, c.refine, c.pamr, c.seg4diff_kl, c.power):
-            control.input(self.on_change, inputs, outputs(), **instant)
-        for control in c.weights:
-            control.input(self.on_weight, inputs, outputs(c.preset), **instant)
-        c.preset.input(self.on_preset, inputs, outputs(), **latest)
+        page.reset.click(self.on_reset, inputs, outputs(*c.own(), c.blocks), **latest)
+        for component in c.own():
+            if component is not c.preset:
+                component.input(self.on_change, inputs, outputs(), **instant)
+        for component in c.weights:
+            component.input(self.on_weight, inputs, outputs(c.preset), **instant)
+        if c.preset is not None:
+            c.preset.input(self.on_preset, inputs, outputs(), **latest)
         # Stopping is the server's: the running event ends at its next block and returns nothing, so the page sees
         # an ordinary completion. Gradio's `cancels=` is not used: its cancelling races the event's own end in the
         # page, which then shows "Error" over the viewer, and it drops only one of two events a replaced image sends.

@@ -6,20 +6,18 @@ handlers. Initial values come from the config objects, so a default is written o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import gradio as gr
 
 from ..backbones.types import Backbone
-from ..config import RESOLUTION_PRESETS, DiffCutConfig, Seg4DiffConfig, SegmentConfig, anchor_points
+from ..config import RESOLUTION_PRESETS
 from ..config import preset_weights as preset_grid_weights
 from ..methods.registry import METHODS
+from ..methods.spec import GRID_WEIGHTS, Control, Method
 
-_SEGMENT = SegmentConfig()
-PAMR_INFO = "Snaps segment edges to the image's colour edges"
-_DIFFCUT = DiffCutConfig()
-_SEG4DIFF = Seg4DiffConfig()
+DEFAULT_METHOD = "diffseg"  # the method the page starts with
 MAX_GRIDS = 4  # weight sliders, finest grid first; a model with fewer grids (SDXL: 2) shows fewer
 CUSTOM = "custom"  # the preset's name once a weight slider is moved by hand
 OPACITY = 0.5  # the viewer's default overlay opacity (the CLI's overlay uses the same)
@@ -61,34 +59,37 @@ def preset_weights(name: str, sides: tuple[int, ...] = (64, 32, 16, 8)) -> list[
 
 @dataclass
 class Controls:
-    """The page's inputs, so that handlers read settings by name (Gradio passes a set of inputs as one dict)."""
+    """The page's inputs, so that handlers read settings by name (Gradio passes a set of inputs as one dict): the
+    ones every method shares, each method's own (made from its `Control`s), and the per-grid weights."""
 
     image: gr.Image
     method: gr.Radio
     timestep: gr.Slider
     words: gr.Textbox
     blocks: gr.Textbox  # a diffusion transformer's block range (hidden for a UNet)
-    kl: gr.Slider
-    iterations: gr.Slider
-    points: gr.Slider
-    refine: gr.Checkbox
-    preset: gr.Dropdown
-    tau: gr.Slider
-    alpha: gr.Slider
-    pamr: gr.Checkbox
-    seg4diff_kl: gr.Slider
-    power: gr.Slider
-    weights: list[gr.Slider]
+    declared: dict[str, list[tuple[Control, gr.components.Component]]]  # method -> its controls and components
+    preset: gr.Dropdown | None = None  # the `GRID_WEIGHTS` widget: a preset menu and a slider per grid
+    weights: list[gr.Slider] = field(default_factory=list)
+
+    def __getitem__(self, name: str):
+        """A component by its name: a shared control's (`timestep`), or a method control's element id (`tau`)."""
+        if name in ("image", "method", "timestep", "words", "blocks", "preset"):
+            return getattr(self, name)
+        found = [component for pairs in self.declared.values() for c, component in pairs if c.name == name]
+        if not found:
+            raise KeyError(name)
+        return found[0]
+
+    def own(self) -> list:
+        """Each method's components (the grid weights' preset included), in the page's order."""
+        return [component for pairs in self.declared.values() for _, component in pairs]
 
     def numbers(self) -> list[gr.Slider]:
         """The controls with a number box (and so a range to keep to)."""
-        return [
-            self.timestep, self.kl, self.iterations, self.points, self.tau, self.alpha, self.seg4diff_kl, self.power,
-            *self.weights,
-        ]  # fmt: skip
+        return [self.timestep, *(x for x in self.own() if isinstance(x, gr.Slider)), *self.weights]
 
     def ordered(self) -> list:
-        return [v for k, v in vars(self).items() if k != "weights"] + self.weights
+        return [self.image, self.method, self.timestep, self.words, self.blocks, *self.own(), *self.weights]
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Page:
     blocks: gr.Blocks
     controls: Controls
     results: Results
-    groups: dict[str, gr.Group]  # method name -> the group of its segment controls
+    groups: dict[str, gr.Group]  # method name -> the group of its segment controls (methods that have some)
     reset: gr.Button
     cancel: gr.Button
     # Hidden: the Stop presses the page knows of (Stop's handler sets it). Every event carries it as it was when the
@@ -150,27 +151,27 @@ def build_page(backbone: Backbone) -> Page:
 
 
 def _control_column(backbone: Backbone) -> tuple[Controls, dict[str, gr.Group], gr.Button]:
-    sides, depth = backbone.grid_sides[:MAX_GRIDS], backbone.depth
+    depth = backbone.depth
     image = gr.Image(
         type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="input-image"
     )
     gr.Examples(examples=examples(), inputs=image, elem_id="examples", label="Examples")
-    offered = [name for name, m in METHODS.items() if m.runs_on(backbone)]
+    offered = [m for m in METHODS.values() if m.runs_on(backbone)]
     method = gr.Radio(
-        offered,
-        value="diffseg",
+        [m.name for m in offered],
+        value=DEFAULT_METHOD,
         label="Method (re-encodes)",
         elem_id="method",
-        info="DiffSeg: self-attention merged by KL; DiffCut: a layer's features, recursive normalised cut"
-        + ("; Seg4Diff: a block's image-to-text attention merged by KL" if "seg4diff" in offered else "")
-        + "; concepts: where each of the Words is (point at the image for each word's share)",
+        info="; ".join(f"{m.title}: {m.summary}" for m in offered),
     )
     timestep = _slider(
         "timestep",
         "Timestep (re-encodes)",
         (0, 999, 1),
-        METHODS["diffseg"].encode_defaults.timestep,
-        "The noise level of the one denoising step (papers: DiffSeg 300, DiffCut 50; Seg4Diff 261, its step 8 of 28)",
+        METHODS[DEFAULT_METHOD].encode_defaults.timestep,
+        "The noise level of the one denoising step (the papers': "
+        + ", ".join(f"{m.title} {m.encode_defaults.timestep}" for m in offered)
+        + ")",
     )
     words = gr.Textbox(
         label="Words: name segments with them, or find them (method “concepts”) (comma-separated; re-encodes)",
@@ -184,59 +185,32 @@ def _control_column(backbone: Backbone) -> tuple[Controls, dict[str, gr.Group], 
             elem_id="blocks",
             info="DiffSeg averages these blocks' attention; DiffCut reads the image tokens after LAST. Empty: defaults",
         )
-    with gr.Group(visible=False) as diffcut_controls:
-        tau = _slider(
-            "tau", "Cut threshold τ", (0.05, 1.5, 0.01), _DIFFCUT.tau,
-            "A region is cut while the cut costs less than τ: higher gives more segments (0.9: hundreds, seconds)",
-        )  # fmt: skip
-        alpha = _slider(
-            "alpha", "Affinity exponent α", (1, 20, 0.5), _DIFFCUT.alpha,
-            "Sharpens feature similarity: higher separates more",
-        )  # fmt: skip
-        pamr = gr.Checkbox(
-            value=_DIFFCUT.pamr,
-            label="PAMR refinement",
-            elem_id="pamr",
-            info=PAMR_INFO + "; its time grows with segments × pixels",
-        )
-    with gr.Group(visible=False) as seg4diff_controls:
-        seg4diff_kl = _slider(
-            "seg4diff-kl", "KL threshold τ", (0.01, 1.0, 0.01), _SEG4DIFF.kl_threshold,
-            "Token maps closer than τ merge: higher gives fewer, larger segments (Seg4Diff: 0.1)",
-        )  # fmt: skip
-        power = _slider(
-            "power", "Map exponent", (0.25, 4.0, 0.25), _SEG4DIFF.power,
-            "Sharpens the normalised maps before merging (Seg4Diff: 1)",
-        )  # fmt: skip
-    with gr.Group() as diffseg_controls:
-        kl = _slider(
-            "kl-threshold", "KL threshold τ", (0.05, 3.0, 0.05), _SEGMENT.kl_threshold,
-            "Attention maps closer than τ merge: higher gives fewer, larger segments",
-        )  # fmt: skip
-        iterations = _slider(
-            "iterations", "Merge iterations", (1, 6, 1), _SEGMENT.iterations,
-            "Rounds of merging the proposals with each other",
-        )  # fmt: skip
-        points = _slider(
-            "num-points", "Anchor grid (M×M)", (2, min(32, backbone.geometry.finest_side()), 1),
-            anchor_points(len(sides)),
-            "Starting points of the first merge: more can find smaller segments",
-        )  # fmt: skip
-        refine = gr.Checkbox(
-            value=_SEGMENT.refine,
-            label="K-means refinement",
-            elem_id="refine",
-            info="Re-assigns every attention map to its nearest proposal (slower)",
-        )
-        preset = gr.Dropdown(
+    controls = Controls(image, method, timestep, words, blocks, declared={})
+    groups = {}
+    for m in offered:
+        shown = [c for c in m.controls if c.demo]
+        if shown:
+            with gr.Group(visible=m.name == DEFAULT_METHOD) as groups[m.name]:
+                controls.declared[m.name] = [(c, _component(m, c, backbone, controls)) for c in shown]
+    reset = gr.Button("Reset to the papers' settings", elem_id="reset", variant="secondary")
+    return controls, groups, reset
+
+
+def _component(method: Method, control: Control, backbone: Backbone, controls: Controls):
+    """A method control's component: a slider (its span, within the checkpoint's limit), a checkbox, or the per-grid
+    weights (a preset menu, kept as the control's component, and `MAX_GRIDS` sliders on `controls`)."""
+    value = method.default(control, backbone)
+    if control.widget == GRID_WEIGHTS:
+        sides = backbone.grid_sides[:MAX_GRIDS]
+        controls.preset = gr.Dropdown(
             [*presets_for(sides), CUSTOM],
             value="proportional",
-            label="Resolution preset",
-            elem_id="preset",
-            info="How much each attention grid counts; proportional is the paper's",
+            label=control.label,
+            elem_id=control.name,
+            info=control.help,
             filterable=False,  # a choice, not a text box: typing must not append to the preset's name
         )
-        weights = [
+        controls.weights = [
             _slider(
                 f"weight-{k}",
                 f"Weight of grid {k + 1}" + (f" ({sides[k]}² at native size)" if k < len(sides) else ""),
@@ -247,13 +221,13 @@ def _control_column(backbone: Backbone) -> tuple[Controls, dict[str, gr.Group], 
             )
             for k, w in enumerate(preset_weights("proportional", sides))
         ]
-    reset = gr.Button("Reset to the papers' settings", elem_id="reset", variant="secondary")
-    controls = Controls(
-        image, method, timestep, words, blocks, kl, iterations, points, refine, preset, tau, alpha, pamr, seg4diff_kl,
-        power, weights,
-    )  # fmt: skip
-    groups = {"diffseg": diffseg_controls, "diffcut": diffcut_controls, "seg4diff": seg4diff_controls}
-    return controls, groups, reset
+        return controls.preset
+    if control.span is None:
+        return gr.Checkbox(value=bool(value), label=control.label, elem_id=control.name, info=control.help)
+    low, high, step = control.span
+    if control.limit is not None:
+        high = min(high, control.limit(backbone))
+    return _slider(control.name, control.label, (low, high, step), value, control.help)
 
 
 def _result_column() -> tuple[Results, gr.Button]:

@@ -140,10 +140,8 @@ def _class_concepts(args: argparse.Namespace):
 
 
 def _config(args: argparse.Namespace, bench):
-    """The method's settings for one benchmark: DiffSeg's τ is the paper's for it unless given."""
-    if args.kl_threshold is None and args.method == "diffseg":
-        args = argparse.Namespace(**{**vars(args), "kl_threshold": bench.kl_threshold})
-    return method_config(args)
+    """The method's settings for one benchmark: those its paper fixes for it (DiffSeg's τ) unless given."""
+    return method_config(args, bench.settings(args.method))
 
 
 def _report(summaries, output: Path, args: argparse.Namespace, several: bool) -> None:
@@ -239,5 +237,7 @@ def add_evaluate_command(commands) -> None:
     )
     add_model_arguments(p)
     add_encode_arguments(p, crop=False)
-    add_segment_arguments(p, per_dataset=True)
+    from ..evaluation.datasets import BENCHMARK_SETTINGS
+
+    add_segment_arguments(p, per_dataset=BENCHMARK_SETTINGS)
     p.set_defaults(run=run_evaluate)

@@ -5,63 +5,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 
 from ..config import (
-    NUM_POINTS,
-    NUM_POINTS_SINGLE_GRID,
     DEFAULT_MODEL,
     METHOD_DEFAULT,
     RESIZE,
-    RESOLUTION_PRESETS,
     SEGMENT_FROM,
     VOTING,
-    ConceptConfig,
-    DiffCutConfig,
     EncodeConfig,
     NamingConfig,
-    Seg4DiffConfig,
-    SegmentConfig,
     encode_settings,
 )
 from ..methods.registry import METHODS
 
 _ENCODE = EncodeConfig()
-_SEGMENT = SegmentConfig()
-_DIFFCUT = DiffCutConfig()
-_SEG4DIFF = Seg4DiffConfig()
 _NAMING = NamingConfig()
-
-
-def _thresholds(text: str) -> float | tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
-    return values[0] if len(values) == 1 else values
-
-
-def _weights(text: str) -> dict[str, float]:
-    """`R:W,...` or `HxW:W,...`: grids as the library names them (`aggregation.grid_key`), finite weights ≥ 0."""
-    import math
-
-    from ..grids import grid_key
-
-    weights = {}
-    for item in text.split(","):
-        key, _, value = (part.strip() for part in item.partition(":"))
-        try:
-            grid_key(key)
-            weight = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected GRID:WEIGHT pairs such as '64:0.5,32:0.5' or '48x88:1', got {text!r}"
-            ) from None
-        if not (math.isfinite(weight) and weight >= 0):
-            raise argparse.ArgumentTypeError(f"weights must be finite and at least 0, got {value!r} in {text!r}")
-        weights[key.lower()] = weight
-    if not any(w > 0 for w in weights.values()):
-        raise argparse.ArgumentTypeError(f"at least one weight must be above 0, got {text!r}")
-    return weights
 
 
 def _seed(text: str) -> int | None:
@@ -111,8 +70,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _per_method(value) -> str:
+    """Each method's encode default, as help text: `DiffSeg 300, DiffCut 50, ...`."""
+    return ", ".join(f"{m.title} {value(m.encode_defaults)}" for m in METHODS.values())
+
+
 def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> None:
-    diffseg, diffcut = METHODS["diffseg"].encode_defaults, METHODS["diffcut"].encode_defaults
     group = parser.add_argument_group("encoding (the UNet step)")
     group.add_argument(
         "--method",
@@ -124,7 +87,7 @@ def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> 
         "--timestep",
         type=int,
         default=METHOD_DEFAULT,
-        help=f"UNet timestep (default: the method's paper: DiffSeg {diffseg.timestep}, DiffCut {diffcut.timestep})",
+        help=f"UNet timestep (default: the method's paper: {_per_method(lambda e: e.timestep)})",
     )
     if crop:  # benchmarks fix the crop, the size and the noise: the protocol's
         group.add_argument(
@@ -145,14 +108,14 @@ def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> 
             type=int,
             default=METHOD_DEFAULT,
             help="about RESOLUTION² pixels reach the model, each side a multiple of 64 (SDXL family: 32; SD3, Flux: "
-            f"16) (default: DiffSeg the model's native size, 512 for SD 1.x; DiffCut {diffcut.resolution})",
+            f"16) (default: {_per_method(lambda e: e.resolution or 'the model native size, 512 for SD 1.x')})",
         )
         group.add_argument(
             "--noise-seed",
             type=_seed,
             default=METHOD_DEFAULT,
-            help="seed of the noise added for the timestep, or 'none' for the clean latent (default: DiffSeg none, "
-            f"as its paper; DiffCut {diffcut.noise_seed}, as its reference)",
+            help="seed of the noise added for the timestep, or 'none' for the clean latent (default: the method's "
+            f"reference: {_per_method(lambda e: 'none' if e.noise_seed is None else e.noise_seed)})",
         )
     group.add_argument(
         "--blocks",
@@ -171,67 +134,63 @@ def encode_config(args: argparse.Namespace) -> EncodeConfig:
     given["blocks"] = given["blocks"] or METHOD_DEFAULT
     if hasattr(args, "crop"):
         given.update(crop=None if args.crop == "none" else args.crop, resize=args.resize)
-    return _checked(lambda **fields: encode_settings(args.method, **fields), given)
+    return _checked(lambda **fields: encode_settings(METHODS[args.method].encode_defaults, **fields), given)
 
 
-def add_segment_arguments(parser: argparse.ArgumentParser, per_dataset: bool = False) -> None:
-    group = parser.add_argument_group("segmentation (aggregation, merging, labelling)")
-    group.add_argument(
-        "--kl-threshold",
-        type=_thresholds,
-        default=None,
-        help="merge threshold τ, one value or one per iteration (DiffSeg); Seg4Diff's one threshold (default: "
-        + ("DiffSeg the paper's for the dataset" if per_dataset else f"DiffSeg {_SEGMENT.kl_threshold}")
-        + f", Seg4Diff {_SEG4DIFF.kl_threshold})",
-    )
-    group.add_argument(
-        "--iterations", type=int, default=_SEGMENT.iterations, help="merge iterations (default: %(default)s)"
-    )
-    group.add_argument(
-        "--num-points",
-        type=int,
-        default=None,
-        help=f"anchors per axis M of the first merge (default: {NUM_POINTS}, the paper's; {NUM_POINTS_SINGLE_GRID} on "
-        "an SD3 / Flux model's single grid; an axis of the finest grid shorter than M gets one anchor per position)",
-    )
-    group.add_argument("--refine", action="store_true", help="K-means refinement (needs scikit-learn: diffseg[refine])")
-    group.add_argument(
-        "--float32-merge",
-        action="store_true",
-        help="merge maps that underflow float16 too (default: as the reference, whose float16 first iteration "
-        "leaves them out)",
-    )
-    weights = group.add_mutually_exclusive_group()
-    weights.add_argument(
-        "--resolution-weights",
-        type=_weights,
-        default=None,
-        metavar="R:W,...",
-        help="weight per attention grid, e.g. 64:1,32:0 (a side names the grid of that size on any aspect ratio) or "
-        "48x88:1 (default: proportional to the grid's side)",
-    )
-    weights.add_argument(
-        "--resolution-preset",
-        choices=list(RESOLUTION_PRESETS),
-        default=None,
-        help="a named weighting of the attention grids by rank, finest first (fits any model)",
-    )
-    cut = parser.add_argument_group("DiffCut segmentation (recursive normalised cut), with --method diffcut")
-    cut.add_argument(
-        "--tau",
-        type=float,
-        default=_DIFFCUT.tau,
-        help="accept a cut while its normalised-cut cost is below τ; lower gives fewer segments (default: %(default)s)",
-    )
-    cut.add_argument("--alpha", type=float, default=_DIFFCUT.alpha, help="affinity exponent α (default: %(default)s)")
-    cut.add_argument("--pamr", action="store_true", help="refine with PAMR and a 3×3 median filter (reference option)")
-    seg4diff = parser.add_argument_group("Seg4Diff segmentation, with --method seg4diff (and --kl-threshold)")
-    seg4diff.add_argument(
-        "--power",
-        type=float,
-        default=_SEG4DIFF.power,
-        help="exponent of the min-max normalised maps before merging (default: %(default)s, the reference's)",
-    )
+def add_segment_arguments(parser: argparse.ArgumentParser, per_dataset: Mapping[str, tuple[str, ...]] = {}) -> None:
+    """Each method's segment options, one group per method, made from its controls (`spec.Control`); an option two
+    methods declare is one option, in the first one's group, with each method's help and default. `per_dataset`:
+    method -> fields whose default is the benchmark's (the evaluation's)."""
+    readers = _readers()
+    for method in METHODS.values():
+        mine = [c for c in method.controls if c.cli and readers[c.option][0][0] is method]
+        if not mine:
+            continue
+        group = parser.add_argument_group(f"{method.title} segmentation, with --method {method.name}")
+        exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
+        for control in mine:
+            target = group
+            if control.exclusive:
+                if control.exclusive not in exclusive:
+                    exclusive[control.exclusive] = group.add_mutually_exclusive_group()
+                target = exclusive[control.exclusive]
+            _add_option(target, readers[control.option], per_dataset)
+
+
+def _add_option(group, pairs: list, per_dataset: Mapping[str, tuple[str, ...]]) -> None:
+    """One option for the (method, control) pairs that read it: a flag or a valued option, unset by default (None:
+    each method's config keeps its own), its help each reader's."""
+    control = pairs[0][1]
+    helps = [_help(method, c, per_dataset) for method, c in pairs]
+    if len(helps) > 1:
+        helps = [f"{method.title}: {text}" for (method, _), text in zip(pairs, helps)]
+    kind = {"action": "store_true"} if control.flag else {"type": control.parse, "choices": control.choices or None}
+    group.add_argument(control.option, dest=control.dest, default=None, help="; ".join(helps), **kind)
+
+
+def _readers() -> dict[str, list]:
+    """Command-line option -> the (method, control) pairs that read it, in the table's order."""
+    readers: dict[str, list] = {}
+    for method in METHODS.values():
+        for control in method.controls:
+            if control.cli:
+                readers.setdefault(control.option, []).append((method, control))
+    return readers
+
+
+def _help(method, control, per_dataset: Mapping[str, tuple[str, ...]]) -> str:
+    """A control's help with its default as the config holds it (argparse's `%` escaped)."""
+    text = control.help.replace("%", "%%")
+    if text[1:2].islower():  # the page's sentence, as the CLI's other helps start
+        text = text[0].lower() + text[1:]
+    if control.field in per_dataset.get(method.name, ()):
+        return f"{text} (default: the paper's for the dataset)"
+    default = getattr(method.config(), control.field)
+    if control.default_text:
+        return f"{text} (default: {control.default_text})"
+    if control.flag or default is None or isinstance(default, bool):
+        return text
+    return f"{text} (default: {default})"
 
 
 def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
@@ -303,22 +262,6 @@ def naming_config(args: argparse.Namespace) -> NamingConfig:
     return _checked(NamingConfig, fields)
 
 
-# Options only some methods read, with their command-line defaults: given with another method they change nothing.
-_READ_BY = {
-    "kl_threshold": (("diffseg", "seg4diff"), None),
-    "iterations": (("diffseg",), _SEGMENT.iterations),
-    "num_points": (("diffseg",), None),
-    "refine": (("diffseg",), False),
-    "float32_merge": (("diffseg",), False),
-    "resolution_weights": (("diffseg",), None),
-    "resolution_preset": (("diffseg",), None),
-    "tau": (("diffcut",), _DIFFCUT.tau),
-    "alpha": (("diffcut",), _DIFFCUT.alpha),
-    "pamr": (("diffcut",), False),
-    "power": (("seg4diff",), _SEG4DIFF.power),
-}
-
-
 _NAMING_DEFAULTS = {name: getattr(_NAMING, name) for name in ("voting", "min_confidence", "segment_from")}
 
 
@@ -328,62 +271,41 @@ def _option(name: str) -> str:
 
 
 def warn_unread_options(args: argparse.Namespace) -> list[str]:
-    """Say which method-specific options were given (set off their defaults) with a method that does not read them,
+    """Say which method options were given with a method that does not read them (its controls do not declare them),
     e.g. `--pamr` without `--method diffcut`, and which naming options came without words to name with: the run goes
     on, and the user learns why the option had no effect. Returns the options named."""
-    unread = [
-        name
-        for name, (methods, default) in _READ_BY.items()
-        if args.method not in methods and getattr(args, name, default) != default
-    ]
+    own = {control.option for control in METHODS[args.method].controls}
+    readers = _readers()
+    given = [option for option, pairs in readers.items() if getattr(args, pairs[0][1].dest, None) is not None]
+    unread = [option for option in given if option not in own]
     if unread:
-        readers = " / ".join(sorted({method for name in unread for method in _READ_BY[name][0]}))
-        options = ", ".join(map(_option, unread))
-        print(f"diffseg: note: --method {args.method} does not read {options} (--method {readers} does); ignored.",
-              file=sys.stderr)  # fmt: skip
+        names = " / ".join(dict.fromkeys(m.name for option in unread for m, _ in readers[option]))
+        print(f"diffseg: note: --method {args.method} does not read {', '.join(unread)} (--method {names} does); "
+              "ignored.", file=sys.stderr)  # fmt: skip
     if getattr(args, "words", None) is None and not getattr(args, "caption", False):
         naming = [name for name, default in _NAMING_DEFAULTS.items() if getattr(args, name, default) != default]
         if naming:
             options = ", ".join(map(_option, naming))
             print(f"diffseg: note: nothing is named without --words or --caption; {options} ignored.", file=sys.stderr)
-            unread += naming
-    return [_option(name) for name in unread]
+            unread += map(_option, naming)
+    return unread
 
 
-def method_config(args: argparse.Namespace) -> SegmentConfig | DiffCutConfig:
-    """The method's settings given on the command line (`SegmentConfig` for DiffSeg, `DiffCutConfig` for DiffCut),
-    checked before any model loads by the config itself."""
-    if args.method == "diffcut":
-        return _checked(DiffCutConfig, {"tau": args.tau, "alpha": args.alpha, "pamr": args.pamr})
-    if args.method == "concepts":
-        return ConceptConfig()
-    if args.method == "seg4diff":
-        kl = _SEG4DIFF.kl_threshold if args.kl_threshold is None else args.kl_threshold
-        if isinstance(kl, tuple):
-            if len(kl) != 1:
-                raise ValueError(f"`--kl-threshold` of Seg4Diff is one value, not {len(kl)}.")
-            kl = kl[0]
-        return _checked(Seg4DiffConfig, {"kl_threshold": kl, "power": args.power})
-    if args.refine:
-        try:
-            import sklearn.cluster  # noqa: F401
-        except ImportError as error:
-            raise ImportError(
-                "--refine needs scikit-learn: pip install 'diffseg[refine]' (or scikit-learn)."
-            ) from error
-    weights = args.resolution_weights
-    if args.resolution_preset is not None:
-        weights = args.resolution_preset  # weights by rank: resolved on each bundle's grids
-    fields = {
-        "kl_threshold": _SEGMENT.kl_threshold if args.kl_threshold is None else args.kl_threshold,
-        "iterations": args.iterations,
-        "refine": args.refine,
-        "resolution_weights": weights,
-        "reference_float16": not args.float32_merge,
-    }
-    if args.num_points is not None:
-        fields["num_points"] = args.num_points
-    return _checked(SegmentConfig, fields)
+def method_config(args: argparse.Namespace, defaults: Mapping[str, object] = {}):
+    """The method's settings given on the command line (its controls' options, over `defaults`, over its config's
+    defaults), checked before any model loads by the config itself; its messages name the options."""
+    method = METHODS[args.method]
+    fields, options = dict(defaults), {}
+    for control in method.controls:
+        value = getattr(args, control.dest, None) if control.cli else None
+        if value is None:
+            continue
+        if control.flag:  # given: the default flipped (`--pamr`, `--float32-merge`)
+            value = not getattr(method.config(), control.field)
+        if value != getattr(method.config(), control.field):
+            control.check_requirement()
+        fields[control.field], options[control.field] = value, control.option
+    return _checked(method.config, fields, options)
 
 
 def job_config(args: argparse.Namespace, output_size: tuple[int, int] | None = None):
@@ -406,15 +328,15 @@ def job_config(args: argparse.Namespace, output_size: tuple[int, int] | None = N
     )
 
 
-def _checked(make, fields: dict):
+def _checked(make, fields: dict, options: Mapping[str, str] = {}):
     """`make(**fields)` (a config, which validates its fields); its message names the command-line option
-    (`--num-points`) instead of the field."""
+    (`--num-points`; `options`: field -> option where it is not the field's own name) instead of the field."""
     try:
         return make(**fields)
     except ValueError as error:
         message = str(error)
         for name in fields:
-            message = message.replace(f"`{name}`", f"`{_option(name)}`")
+            message = message.replace(f"`{name}`", f"`{options.get(name, _option(name))}`")
         raise ValueError(message) from None
 
 

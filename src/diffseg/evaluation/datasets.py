@@ -24,6 +24,8 @@ from ..config import SegmentConfig
 
 IGNORE = -1
 DIFFSEG_KL = SegmentConfig().kl_threshold  # the paper's COCO-Stuff setting, the default where it gives none
+# Method -> its settings whose default is the benchmark's own (`Benchmark.settings`): DiffSeg's τ per dataset.
+BENCHMARK_SETTINGS = {"diffseg": ("kl_threshold",)}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class Benchmark:
     kl_threshold: float = DIFFSEG_KL  # DiffSeg's τ for it (paper §4.1 where it gives one)
     background: bool = False  # unlabelled pixels form the last class (DiffCut's many-to-one matching)
     published: tuple[Published, ...] = field(default=())
+
+    def settings(self, method: str) -> dict:
+        """The method's settings the paper fixes for this benchmark (`BENCHMARK_SETTINGS`), field -> value."""
+        return {name: getattr(self, name) for name in BENCHMARK_SETTINGS.get(method, ())}
 
     def samples(self, root: str | Path) -> list[Sample]:
         raise NotImplementedError

@@ -292,12 +292,14 @@ def _protocol_job(pipeline, config, timestep, rules: Protocol, batch_size: int, 
     from ..jobs.runner import Job, JobConfig
     from ..methods.registry import method_of
 
-    method = method_of(config).name
+    method = method_of(config)
     if isinstance(config, SegmentConfig) and config.num_points is None:  # the number for this model's grids: a run
         config = replace(config, num_points=anchor_points(len(pipeline.backbone.grid_sides)))  # records it
-    encode = encode_settings(method, timestep=timestep, resize="square", crop=rules.job_crop, blocks=blocks)
+    encode = encode_settings(
+        method.encode_defaults, timestep=timestep, resize="square", crop=rules.job_crop, blocks=blocks
+    )
     encode = replace(encode, resolution=encode.resolution or rules.default_resolution)
-    job = JobConfig(method, encode, config, words=words, output_size=rules.score_size)
+    job = JobConfig(method.name, encode, config, words=words, output_size=rules.score_size)
     return Job(pipeline, job, batch_size=batch_size)
 
 

@@ -30,6 +30,8 @@ from ..config import DEFAULT_MODEL, EncodeConfig
 from ..io.images import crop as crop_image
 from ..io.images import decode_image, find_images, to_model_input
 from ..io.outputs import CONCEPT_WRITERS, WRITERS, OutputFolder, atomic_path, read_labels
+from ..methods.registry import METHODS, method_named, register
+from ..methods.spec import Method
 from .runner import Job, JobConfig, Outcome, deliver, pending
 
 MANIFEST = "manifest.parquet"
@@ -152,8 +154,6 @@ def read_manifest(output: Path) -> dict[str, dict]:
 
 def writers(config: JobConfig, formats) -> tuple:
     """The writers of `formats` (keys of `outputs.WRITERS`) for the job's method: concept maps have their own files."""
-    from ..methods.registry import method_named
-
     table = CONCEPT_WRITERS if method_named(config.method).concepts else WRITERS
     return tuple(table[f] for f in formats)
 
@@ -242,10 +242,13 @@ class SegmentWorker:
     segment` (`OutputFolder`); returns each input's manifest row."""
 
     def __init__(
-        self, model: str, device: str, dtype: str, config: JobConfig, output: str, formats: list[str], offload=False
-    ) -> None:
+        self, model: str, device: str, dtype: str, config: JobConfig, output: str, formats: list[str], offload=False,
+        method: Method | None = None,
+    ) -> None:  # fmt: skip
         from ..pipeline import DiffSegPipeline
 
+        if method is not None and method.name not in METHODS:  # a method the driver registered (`register`)
+            register(method)
         self.job = Job(DiffSegPipeline.from_pretrained(model, device=device, dtype=dtype, offload=offload), config)
         self.files = OutputFolder(Path(output), writers(config, formats))
         self.manifest = Manifest(self.files, rows={})  # the rows are the driver's; a worker only makes its own
@@ -350,6 +353,7 @@ def segment_dataset(
 
     # 2. Describe the stream: decode on CPUs, segment on the actors.
     worker = {"model": str(model), "device": device, "dtype": dtype, "offload": offload, "config": config}
+    worker["method"] = method_named(config.method)  # its row travels: a method registered here runs there too
     worker["output"] = str(output)
     data = _stream(_connect(ray_address), todo, backbone, {**worker, "formats": list(formats)}, batch_size,
                    concurrency, num_gpus_per_worker)  # fmt: skip

@@ -1,0 +1,37 @@
+"""Concept maps' row of the method table: what they ask of the denoiser (each word's map over the image) and their
+segment step (each pixel's most probable word). Nothing to set: the words are the job's."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...backbones.types import CONCEPT_MAPS
+from ...bundle import ConceptBundle
+from ...config import ENCODE_DEFAULTS, ConceptConfig, EncodeConfig
+from ..spec import Method, per_image
+from .segment import segment_concepts
+
+
+def _encode(pipe, pixels, images, settings: EncodeConfig, words, segment_from) -> list[ConceptBundle]:
+    """Each word's map over the image (`kind.concept_maps`)."""
+    maps = pipe.kind.concept_maps(pixels, words, **settings.step, blocks=settings.blocks)
+    return per_image(ConceptBundle, maps, images, settings, pipe, words=tuple(words))
+
+
+def _segment(bundle: ConceptBundle, config: ConceptConfig, size, image) -> np.ndarray:
+    return segment_concepts(bundle.concept_maps, size)
+
+
+METHOD = Method(
+    "concepts",
+    "Concepts",
+    "each word's map: ConceptAttention (Helbling et al., ICML 2025) on SD3 / Flux, cross-attention on UNets",
+    ConceptConfig,
+    ConceptBundle,
+    ENCODE_DEFAULTS["concepts"],
+    _encode,
+    _segment,
+    needs=frozenset({CONCEPT_MAPS}),
+    concepts=True,
+    joint_blocks=True,
+)
