@@ -2,6 +2,7 @@
 viewer's data. The page itself, in Chromium, is tested in `test_demo_browser.py`."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +311,51 @@ def _demo_showing(pipeline, folder, size: tuple[int, int], **settings):
     shown = demo.segment(values, None, lambda *_, **__: None)
     assert page.results.status in shown  # a result
     return demo, page, values, shown
+
+
+def test_a_shipped_example_is_never_deleted_by_the_upload_cache(tiny_pipeline, tmp_path):
+    """Gradio serves an example from a copy in the app's folder: uploads past the cache's size delete the oldest
+    upload, never that copy (before: "Street" became a broken thumbnail after four uploads)."""
+    import shutil
+
+    from diffseg.app.demo import Demo
+    from diffseg.app.layout import build_page, examples
+
+    demo = Demo(tiny_pipeline, build_page(tiny_pipeline.backbone), BundleCache(tiny_pipeline, 1, folder=tmp_path / "b"),
+                tmp_path)  # fmt: skip
+    (tmp_path / "cached").mkdir()
+    example = tmp_path / "cached" / Path(examples()[0]).name
+    shutil.copy(examples()[0], example)  # where Gradio keeps the example it serves
+    uploads = []
+    for k in range(3):
+        uploads.append(tmp_path / f"upload{k}.png")
+        Image.fromarray(quadrants_image(32 + k, 32)).save(uploads[-1])
+    for path in (example, *uploads):
+        demo.decoded(str(path))
+    assert not uploads[0].exists() and not uploads[1].exists() and uploads[2].exists()  # uploads: the latest kept
+    assert example.exists() and demo.decoded(str(example))[0].shape[2] == 3  # still served, still readable
+
+
+def test_the_downloads_a_person_can_open_hold_the_viewers_colours_and_names(tiny_checkpoint, tiny_pipeline, tmp_path):
+    """Beside the PNG of ids: an overlay PNG and a legend (id, name, area, colour), the colours the viewer draws; the
+    CLI's `--legend` writes the same legend."""
+    import json
+
+    from conftest import run_cli, tiny_model
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(quadrants_image(64, 96)).save(photo)
+    result = tiny_pipeline.segment(tiny_pipeline.encode(str(photo), labels="red, green"), kl_threshold=0.5)
+    view = render(result, image_uri(result.image), tmp_path / "view", "photo")
+    legend = json.loads(view.legend_file.read_text())["segments"]
+    rows = {row.id: row for row in view.rows}
+    assert [s["id"] for s in legend] == list(range(result.num_segments))
+    for segment in legend:
+        row = rows[segment["id"]]
+        assert segment["colour"] == row.colour and segment["name"] == row.name
+        assert abs(segment["area"] - row.area) < 1e-6
+    with Image.open(view.overlay_file) as overlay:
+        np.testing.assert_array_equal(np.asarray(overlay.convert("RGB")), np.asarray(result.overlay))
+    options = ("--words", "red, green", "--kl-threshold", "0.5", "--legend")
+    assert run_cli("segment", photo, "-o", tmp_path / "out", *tiny_model(tiny_checkpoint), *options) == 0
+    assert json.loads((tmp_path / "out" / "legends" / "photo.json").read_text())["segments"] == legend

@@ -325,7 +325,8 @@ def test_every_control_shows_a_focus_ring_and_downloads_are_named_by_their_file(
         changed[selector] = int((np.abs(focused - plain).sum(axis=2) > 60).sum()) / (2 * (box["width"] + box["height"]))
     assert min(changed.values()) >= 0.9, changed  # pixels changed per pixel of perimeter: a ring all round
     snapshot = page.locator("#downloads").aria_snapshot()
-    assert 'link "Download keyboard-labels.png' in snapshot and 'link "Download keyboard.safetensors' in snapshot
+    for file in ("keyboard-labels.png", "keyboard-overlay.png", "keyboard-legend.json", "keyboard.safetensors"):
+        assert f'link "Download {file}' in snapshot, file
 
 
 def test_the_kl_threshold_resegments_from_the_cache_and_the_table_is_sorted_by_area(user, tmp_path):
@@ -736,7 +737,7 @@ def _stopped(user, act) -> None:
     """Do `act` and press Stop as soon as it shows (at once: during the encode), then let the page settle."""
     act()
     user.page.locator("#cancel").click(timeout=30_000)
-    user.page.get_by_text("Stopped; the page shows its previous result.").wait_for(timeout=30_000)
+    user.page.locator("#status").get_by_text("Stopped; the page shows its previous result.").wait_for(timeout=30_000)
     try:
         user.page.locator("#cancel").wait_for(state="hidden", timeout=60_000)  # nothing runs any more
     except Exception as error:  # playwright's TimeoutError

@@ -69,7 +69,8 @@ def toy_labels(features: torch.Tensor, bins: int, size) -> np.ndarray:
 TOY = Method(
     "toy",
     "Toy",
-    "the first feature channel cut into quantile bins (a test's method)",
+    "the first feature channel cut into quantile bins",
+    "a test's method",
     ToyConfig,
     ToyBundle,
     EncodeConfig(timestep=100, noise_seed=0),

@@ -348,7 +348,8 @@ def test_evaluate_scores_a_transformer_checkpoint_under_both_protocols(pipelines
 
 
 def test_the_demo_segments_with_a_transformer_and_re_segments_from_its_cache(pipelines, tmp_path):
-    """One attention grid: the page's resolution sliders show one, and a KL move runs from the cached bundle."""
+    """One attention grid: nothing to weigh, so no resolution preset or weight slider is shown; a KL move runs from
+    the cached bundle; a block range the model does not have is refused and the box goes back to the result's."""
     from PIL import Image
 
     from diffseg.app.cache import BundleCache
@@ -357,6 +358,7 @@ def test_the_demo_segments_with_a_transformer_and_re_segments_from_its_cache(pip
 
     pipe = pipelines["tiny_sd3_checkpoint"]
     page = build_page(pipe.backbone)
+    assert not page.controls.preset.visible and not any(w.visible for w in page.controls.weights)
     cache = BundleCache(pipe, folder=tmp_path / "bundles")
     demo = Demo(pipe, page, cache, tmp_path)
     photo = tmp_path / "photo.png"
@@ -371,7 +373,8 @@ def test_the_demo_segments_with_a_transformer_and_re_segments_from_its_cache(pip
     demo.segment({**values, page.controls.blocks: "0:1"}, None, lambda *_, **__: None)
     assert cache.encodes == 2 and demo.session(None).values[page.controls.blocks] == "0:1"
     kept = demo.segment({**values, page.controls.blocks: "2:9"}, None, lambda *_, **__: None)
-    assert kept == demo.keep() and "Transformer blocks must lie from 0 to 2" in demo.session(None).warned[0]
+    assert kept[page.controls.blocks] == "0:1" and page.results.status not in kept
+    assert "Transformer blocks must lie from 0 to 2" in demo.session(None).warned[0]
 
 
 def test_a_block_range_averages_those_blocks_and_chooses_diffcuts_block(pipelines):

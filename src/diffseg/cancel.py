@@ -37,4 +37,4 @@ def checkpoint() -> None:
     """A point where the running work may stop: raises `Cancelled` if its caller's `stop()` is true."""
     stop = _STOP.get()
     if stop is not None and stop():
-        raise Cancelled("Stopped; the page keeps its previous result.")
+        raise Cancelled("Stopped; the page shows its previous result.")

@@ -24,7 +24,7 @@ _APP = AppConfig()
 
 
 class EncodeCancelled(Exception):
-    """The user stopped an encode; the page keeps its previous result."""
+    """The user stopped an encode; the page shows its previous result."""
 
 
 # The parts of the VAE encoder and the UNet an encode's progress counts: fine enough that the bar moves through the
@@ -60,7 +60,7 @@ def watch_encode(pipeline, report: Callable[[str, float], None], stop: Callable[
             if threading.get_ident() != owner:
                 return
             if stop():
-                raise EncodeCancelled("Encoding stopped; the page keeps its previous result.")
+                raise EncodeCancelled("Encoding stopped; the page shows its previous result.")
             report(stage, min(done[0] / total, 1.0))
             done[0] += 1
 

@@ -38,7 +38,7 @@ from ..methods.registry import method_named
 from .cache import BundleCache, EncodeCancelled
 from ..methods.spec import GRID_WEIGHTS
 from .layout import CUSTOM, MAX_GRIDS, Page, asset, build_page, examples, preset_weights, presets_for
-from .inputs import OutOfRange, named_copy, parse_blocks, read_upload, slider_weights, upload_path
+from .inputs import OutOfRange, Refused, file_digest, named_copy, parse_blocks, read_upload, slider_weights, upload_path
 from .view import render
 
 __all__ = ["build_app", "launch", "preset_weights", "presets_for", "read_upload", "slider_weights"]
@@ -75,6 +75,9 @@ class Demo:
         # image again (0.25 s for a 12-megapixel photo). Gradio names uploads by their content, so a path is one image.
         self.uploads: OrderedDict[str, tuple[np.ndarray, str]] = OrderedDict()
         self.segmentations = 0
+        # The shipped examples' contents: Gradio serves an example from a copy in the app's folder, which the upload
+        # cache must never delete (the thumbnail and the example would break for every later visitor).
+        self.examples = {file_digest(path) for path in examples()}
 
     def session(self, request: gr.Request | None) -> Session:
         return self.sessions.setdefault(getattr(request, "session_hash", None) or "", Session())
@@ -89,10 +92,17 @@ class Demo:
             self.uploads[path] = (image, BundleCache.digest(image))
             while len(self.uploads) > self.cache.capacity:
                 old, _ = self.uploads.popitem(last=False)
-                if Path(old).resolve().is_relative_to(self.folder):  # an upload, never one of the examples
+                if self.deletable(Path(old)):
                     Path(old).unlink(missing_ok=True)
         self.uploads.move_to_end(path)
         return self.uploads[path]
+
+    def deletable(self, path: Path) -> bool:
+        """Whether a file dropped from the upload cache is removed: an upload in the app's folder, never an example
+        (the shipped file, or Gradio's copy of it)."""
+        if not path.resolve().is_relative_to(self.folder) or not path.exists():
+            return False
+        return file_digest(path) not in self.examples
 
     def keep(self) -> dict:
         """The outputs of an event that leaves the page as it is (a dict return names what it updates; an empty
@@ -167,7 +177,7 @@ class Demo:
                 report=lambda stage, fraction: progress(fraction, desc=stage),
                 stop=lambda: session.stops != stops,
                 digest=digest,
-                blocks=parse_blocks(values[c.blocks], self.pipeline.backbone.depth),
+                blocks=self.blocks(values),
             )
             encode_seconds, start = time.perf_counter() - start, time.perf_counter()
             values = self.fit(values, entry.bundle, notes, adjusted)
@@ -186,7 +196,7 @@ class Demo:
             print(f"diffseg app: stopped after {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
             gr.Info(str(stopped))
             return self.keep()
-        except OutOfRange as refused:  # the control goes back to the value of the result the page shows
+        except Refused as refused:  # the control goes back to the value of the result the page shows
             shown = session.values.get(refused.control, refused.control.value)
             return {**self.warn(session, str(refused)), refused.control: shown}
         except (ValueError, ImportError, OSError) as error:
@@ -196,6 +206,13 @@ class Demo:
             return self.warn(session, FAILED)
         source = f"encoded in {encode_seconds:.1f} s" if encoded else "from cache"
         return {**adjusted, **self.shown(session, values, view, bundle_file, [source, *notes])}
+
+    def blocks(self, values: dict) -> tuple[int, int] | None:
+        """The block-range box's blocks; a range the model does not have is refused (the box goes back)."""
+        try:
+            return parse_blocks(values[self.controls.blocks], self.pipeline.backbone.depth)
+        except ValueError as error:
+            raise Refused(self.controls.blocks, str(error)) from None
 
     def settings(self, values: dict) -> tuple:
         """What a run is defined by: every control's value, compared by its text (as the page shows it)."""
@@ -217,6 +234,8 @@ class Demo:
             self.results.viewer: view.viewer,
             self.results.status: session.status,
             self.results.label_file: str(view.label_file),
+            self.results.overlay_file: str(view.overlay_file),
+            self.results.legend_file: str(view.legend_file),
             self.results.bundle_file: str(bundle_file),
             self.results.table: view.table,
         }

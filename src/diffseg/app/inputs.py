@@ -87,11 +87,26 @@ def upload_path(value) -> str | None:
     return value.get("path") if isinstance(value, dict) else getattr(value, "path", None)
 
 
-class OutOfRange(ValueError):
+class Refused(ValueError):
+    """A control's value the demo cannot take: the control goes back to the value of the result the page shows."""
+
+    def __init__(self, control, message: str) -> None:
+        super().__init__(message)
+        self.control = control
+
+
+class OutOfRange(Refused):
     """A typed number outside its control's range (Gradio's number boxes accept any number)."""
 
     def __init__(self, control, value) -> None:
         super().__init__(
-            f"{control.label} goes from {control.minimum:g} to {control.maximum:g}: {value} is outside that range."
+            control,
+            f"{control.label} goes from {control.minimum:g} to {control.maximum:g}: {value} is outside that range.",
         )
-        self.control = control
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (an example's copy is known by its content, wherever Gradio put it)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -99,6 +99,8 @@ class Results:
     viewer: gr.HTML
     status: gr.Markdown
     label_file: gr.File
+    overlay_file: gr.File
+    legend_file: gr.File
     bundle_file: gr.File
     table: gr.HTML
 
@@ -136,7 +138,7 @@ def build_page(backbone: Backbone) -> Page:
     methods that run on it."""
     with gr.Blocks(title="DiffSeg", analytics_enabled=False) as blocks:  # nothing leaves the server
         gr.Markdown(
-            f"## diffseg — unsupervised zero-shot segmentation with {backbone.name}\n"
+            f"# diffseg — unsupervised zero-shot segmentation with {backbone.name}\n"
             "Upload an image: one denoising step captures what the method needs (slow, once per image, method and "
             "timestep); every other control re-segments the cached result at once. Point at a segment for its name "
             "and area; click it (or its table row) to isolate it."
@@ -202,6 +204,7 @@ def _component(method: Method, control: Control, backbone: Backbone, controls: C
     value = method.default(control, backbone)
     if control.widget == GRID_WEIGHTS:
         sides = backbone.grid_sides[:MAX_GRIDS]
+        several = len(sides) > 1  # one grid (an SD3 / Flux model's tokens): nothing to weigh, nothing shown
         controls.preset = gr.Dropdown(
             [*presets_for(sides), CUSTOM],
             value="proportional",
@@ -209,6 +212,7 @@ def _component(method: Method, control: Control, backbone: Backbone, controls: C
             elem_id=control.name,
             info=control.help,
             filterable=False,  # a choice, not a text box: typing must not append to the preset's name
+            visible=several,
         )
         controls.weights = [
             _slider(
@@ -217,7 +221,7 @@ def _component(method: Method, control: Control, backbone: Backbone, controls: C
                 (0, 8, 0.5),
                 w,
                 "Relative to the other grids' (normalised to sum 1)",
-                visible=k < len(sides),
+                visible=several and k < len(sides),
             )
             for k, w in enumerate(preset_weights("proportional", sides))
         ]
@@ -260,5 +264,7 @@ def _result_column() -> tuple[Results, gr.Button]:
             table = gr.HTML(elem_id="segments")
     with gr.Row(elem_id="downloads"):
         label_file = gr.File(label="Label map (PNG of ids)", elem_id="label-download")
+        overlay_file = gr.File(label="Overlay (PNG, the viewer's colours)", elem_id="overlay-download")
+        legend_file = gr.File(label="Legend (JSON: id, name, area, colour)", elem_id="legend-download")
         bundle_file = gr.File(label="Bundle: what the model produced (safetensors)", elem_id="bundle-download")
-    return Results(viewer, status, label_file, bundle_file, table), cancel
+    return Results(viewer, status, label_file, overlay_file, legend_file, bundle_file, table), cancel

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..io.outputs import label_image, save_image
+from ..io.outputs import label_image, legend, save_image, save_json
 from ..io.visualisation import label_anchors, palette
 
 SMALL_SEGMENT = 0.005  # segments under 0.5 % of the image: collapsed in the table, named on the viewer on hover only
@@ -194,18 +194,24 @@ class View:
 
     viewer: str  # viewer_html
     label_file: Path  # PNG of ids at the image's size, for download
+    overlay_file: Path  # the colours over the image (PNG), as an image viewer shows it
+    legend_file: Path  # id, name, area and colour of every segment (JSON): the ids' key
     table: str
     rows: list[SegmentRow]
     seconds: float
 
 
 def render(result, image: str, out_dir: Path, name: str, start: float | None = None) -> View:
-    """A `Segmentation` -> viewer markup, table and label PNG (written under `out_dir` as `<name>-labels.png`).
+    """A `Segmentation` -> viewer markup, table and its downloads (written under `out_dir`: `<name>-labels.png`,
+    `<name>-overlay.png`, `<name>-legend.json`).
     `image` is the viewer's image (`image_uri`); `start` the `time.perf_counter()` the segmentation began."""
     start = time.perf_counter() if start is None else start
-    label_file = Path(out_dir) / f"{name}-labels.png"
+    label_file, overlay_file = Path(out_dir) / f"{name}-labels.png", Path(out_dir) / f"{name}-overlay.png"
+    legend_file = Path(out_dir) / f"{name}-legend.json"
     save_image(label_image(result.labels), label_file)
+    save_image(result.overlay, overlay_file)  # the CLI's overlay: the viewer's colours at its default opacity
+    save_json({"image": name, "segments": legend(result.labels, result.names)}, legend_file)
     rows = segment_rows(result.labels, result.names)
     viewer = viewer_html(image, result.labels, rows, name, result.probabilities, result.words)
     table = segment_table(rows, named=result.names is not None)
-    return View(viewer, label_file, table, rows, time.perf_counter() - start)
+    return View(viewer, label_file, overlay_file, legend_file, table, rows, time.perf_counter() - start)

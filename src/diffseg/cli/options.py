@@ -81,7 +81,7 @@ def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> 
         "--method",
         choices=list(METHODS),
         default="diffseg",
-        help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + " (default: %(default)s)",
+        help="; ".join(f"{m.name}: {m.summary} ({m.source})" for m in METHODS.values()) + " (default: %(default)s)",
     )
     group.add_argument(
         "--timestep",
@@ -164,7 +164,10 @@ def _add_option(group, pairs: list, per_dataset: Mapping[str, tuple[str, ...]]) 
     helps = [_help(method, c, per_dataset) for method, c in pairs]
     if len(helps) > 1:
         helps = [f"{method.title}: {text}" for (method, _), text in zip(pairs, helps)]
-    kind = {"action": "store_true"} if control.flag else {"type": control.parse, "choices": control.choices or None}
+    kind = {"action": "store_true"} if control.flag else {"type": control.parse}
+    if control.choices:  # named in the help: the usage line stays short
+        kind.update(choices=control.choices, metavar="NAME")
+        helps[-1] += f" (one of: {', '.join(control.choices)})"
     group.add_argument(control.option, dest=control.dest, default=None, help="; ".join(helps), **kind)
 
 
@@ -181,7 +184,8 @@ def _readers() -> dict[str, list]:
 def _help(method, control, per_dataset: Mapping[str, tuple[str, ...]]) -> str:
     """A control's help with its default as the config holds it (argparse's `%` escaped)."""
     text = control.help.replace("%", "%%")
-    if text[1:2].islower():  # the page's sentence, as the CLI's other helps start
+    first = text.split(" ", 1)[0]
+    if len(first) == 1 or not first.isupper():  # the page's sentence, as the CLI's other helps start (not "KL")
         text = text[0].lower() + text[1:]
     if control.field in per_dataset.get(method.name, ()):
         return f"{text} (default: the paper's for the dataset)"
@@ -349,6 +353,11 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write coco/NAME.json: one COCO RLE mask per segment, for detectron2/mmdetection (pycocotools)",
     )
+    group.add_argument(
+        "--legend",
+        action="store_true",
+        help="also write legends/NAME.json: each segment's id, name, area and colour in the overlay (the demo's too)",
+    )
 
 
 def output_writers(args: argparse.Namespace, naming: bool = False) -> list:
@@ -361,4 +370,5 @@ def output_writers(args: argparse.Namespace, naming: bool = False) -> list:
         except ImportError as error:
             raise ImportError("--coco needs pycocotools: pip install 'diffseg[coco]' (or pycocotools).") from error
     concepts = METHODS[args.method].concepts
-    return writers_for(overlay=not args.no_overlay, npy=args.npy, names=naming, coco=args.coco, concepts=concepts)
+    chosen = {"overlay": not args.no_overlay, "npy": args.npy, "coco": args.coco, "legend": args.legend}
+    return writers_for(names=naming, concepts=concepts, **chosen)

@@ -197,6 +197,26 @@ def _write_names(outcome, path: Path) -> None:
     )
 
 
+def legend(labels: np.ndarray, names=None) -> list[dict]:
+    """Per segment id (ascending): its name (None without words), its area (share of the pixels) and its colour in
+    the overlays and the demo's viewer (`visualisation.palette`, "#rrggbb")."""
+    from .visualisation import palette
+
+    counts = np.bincount(np.asarray(labels).ravel())
+    colours = palette(len(counts))
+    named = {n.id: n.label or "unlabelled" for n in names or []}
+    return [
+        {"id": k, "name": named.get(k), "area": round(float(counts[k] / counts.sum()), 6),
+         "colour": "#{:02x}{:02x}{:02x}".format(*colours[k])}
+        for k in range(len(counts))
+    ]  # fmt: skip
+
+
+def _write_legend(outcome, path: Path) -> None:
+    result = outcome.result
+    save_json({"image": str(outcome.source), "segments": legend(result.labels, result.names)}, path)
+
+
 def _write_coco(outcome, path: Path) -> None:
     save_json(coco_record(outcome.source, outcome.result.labels, outcome.result.names), path)
 
@@ -245,6 +265,7 @@ WRITERS = {
     "npy": Writer("npy", "arrays", ".npy", _write_array),
     "names": Writer("names", "semantics", ".json", _write_names),  # with --labels / --caption
     "coco": Writer("coco", "coco", ".json", _write_coco),
+    "legend": Writer("legend", "legends", ".json", _write_legend),  # id, name, area, overlay colour per segment
 }
 
 
@@ -256,16 +277,15 @@ CONCEPT_WRITERS = {
     "npy": Writer("npy", "concept-maps", ".npy", _write_probabilities),
     "names": Writer("names", "concepts", ".json", _write_names),
     "coco": WRITERS["coco"],
+    "legend": Writer("legend", "concept-legends", ".json", _write_legend),
 }
 
 
-def writers_for(
-    *, overlay: bool = True, npy: bool = False, names: bool = False, coco: bool = False, concepts: bool = False
-) -> list[Writer]:
+def writers_for(*, overlay=True, npy=False, names=False, coco=False, concepts=False, legend=False) -> list[Writer]:
     """The writers of the formats asked for (`concepts`: those of concept maps, their words always written); the
     label PNG always comes first."""
     table = CONCEPT_WRITERS if concepts else WRITERS
-    chosen = {"overlay": overlay, "npy": npy, "names": names or concepts, "coco": coco}
+    chosen = {"overlay": overlay, "npy": npy, "names": names or concepts, "coco": coco, "legend": legend}
     return [table["labels"]] + [table[key] for key, on in chosen.items() if on]
 
 

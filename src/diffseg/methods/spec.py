@@ -103,7 +103,8 @@ class Method:
     Attributes:
         name: its key ("diffseg"), as the CLI and the bundle's file name it.
         title: its name in help texts and on the page ("DiffSeg").
-        summary: one line for help texts and the demo.
+        summary: what it does, in a few words, for help texts and the demo.
+        source: its paper (help texts).
         config: the frozen dataclass of its segment settings (validated where it is made).
         bundle: the type its encode step returns, one per image (`bundle.Saved`; it records the method's name).
         encode_defaults: its paper's or reference's encode settings (`config.ENCODE_DEFAULTS`).
@@ -121,6 +122,7 @@ class Method:
     name: str
     title: str
     summary: str
+    source: str
     config: type
     bundle: type
     encode_defaults: EncodeConfig

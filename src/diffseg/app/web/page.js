@@ -53,7 +53,7 @@
     const running = !!document.querySelector("#viewer [data-testid=status-tracker]:not(.hide)");
     document.body.classList.toggle("diffseg-running", running);
     // Download links are named by what they download, not only by its size ("4.3 MB").
-    document.querySelectorAll("#label-download a, #bundle-download a").forEach((link) => {
+    document.querySelectorAll("#downloads a").forEach((link) => {
       const file = link.closest("tr")?.querySelector(".filename")?.getAttribute("aria-label");
       const name = file && `Download ${file} (${link.textContent.trim()})`;
       if (name && link.getAttribute("aria-label") !== name) link.setAttribute("aria-label", name);

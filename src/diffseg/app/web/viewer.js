@@ -65,6 +65,8 @@ async function load() {
   const canvas = root.querySelector("canvas");
   canvas.width = width;
   canvas.height = height;
+  // A small image is drawn several times its size: its pixels stay sharp squares (a blur would invent edges).
+  canvas.style.imageRendering = Math.max(width, height) < 256 ? "pixelated" : "auto";
   root.querySelector(".stage").style.setProperty("--aspect", String(width / height));
   // The image at the id map's size (the server sends both at the same size).
   const base = document.createElement("canvas");

@@ -25,7 +25,8 @@ def _segment(bundle: ConceptBundle, config: ConceptConfig, size, image) -> np.nd
 METHOD = Method(
     "concepts",
     "Concepts",
-    "each word's map: ConceptAttention (Helbling et al., ICML 2025) on SD3 / Flux, cross-attention on UNets",
+    "where each of the Words is: ConceptAttention on SD3 / Flux, cross-attention on UNets",
+    "Helbling et al., ICML 2025",
     ConceptConfig,
     ConceptBundle,
     ENCODE_DEFAULTS["concepts"],

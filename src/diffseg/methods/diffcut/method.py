@@ -55,7 +55,8 @@ CONTROLS = (
 METHOD = Method(
     "diffcut",
     "DiffCut",
-    "one layer's features cut by a recursive normalised cut (Couairon et al., NeurIPS 2024)",
+    "one layer's features cut by a recursive normalised cut",
+    "Couairon et al., NeurIPS 2024",
     DiffCutConfig,
     FeatureBundle,
     ENCODE_DEFAULTS["diffcut"],

@@ -159,7 +159,8 @@ CONTROLS = (
 METHOD = Method(
     "diffseg",
     "DiffSeg",
-    "self-attention merged by KL (Tian et al., CVPR 2024)",
+    "self-attention merged by KL",
+    "Tian et al., CVPR 2024",
     SegmentConfig,
     AttentionBundle,
     ENCODE_DEFAULTS["diffseg"],

@@ -47,7 +47,8 @@ CONTROLS = (
 METHOD = Method(
     "seg4diff",
     "Seg4Diff",
-    "an SD3 block's image-to-text attention merged by KL (Kim et al., NeurIPS 2025; SD3 and SD3.5 only)",
+    "an SD3 block's image-to-text attention merged by KL (SD3 and SD3.5 only)",
+    "Kim et al., NeurIPS 2025",
     Seg4DiffConfig,
     TextAttentionBundle,
     ENCODE_DEFAULTS["seg4diff"],
