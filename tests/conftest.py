@@ -72,6 +72,18 @@ def tiny_sdxl_pipeline(tiny_sdxl_checkpoint):
     return DiffSegPipeline.from_pretrained(tiny_sdxl_checkpoint, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tiny_sd3_checkpoint):
+    """The tiny SD3, float32 on the CPU, loaded once for the run (tests read it; none changes it)."""
+    return DiffSegPipeline.from_pretrained(tiny_sd3_checkpoint, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline(tiny_flux_checkpoint):
+    """The tiny Flux, float32 on the CPU, loaded once for the run."""
+    return DiffSegPipeline.from_pretrained(tiny_flux_checkpoint, device="cpu", dtype="float32")
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray instance for one test module (2 CPUs, no dashboard)."""
@@ -169,12 +181,11 @@ def image_folder(tmp_path):
 
 # Tests that start a browser, a Ray instance or a killed subprocess: `pytest -m "not slow"` leaves them out for a fast
 # inner loop; CI (`.ci/run`) runs everything.
+# A test that kills a subprocess says so with `@pytest.mark.slow`; one that uses these fixtures is marked here.
 SLOW_FIXTURES = {"local_ray", "browser", "demo_server", "sdxl_demo_server", "user"}
-SLOW_NAMES = ("killed", "ray_address")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if fixtures & SLOW_FIXTURES or any(word in item.name for word in SLOW_NAMES):
+        if set(getattr(item, "fixturenames", ())) & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)

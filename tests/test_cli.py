@@ -122,6 +122,7 @@ def test_an_unwritable_output_folder_is_refused_before_the_model_loads(tiny_chec
     assert "is not writable" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess or Ray instance started (and killed)
 def test_temporary_files_left_by_a_killed_run_are_removed(tiny_checkpoint, tmp_path):
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "a.png")
     stale = tmp_path / "out" / "labels" / ".a.png.k1ll3d.tmp"

@@ -42,14 +42,14 @@ def photo(height: int = 96, width: int = 128, seed: int = 0) -> np.ndarray:
     return np.clip(image + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def flux(tiny_flux_checkpoint):
-    return DiffSegPipeline.from_pretrained(tiny_flux_checkpoint, device="cpu", dtype="float32")
+@pytest.fixture
+def flux(tiny_flux_pipeline):
+    return tiny_flux_pipeline
 
 
-@pytest.fixture(scope="module")
-def sd3(tiny_sd3_checkpoint):
-    return DiffSegPipeline.from_pretrained(tiny_sd3_checkpoint, device="cpu", dtype="float32")
+@pytest.fixture
+def sd3(tiny_sd3_pipeline):
+    return tiny_sd3_pipeline
 
 
 WORDS = ("cat", "dog", "grass", "sky")

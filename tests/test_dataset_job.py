@@ -249,6 +249,7 @@ def test_cluster_settings_are_refused_by_name_before_ray_starts(tiny_checkpoint,
     assert f"`{option}` must be" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess or Ray instance started (and killed)
 def test_ray_address_local_starts_a_local_instance_whatever_ray_address_says():
     import subprocess
     import sys
@@ -282,6 +283,7 @@ def test_resume_adopts_an_orphan_label_map_while_naming_segments(local_ray, tiny
     assert {row["name"] for row in table} == set(manifest) and all(r["status"] == "done" for r in manifest.values())
 
 
+@pytest.mark.slow  # a subprocess or Ray instance started (and killed)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_segment_dataset_killed_at_random_resumes_without_losing_or_redoing_anything(
     local_ray, tiny_checkpoint, tmp_path, seed

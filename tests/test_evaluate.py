@@ -143,6 +143,7 @@ def test_resumed_run_gives_the_uninterrupted_summary(tiny_pipeline, tmp_path):
         )
 
 
+@pytest.mark.slow  # a subprocess or Ray instance started (and killed)
 def test_a_killed_run_resumes_to_the_same_summary(tiny_checkpoint, tiny_pipeline, tmp_path):
     make_coco(tmp_path / "coco", n=4)
     full = evaluate(

@@ -16,6 +16,7 @@ from test_evaluate import make_coco
 IMAGES = 10
 
 
+@pytest.mark.slow  # a subprocess or Ray instance started (and killed)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_segment_killed_at_random_resumes_without_losing_or_redoing_anything(tiny_checkpoint, tmp_path, seed):
     folder, out = tmp_path / "images", tmp_path / "out"
@@ -39,6 +40,7 @@ def test_segment_killed_at_random_resumes_without_losing_or_redoing_anything(tin
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow  # a subprocess or Ray instance started (and killed)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_evaluate_killed_at_random_resumes_to_every_image_once(tiny_checkpoint, tmp_path, seed):
     ids = make_coco(tmp_path / "coco", n=6)

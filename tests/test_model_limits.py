@@ -13,11 +13,12 @@ from PIL import Image
 from diffseg.backbones.dit import detect_transformer
 from diffseg.backbones.families import read_backbone
 from diffseg.io.outputs import read_labels
-from diffseg.testing.models import _DIT_ARCHITECTURES, save_random_checkpoint
+from diffseg.testing.architectures import DIT_ARCHITECTURES
+from diffseg.testing.models import save_random_checkpoint
 
 from conftest import quadrants_image, run_cli, tiny_model
 
-SD3_MEDIUM = {"_class_name": "SD3Transformer2DModel", **_DIT_ARCHITECTURES["sd3-medium"]["transformer"]}
+SD3_MEDIUM = {"_class_name": "SD3Transformer2DModel", **DIT_ARCHITECTURES["sd3-medium"]["transformer"]}
 # Aspect ratios a user meets, and the hard ones: panoramas, strips, a 1-pixel line.
 SHAPES = [(720, 1280), (1000, 1000), (400, 1200), (300, 3000), (100, 1200), (1200, 100), (1, 5000), (4000, 3000)]
 
@@ -25,7 +26,7 @@ SHAPES = [(720, 1280), (1000, 1000), (400, 1200), (300, 3000), (100, 1200), (120
 def test_the_positional_embeddings_reach_is_read_from_the_config():
     sd3 = detect_transformer(SD3_MEDIUM)
     assert sd3.geometry.max_side == 192 * 2 * 8  # 192 patches of 2 latents of 8 pixels: 3,072 px
-    flux_dev = {"_class_name": "FluxTransformer2DModel", **_DIT_ARCHITECTURES["flux-dev"]["transformer"]}
+    flux_dev = {"_class_name": "FluxTransformer2DModel", **DIT_ARCHITECTURES["flux-dev"]["transformer"]}
     flux = detect_transformer(flux_dev)
     assert flux.geometry.max_side is None  # RoPE: any size
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffseg import DiffSegPipeline, load_bundle
+from diffseg import load_bundle
 from diffseg.backbones import dit
 from diffseg.bundle import TextAttentionBundle
 from diffseg.io.images import to_model_input
@@ -133,9 +133,9 @@ def test_the_noise_goes_where_the_reference_puts_it():
 # ------------------------------------------------------------------------------------------ the tiny SD3
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd3_checkpoint):
-    return DiffSegPipeline.from_pretrained(tiny_sd3_checkpoint, device="cpu", dtype="float32")
+@pytest.fixture
+def pipe(tiny_sd3_pipeline):
+    return tiny_sd3_pipeline
 
 
 class ReferenceProcessor:

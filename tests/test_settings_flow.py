@@ -7,7 +7,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
-from diffseg import METHODS, DiffSegPipeline, load_bundle
+from diffseg import METHODS, load_bundle
 from diffseg.config import DiffCutConfig, EncodeConfig, NamingConfig, SegmentConfig
 from diffseg.io.outputs import OutputFolder, read_labels, writers_for
 from diffseg.jobs.runner import Job, JobConfig, Outcome, deliver, pending
@@ -17,10 +17,10 @@ from conftest import quadrants_image, run_cli, tiny_model
 
 
 def test_every_method_row_encodes_its_bundle_type_that_round_trips_and_segments(
-    tiny_pipeline, tiny_sd3_checkpoint, tmp_path
+    tiny_pipeline, tiny_sd3_pipeline, tmp_path
 ):
     image = quadrants_image(96, 128)
-    sd3 = DiffSegPipeline.from_pretrained(tiny_sd3_checkpoint, device="cpu", dtype="float32")
+    sd3 = tiny_sd3_pipeline
     for name, method in METHODS.items():
         pipe = tiny_pipeline if method.runs_on(tiny_pipeline.backbone) else sd3  # a UNet, else an SD3
         words = ["sky", "grass"] if method.concepts else None  # concept maps map words: they need some

@@ -19,13 +19,10 @@ FAMILIES = ["tiny_sd3_checkpoint", "tiny_flux_checkpoint"]
 SMALL = {"resolution": 256}  # Flux's native 1024² is more than a unit test needs
 
 
-@pytest.fixture(scope="module")
-def pipelines(request):
-    """float32 pipelines of both tiny families, loaded once for the module."""
-    return {
-        name: DiffSegPipeline.from_pretrained(request.getfixturevalue(name), device="cpu", dtype="float32")
-        for name in FAMILIES
-    }
+@pytest.fixture
+def pipelines(tiny_sd3_pipeline, tiny_flux_pipeline):
+    """float32 pipelines of both tiny families, by checkpoint fixture (the run's, loaded once)."""
+    return {"tiny_sd3_checkpoint": tiny_sd3_pipeline, "tiny_flux_checkpoint": tiny_flux_pipeline}
 
 
 # ------------------------------------------------------------------------------------------------ detection

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 # The weights the paper used (reference: KerasCV's port of Stable Diffusion v1.4).
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+DEFAULT_METHOD = "diffseg"  # the method every front end starts with (a name of `methods.registry.METHODS`)
 
 
 RESIZE = ("native", "square")

@@ -28,6 +28,7 @@ from .backbones.kinds import backbone_of, make_kind
 from .backbones.types import CROSS_ATTENTION_NAMING, Backbone, Conditioning
 from .bundle import Bundle
 from .config import (
+    DEFAULT_METHOD,
     DEFAULT_MODEL,
     METHOD_DEFAULT,
     DiffCutConfig,
@@ -179,7 +180,7 @@ class DiffSegPipeline:
         self,
         images: ImageLike | Sequence[ImageLike],
         *,
-        method: str = "diffseg",
+        method: str = DEFAULT_METHOD,
         timestep: int = METHOD_DEFAULT,
         crop: str | None = METHOD_DEFAULT,
         resolution: int | None = METHOD_DEFAULT,
@@ -260,7 +261,7 @@ class DiffSegPipeline:
         pixels: torch.Tensor,
         images: Sequence[np.ndarray],
         *,
-        method: str = "diffseg",
+        method: str = DEFAULT_METHOD,
         config: EncodeConfig | None = None,
         vocabulary: Vocabulary | tuple[str, ...] | None = None,
         segment_from: str = _NAMING.segment_from,
@@ -298,7 +299,7 @@ class DiffSegPipeline:
             bundle = bundle.to(self.device)
         return segment_bundle(bundle, config, output_size=output_size, naming=naming, **overrides)
 
-    def __call__(self, image: ImageLike, *, method: str = "diffseg", **kwargs) -> Segmentation:
+    def __call__(self, image: ImageLike, *, method: str = DEFAULT_METHOD, **kwargs) -> Segmentation:
         """Encode and segment one image. Keywords of `encode` (timestep, crop, resolution, resize, noise_seed, labels,
         segment_from) go to the encode; the rest to `segment`."""
         encode_keys = {"timestep", "crop", "resolution", "resize", "noise_seed", "labels", "segment_from", "blocks"}

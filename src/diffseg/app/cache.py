@@ -17,7 +17,7 @@ import numpy as np
 
 from ..hub import public_name
 from ..bundle import Bundle
-from ..config import AppConfig
+from ..config import DEFAULT_METHOD, AppConfig
 from .view import image_uri
 
 _APP = AppConfig()
@@ -106,7 +106,7 @@ class BundleCache:
         image: np.ndarray,
         timestep: int,
         words: tuple[str, ...] = (),
-        method: str = "diffseg",
+        method: str = DEFAULT_METHOD,
         *,
         report: Callable[[str, float], None] | None = None,
         stop: Callable[[], bool] | None = None,

@@ -12,12 +12,11 @@ from importlib import resources
 import gradio as gr
 
 from ..backbones.types import Backbone
-from ..config import RESOLUTION_PRESETS
+from ..config import DEFAULT_METHOD, RESOLUTION_PRESETS
 from ..config import preset_weights as preset_grid_weights
 from ..methods.registry import METHODS
 from ..methods.spec import GRID_WEIGHTS, Control, Method
 
-DEFAULT_METHOD = "diffseg"  # the method the page starts with
 MAX_GRIDS = 4  # weight sliders, finest grid first; a model with fewer grids (SDXL: 2) shows fewer
 CUSTOM = "custom"  # the preset's name once a weight slider is moved by hand
 OPACITY = 0.5  # the viewer's default overlay opacity (the CLI's overlay uses the same)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import DEFAULT_METHOD
+
 MAX_OUTPUT_PIXELS = 400_000_000  # --output-size: a label map larger than this (20000×20000) is refused
 
 
@@ -51,7 +53,7 @@ def check_model(args: argparse.Namespace, encode=None, segment=None):
     local = getattr(args, "ray_address", "local") == "local"  # the model runs here (a cluster's workers check theirs)
     device = resolve_device(args.device) if local else None  # a device this machine lacks, named
     backbone = read_backbone(args.model)
-    method = getattr(args, "method", "diffseg")
+    method = getattr(args, "method", DEFAULT_METHOD)
     preflight(backbone, method, encode, segment, device=device, num_points=getattr(args, "num_points", None))
     return backbone
 
@@ -68,7 +70,7 @@ def check_naming(args: argparse.Namespace, backbone) -> None:
 
         if CROSS_ATTENTION_NAMING not in backbone.capabilities:  # concept maps: their encoders load with the model
             parse_concepts(args.words)
-        elif METHODS[getattr(args, "method", "diffseg")].names_segments:  # its own pass: one prompt of them all
+        elif METHODS[getattr(args, "method", DEFAULT_METHOD)].names_segments:  # its own pass: one prompt of them all
             build_vocabulary(args.words, load_tokenizer(args.model))
         else:  # concept maps: each word its own prompt, checked with the checkpoint's tokenizer
             tokenizer = load_tokenizer(args.model)

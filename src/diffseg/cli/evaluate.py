@@ -128,12 +128,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _class_concepts(args: argparse.Namespace):
     """`--concepts-from-classes`: concept maps of the class names, scored open-vocabulary (the "concepts" protocol)."""
     from ..backbones.concepts import parse_concepts
+    from ..config import DEFAULT_METHOD
     from ..evaluation.harness import ClassConcepts
+    from ..methods.registry import concept_method
 
-    if args.method not in ("diffseg", "concepts") or args.protocol != "diffseg":
+    concepts = concept_method().name
+    if args.method not in (DEFAULT_METHOD, concepts) or args.protocol != "diffseg":
         raise ValueError("--concepts-from-classes runs concept maps under their own protocol: leave out --method and "
                          "--protocol.")  # fmt: skip
-    args.method, args.protocol = "concepts", "concepts"
+    args.method, args.protocol = concepts, "concepts"  # the open-vocabulary protocol
     if args.predictions or args.predictions_root:  # class-id maps made elsewhere, scored the same way
         return None
     return ClassConcepts(parse_concepts(args.background_concepts), all_classes=args.all_classes)

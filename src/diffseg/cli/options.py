@@ -8,6 +8,7 @@ import sys
 from collections.abc import Mapping
 
 from ..config import (
+    DEFAULT_METHOD,
     DEFAULT_MODEL,
     METHOD_DEFAULT,
     RESIZE,
@@ -17,7 +18,7 @@ from ..config import (
     NamingConfig,
     encode_settings,
 )
-from ..methods.registry import METHODS
+from ..methods.registry import METHODS, concept_method
 
 _ENCODE = EncodeConfig()
 _NAMING = NamingConfig()
@@ -80,7 +81,7 @@ def add_encode_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> 
     group.add_argument(
         "--method",
         choices=list(METHODS),
-        default="diffseg",
+        default=DEFAULT_METHOD,
         help="; ".join(f"{m.name}: {m.summary} ({m.source})" for m in METHODS.values()) + " (default: %(default)s)",
     )
     group.add_argument(
@@ -214,9 +215,13 @@ def resolve_concepts(args: argparse.Namespace) -> None:
     concepts = getattr(args, "concepts", None)
     if concepts is None:
         return
-    if args.method not in ("diffseg", "concepts") or args.words is not None or getattr(args, "caption", False):
+    if (
+        args.method not in (DEFAULT_METHOD, concept_method().name)
+        or args.words is not None
+        or getattr(args, "caption", False)
+    ):
         raise ValueError("--concepts is a method of its own: pass it without --method, --words or --caption.")
-    args.method, args.words = "concepts", concepts
+    args.method, args.words = concept_method().name, concepts
 
 
 def add_label_arguments(parser: argparse.ArgumentParser, captions: bool = True) -> None:

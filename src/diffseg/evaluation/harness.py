@@ -142,10 +142,26 @@ def evaluate(
     (DiffCut's `eval_diffcut.py`) at 128×128, with its crop, its background step and PAMR after it when the
     `DiffCutConfig` asks for PAMR. `blocks` chooses an SD3 / Flux backbone's blocks; the run records them.
     """
-    from tqdm import tqdm
-
     # 1. Check inputs and settings; a resumed run must have the same.
     bench = BENCHMARKS[benchmark] if isinstance(benchmark, str) else benchmark
+    _check_run(bench, pipeline, predictions, protocol, batch_size, concepts)
+    rules = PROTOCOLS[protocol]
+    samples = bench.samples(root)[:limit]
+    if pipeline is not None:
+        job_settings = (config, timestep, blocks, batch_size)
+        predict, settings, pamr = _model_predictor(bench, rules, protocol, pipeline, job_settings, concepts)
+    else:
+        predict, pamr = _read_predictions(Path(predictions), rules), False
+        settings = _run_settings(bench, protocol, None, f"predictions:{Path(predictions).resolve()}")
+    output = Path(output)
+    settings = _open_run(output, settings)
+    # 2. and 3. Score what is not scored yet.
+    run = (bench, rules, samples, settings, output)
+    return _score_run(run, predict, pamr, batch_size, progress, log)
+
+
+def _check_run(bench: Benchmark, pipeline, predictions, protocol: str, batch_size: int, concepts) -> None:
+    """A ValueError (or FileNotFoundError) for a run `evaluate` cannot make, before anything is read."""
     if (pipeline is None) == (predictions is None):
         raise ValueError("Pass exactly one of `pipeline` and `predictions`.")
     if protocol not in PROTOCOLS:
@@ -154,9 +170,6 @@ def evaluate(
         raise ValueError(f"`batch_size` must be at least 1 but is {batch_size}.")
     if predictions is not None and not Path(predictions).is_dir():
         raise FileNotFoundError(f"Predictions folder `{predictions}` does not exist.")
-    rules = PROTOCOLS[protocol]
-    samples = bench.samples(root)[:limit]
-    pamr = False  # under DiffCut's protocol, PAMR runs in the scorer, after the background step
     if protocol == "concepts" and not bench.background:
         raise ValueError(
             f"Open-vocabulary scoring is for a benchmark with a background class (voc20, context59, cocoobject), not "
@@ -167,30 +180,37 @@ def evaluate(
             "Open-vocabulary scoring of a model takes `concepts` (the class names as words) and protocol "
             '"concepts"; of precomputed predictions, protocol "concepts" alone.'
         )
-    if pipeline is not None:
-        config = config or (ConceptConfig() if concepts is not None else SegmentConfig())
-        pamr = protocol == "diffcut" and getattr(config, "pamr", False)
-        words = None if concepts is None else concepts.background
-        job = _protocol_job(
-            pipeline, replace(config, pamr=False) if pamr else config, timestep, rules, batch_size, blocks, words
-        )
 
-        def predict(items: list, labels: list) -> Iterator:  # the method sees the protocol's crop of each image
-            cropped = [(sample_id, name, rules.crop(image)) for sample_id, name, image in items]
-            if concepts is None:
-                return job.segment_images(cropped)
-            return _as_classes(job, cropped, [concepts.words(bench, label, protocol) for label in labels])
 
-        settings = _run_settings(bench, protocol, job, pipeline.model, pamr)
-        if concepts is not None:
-            settings.update(background_concepts=list(concepts.background), all_classes=concepts.all_classes)
-    else:
-        predict = _read_predictions(Path(predictions), rules)
-        settings = _run_settings(bench, protocol, None, f"predictions:{Path(predictions).resolve()}")
-    output = Path(output)
-    settings = _open_run(output, settings)
+def _model_predictor(bench: Benchmark, rules: Protocol, protocol: str, pipeline, job_settings: tuple, concepts):
+    """(predict, the run's settings, whether PAMR runs in the scorer) for a model: the job runner on the protocol's
+    crop of each image. Under DiffCut's protocol, PAMR runs in the scorer, after the background step."""
+    config, timestep, blocks, batch_size = job_settings
+    config = config or (ConceptConfig() if concepts is not None else SegmentConfig())
+    pamr = protocol == "diffcut" and getattr(config, "pamr", False)
+    words = None if concepts is None else concepts.background
+    job = _protocol_job(
+        pipeline, replace(config, pamr=False) if pamr else config, timestep, rules, batch_size, blocks, words
+    )
 
-    # 2. Read back what is already scored.
+    def predict(items: list, labels: list) -> Iterator:  # the method sees the protocol's crop of each image
+        cropped = [(sample_id, name, rules.crop(image)) for sample_id, name, image in items]
+        if concepts is None:
+            return job.segment_images(cropped)
+        return _as_classes(job, cropped, [concepts.words(bench, label, protocol) for label in labels])
+
+    settings = _run_settings(bench, protocol, job, pipeline.model, pamr)
+    if concepts is not None:
+        settings.update(background_concepts=list(concepts.background), all_classes=concepts.all_classes)
+    return predict, settings, pamr
+
+
+def _score_run(run: tuple, predict: Callable, pamr: bool, batch_size: int, progress: bool, log) -> Summary:
+    """Read back what `output` already scored, then segment (or read) each other image, match, append; the summary
+    is rewritten after every batch."""
+    from tqdm import tqdm
+
+    bench, rules, samples, settings, output = run
     results = ResultsFile(output / "results.jsonl")
     scorer = Scorer(results, bench, rules, pamr)
     todo = [s for s in samples if not scorer.done(s.id, str(s.image))]
@@ -202,7 +222,6 @@ def evaluate(
         skipped.append({"id": sample_id, "reason": reason})
         bar.write(f"diffseg: skipped {sample_id}: {reason}", file=sys.stderr)
 
-    # 3. Score: segment (or read) each image, match, append.
     bar = tqdm(total=len(todo), unit="img", desc=f"evaluate {bench.name}", disable=not progress, dynamic_ncols=True)
     try:
         for first in range(0, len(todo), batch_size):

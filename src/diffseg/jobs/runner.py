@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..bundle import Bundle
-from ..config import DiffCutConfig, EncodeConfig, NamingConfig, SegmentConfig
+from ..config import DEFAULT_METHOD, DiffCutConfig, EncodeConfig, NamingConfig, SegmentConfig
 from ..io.images import crop as crop_array
 from ..io.images import load_image
 from ..methods.registry import method_named
@@ -51,7 +51,7 @@ class JobConfig:
         output_size: (height, width) of every label map; None: each image's own size (after any crop).
     """
 
-    method: str = "diffseg"
+    method: str = DEFAULT_METHOD
     encode: EncodeConfig | None = None
     segment: SegmentConfig | DiffCutConfig | None = None
     naming: NamingConfig = field(default_factory=NamingConfig)
