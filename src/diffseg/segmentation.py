@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .bundle import Bundle, ConceptBundle
+from .bundle import Bundle
 from .config import DiffCutConfig, NamingConfig, SegmentConfig
 from .io.visualisation import overlay, with_legend
-from .methods.concepts.segment import probabilities
 from .methods.registry import Method, method_of
 from .naming.vocabulary import SegmentLabel, assign_labels, word_scores
 
@@ -95,8 +94,8 @@ def segment_bundle(
     image = bundle.image
     if image.shape[:2] != size:
         image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-    if isinstance(bundle, ConceptBundle):  # the probabilities are a result too: made once, their argmax the labels
-        return _concept_segmentation(bundle, size, image)
+    if method.probabilities is not None:  # the probabilities are a result too: made once, their argmax the labels
+        return _probability_segmentation(*method.probabilities(bundle, size), image)
     labels = method.segment(bundle, config, size, image)
     names, words = None, ()
     votes = {"voting": naming.voting, "min_confidence": naming.min_confidence}
@@ -110,17 +109,17 @@ def segment_bundle(
     return Segmentation(labels=labels, num_segments=int(labels.max()) + 1, image=image, names=names, words=words)
 
 
-def _concept_segmentation(bundle: ConceptBundle, size: tuple[int, int], image: np.ndarray) -> Segmentation:
-    """A concept bundle's segmentation at `size`: the probabilities, their argmax (`segment_concepts`), and one named
-    segment per concept (its score: its mean probability over the pixels it takes)."""
-    shares = probabilities(bundle.concept_maps, size).cpu().numpy()  # (K, H, W)
+def _probability_segmentation(shares: np.ndarray, words: tuple[str, ...], image: np.ndarray) -> Segmentation:
+    """The segmentation of a method whose result is each word's probability at each pixel (`Method.probabilities`:
+    concept maps): their argmax, and one named segment per word (its score: its mean probability over the pixels it
+    takes)."""
     labels = shares.argmax(axis=0).astype(np.int32)
-    k = len(bundle.words)
+    k = len(words)
     flat = labels.reshape(-1)
     counts = np.bincount(flat, minlength=k)
     won = np.bincount(flat, weights=shares.max(axis=0).ravel(), minlength=k)  # each pixel's winning probability
     names = [
         SegmentLabel(i, word, round(float(won[i] / max(counts[i], 1)), 4), round(float(counts[i] / flat.size), 6))
-        for i, word in enumerate(bundle.words)
+        for i, word in enumerate(words)
     ]
-    return Segmentation(labels, k, image, names=names, words=bundle.words, probabilities=shares)
+    return Segmentation(labels, k, image, names=names, words=tuple(words), probabilities=shares)

@@ -110,6 +110,8 @@ class Method:
         encode_defaults: its paper's or reference's encode settings (`config.ENCODE_DEFAULTS`).
         encode: (pipeline, pixels, images, settings, vocabulary, segment_from) -> one bundle per image.
         segment: (bundle, config, output_size, image at output_size) -> (H, W) int32 ids 0..K-1.
+        probabilities: (bundle, output_size) -> ((K, H, W) float32 summing to 1 over K, the K words), for a method
+            whose result is each word's probability at each pixel (its label map their argmax); else None.
         controls: its settings as the front ends offer them (`Control`), in the order they show them.
         needs: what it asks of a backbone (`backbones.types` capabilities, which each backbone declares).
         names_segments: whether naming words can ride along its encode (cross-attention of the same UNet pass).
@@ -129,6 +131,7 @@ class Method:
     encode: Callable[..., list]
     segment: Callable[..., np.ndarray]
     controls: tuple[Control, ...] = ()
+    probabilities: Callable[..., tuple] | None = None
     needs: frozenset[str] = frozenset()
     names_segments: bool = False
     concepts: bool = False

@@ -9,7 +9,7 @@ from ...backbones.types import CONCEPT_MAPS
 from ...bundle import ConceptBundle
 from ...config import ENCODE_DEFAULTS, ConceptConfig, EncodeConfig
 from ..spec import Method, per_image
-from .segment import segment_concepts
+from .segment import probabilities, segment_concepts
 
 
 def _encode(pipe, pixels, images, settings: EncodeConfig, words, segment_from) -> list[ConceptBundle]:
@@ -22,6 +22,11 @@ def _segment(bundle: ConceptBundle, config: ConceptConfig, size, image) -> np.nd
     return segment_concepts(bundle.concept_maps, size)
 
 
+def _probabilities(bundle: ConceptBundle, size) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Each word's probability at each pixel of `size`, and the words: the result the label map is the argmax of."""
+    return probabilities(bundle.concept_maps, size).cpu().numpy(), bundle.words
+
+
 METHOD = Method(
     "concepts",
     "Concepts",
@@ -32,6 +37,7 @@ METHOD = Method(
     ENCODE_DEFAULTS["concepts"],
     _encode,
     _segment,
+    probabilities=_probabilities,
     needs=frozenset({CONCEPT_MAPS}),
     concepts=True,
     joint_blocks=True,
