@@ -6,7 +6,7 @@ handlers. Initial values come from the config objects, so a default is written o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 
 import gradio as gr
@@ -72,7 +72,7 @@ class Controls:
 
     def __getitem__(self, name: str):
         """A component by its name: a shared control's (`timestep`), or a method control's element id (`tau`)."""
-        if name in ("image", "method", "timestep", "words", "blocks", "preset"):
+        if name in {f.name for f in fields(self)} - {"declared", "weights"}:
             return getattr(self, name)
         found = [component for pairs in self.declared.values() for c, component in pairs if c.name == name]
         if not found:

@@ -304,14 +304,14 @@ def method_config(args: argparse.Namespace, defaults: Mapping[str, object] = {})
     """The method's settings given on the command line (its controls' options, over `defaults`, over its config's
     defaults), checked before any model loads by the config itself; its messages name the options."""
     method = METHODS[args.method]
-    fields, options = dict(defaults), {}
+    fields, options, plain = dict(defaults), {}, method.config()
     for control in method.controls:
         value = getattr(args, control.dest, None) if control.cli else None
         if value is None:
             continue
         if control.flag:  # given: the default flipped (`--pamr`, `--float32-merge`)
-            value = not getattr(method.config(), control.field)
-        if value != getattr(method.config(), control.field):
+            value = not getattr(plain, control.field)
+        if value != getattr(plain, control.field):
             control.check_requirement()
         fields[control.field], options[control.field] = value, control.option
     return _checked(method.config, fields, options)

@@ -58,8 +58,13 @@ def overlay(
     image = np.asarray(image)
     if image.shape[:2] != np.shape(labels):
         raise ValueError(f"`image` is {image.shape[:2]} but `labels` is {np.shape(labels)}; they must match.")
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colourise(labels).astype(np.float32)
-    out = blended.round().astype(np.uint8)
+    if alpha == 0.5:  # the default: the same numbers in integers, a third of the time on a 12-megapixel image
+        total = image.astype(np.uint16) + colourise(labels)
+        half = total >> 1
+        out = (half + (total & half & 1)).astype(np.uint8)  # x.5 rounds to even, as `round` does
+    else:
+        blended = (1 - alpha) * image.astype(np.float32) + alpha * colourise(labels).astype(np.float32)
+        out = blended.round().astype(np.uint8)
     out[boundaries(labels)] = edge_colour
     if names:
         out = _write_names(out, np.asarray(labels), names)
